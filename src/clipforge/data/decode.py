@@ -1,0 +1,147 @@
+"""Raw sample bytes -> decoded fields (RGB image, caption(s), label, metadata), or a recorded skip.
+
+Every way a sample can be bad maps to one short reason string, so reports can be counted and compared.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+TEXT_EXTS = ("txt", "caption", "text")
+
+# Pillow's default bomb limit (~89M pixels) is kept; above 2x it Pillow raises DecompressionBombError.
+Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class SkipSample(Exception):
+    """Raised by decode/map functions: the sample is skipped and recorded under ``reason``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB the way HF's ``convert_to_rgb`` does (alpha over white).
+
+    16-bit and 32-bit integer modes are scaled down to 8 bits instead of being clipped.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; raise :class:`SkipSample` with a reason on failure.
+
+    ``draft_size``: for JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay
+    >= draft_size (DCT-domain downscaling: far fewer pixels decoded before the resize).
+    """
+    if data is None:
+        raise SkipSample("missing_image")
+    if len(data) == 0:
+        raise SkipSample("empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipSample("decompression_bomb", str(e)[:200]) from None
+    except Exception as e:  # PIL raises many types for broken data: OSError, SyntaxError, ValueError...
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {str(e)[:200]}") from None
+    try:
+        return to_rgb(img)
+    except Exception as e:
+        raise SkipSample("corrupt_image", f"convert: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def decode_text(data: bytes | None, max_chars: int = 10_000) -> str:
+    """Decode a caption; empty, non-UTF-8 and over-long captions are skips with distinct reasons."""
+    if data is None:
+        raise SkipSample("missing_caption")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipSample("caption_not_utf8", str(e)[:200]) from None
+    text = text.strip()
+    if not text:
+        raise SkipSample("empty_caption")
+    if len(text) > max_chars:
+        raise SkipSample("caption_too_long", f"{len(text)} chars > {max_chars}")
+    return text
+
+
+@dataclass
+class DecodeConfig:
+    """What a sample must contain, and decode limits."""
+
+    image: bool = True
+    caption: bool = True
+    label: bool = False
+    draft_size: int | None = None
+    max_caption_chars: int = 10_000
+
+
+def find_image(sample: dict[str, Any]) -> bytes | None:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def decode_sample(sample: dict[str, Any], cfg: DecodeConfig = DecodeConfig()) -> dict[str, Any]:
+    """Raw sample -> ``{"key", "shard", "image", "caption", "captions", "label", "meta"}``.
+
+    ``caption`` comes from KEY.txt, else the first of KEY.json ``captions``; ``captions`` lists all
+    captions (KEY.json ``captions`` when present), each validated like the main one.
+    """
+    out: dict[str, Any] = {"key": sample["__key__"], "shard": sample.get("__shard__", "")}
+    meta: dict[str, Any] = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("KEY.json is not an object")
+        except Exception as e:
+            raise SkipSample("bad_json", f"{type(e).__name__}: {str(e)[:200]}") from None
+    out["meta"] = meta
+    if cfg.image:
+        out["image"] = decode_image(find_image(sample), cfg.draft_size)
+    if cfg.caption:
+        raw = next((sample[e] for e in TEXT_EXTS if e in sample), None)
+        json_caps = meta.get("captions") if isinstance(meta.get("captions"), list) else None
+        if raw is None and json_caps:
+            raw = str(json_caps[0]).encode("utf-8")
+        out["caption"] = decode_text(raw, cfg.max_caption_chars)
+        caps = [c.strip() for c in (json_caps or []) if isinstance(c, str) and c.strip()]
+        caps = [c for c in caps if len(c) <= cfg.max_caption_chars]
+        out["captions"] = caps or [out["caption"]]
+    if cfg.label:
+        raw = sample.get("cls")
+        label = meta.get("label") if raw is None else None
+        try:
+            out["label"] = int(raw.decode().strip()) if raw is not None else int(label)  # type: ignore[arg-type]
+        except Exception:
+            raise SkipSample("missing_label") from None
+    return out
