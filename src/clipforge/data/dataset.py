@@ -74,7 +74,9 @@ class DataPosition:
     slots: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def update(self, batch: dict[str, Any]) -> None:
-        for slot, ep, pos, n in zip(batch["__slot__"], batch["__epoch__"], batch["__pos__"], batch["__nslots__"]):
+        for slot, ep, pos, n in zip(
+            batch["__slot__"], batch["__epoch__"], batch["__pos__"], batch["__nslots__"]
+        ):
             slot, ep, pos = int(slot), int(ep), int(pos)
             self.nslots = int(n)
             if (ep, pos) > self.slots.get(slot, (-1, 0)):
@@ -85,7 +87,9 @@ class DataPosition:
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> DataPosition:
-        return cls(int(d.get("nslots", 0)), {int(k): (int(v[0]), int(v[1])) for k, v in d.get("slots", {}).items()})
+        return cls(
+            int(d.get("nslots", 0)), {int(k): (int(v[0]), int(v[1])) for k, v in d.get("slots", {}).items()}
+        )
 
 
 class ShardDataset(IterableDataset):

@@ -41,7 +41,11 @@ class BadSampleReport:
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:
-            return {"total": self.total, "counts": dict(self.counts), "keys": {k: list(v) for k, v in self.keys.items()}}
+            return {
+                "total": self.total,
+                "counts": dict(self.counts),
+                "keys": {k: list(v) for k, v in self.keys.items()},
+            }
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

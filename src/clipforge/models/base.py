@@ -52,14 +52,18 @@ class ClipModel(nn.Module):
     """Base class. Subclasses set ``self.tokenizer`` and implement the four feature/head methods."""
 
     config: ModelConfig
-    tokenizer: Any  # callable: list[str] -> {"input_ids": LongTensor[B, L], "attention_mask": LongTensor[B, L]}
+    tokenizer: (
+        Any  # callable: list[str] -> {"input_ids": LongTensor[B, L], "attention_mask": LongTensor[B, L]}
+    )
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = (
-            nn.Parameter(torch.tensor(float(config.init_logit_bias))) if config.init_logit_bias is not None else None
+            nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+            if config.init_logit_bias is not None
+            else None
         )
         pcfg = PreprocessConfig.from_dict(config.preprocess)
         self.preprocess = ImageTransform(pcfg, train=False)
@@ -96,7 +100,9 @@ class ClipModel(nn.Module):
         x = self.image_head(self.image_features(pixels))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: dict[str, torch.Tensor] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, tokens: dict[str, torch.Tensor] | torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
             tokens = {"input_ids": tokens, "attention_mask": (tokens != self.pad_token_id).long()}
         x = self.text_head(self.text_features(tokens))
@@ -136,7 +142,12 @@ class ClipModel(nn.Module):
     def describe(self) -> dict[str, Any]:
         n_all = sum(p.numel() for p in self.parameters())
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"spec": self.config.spec, "params": n_all, "trainable": n_train, "embed_dim": self.config.embed_dim}
+        return {
+            "spec": self.config.spec,
+            "params": n_all,
+            "trainable": n_train,
+            "embed_dim": self.config.embed_dim,
+        }
 
 
 def read_config(directory: str | Path) -> ModelConfig:
