@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +51,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Image:
     """Decode image bytes to an RGB PIL image; raise :class:`SkipSample` with a reason on failure.
 
+    Reasons: ``missing_image``, ``empty_image``, ``decompression_bomb`` (over Pillow's
+    ``Image.MAX_IMAGE_PIXELS``), ``corrupt_image`` (undecodable or truncated bytes).
+
     ``draft_size``: for JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay
     >= draft_size (DCT-domain downscaling: far fewer pixels decoded before the resize).
     """
@@ -60,20 +62,31 @@ def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Ima
     if len(data) == 0:
         raise SkipSample("empty_image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        img = Image.open(io.BytesIO(data))  # header only; raises DecompressionBombError above 2x the limit
+        original_size = img.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:  # Pillow only warns between 1x and 2x: skip those too
+            raise SkipSample(
+                "decompression_bomb", f"{img.width}x{img.height} pixels > MAX_IMAGE_PIXELS={limit}"
+            )
+        if draft_size and img.format == "JPEG":
+            # libjpeg scales by 1/2, 1/4 or 1/8 only while both sides stay >= draft_size, so this
+            # is a no-op unless the image is at least 2x larger than needed
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+    except SkipSample:
+        raise
+    except Image.DecompressionBombError as e:
         raise SkipSample("decompression_bomb", str(e)[:200]) from None
     except Exception as e:  # PIL raises many types for broken data: OSError, SyntaxError, ValueError...
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {str(e)[:200]}") from None
     try:
-        return to_rgb(img)
+        rgb = to_rgb(img)
     except Exception as e:
         raise SkipSample("corrupt_image", f"convert: {type(e).__name__}: {str(e)[:200]}") from None
+    rgb.info["original_size"] = original_size  # (w, h) before draft: what inspect/side tables report
+    rgb.info["decoded_size"] = rgb.size  # != original_size only when draft mode shrank it
+    return rgb
 
 
 def decode_text(data: bytes | None, max_chars: int = 10_000) -> str:

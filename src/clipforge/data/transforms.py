@@ -65,6 +65,23 @@ def resize_shortest(img: Image.Image, size: int, resample: int = Image.BICUBIC) 
     return img.resize((new_w, new_h), resample=resample, reducing_gap=None)
 
 
+def resize_center_crop_fused(img: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """Resize-shorter-side + center-crop as ONE resize of just the source box that the crop keeps.
+
+    ~25% less resampling work on 4:3 images, but the filter weights round differently from the
+    two-step path, so pixels may differ by 1/255: used only on JPEG-draft-decoded images, which are
+    already not bit-identical to the reference (the two-step path keeps exact HF parity).
+    """
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    nw, nh = (size, new_long) if w <= h else (new_long, size)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), resample=resample, box=box, reducing_gap=None)
+
+
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     if w < size or h < size:  # pad like HF (zeros) for images smaller than the crop
@@ -127,6 +144,13 @@ class ImageTransform:
             return img.resize((size, size), resample=resample, box=box, reducing_gap=None)
         if self.cfg.resize_mode == "squash":
             return img.resize((size, size), resample=resample, reducing_gap=None)
+        # decode_image marks draft-decoded images; info survives resize/convert, so also check the
+        # image is still the one that was decoded
+        drafted = (
+            img.info.get("decoded_size") == img.size and img.info.get("original_size", img.size) != img.size
+        )
+        if drafted and min(img.size) >= size:
+            return resize_center_crop_fused(img, size, resample)
         return center_crop(resize_shortest(img, size, resample), size)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

@@ -1,0 +1,376 @@
+"""Ingest raw image-text pairs into webdataset shards (+ per-shard Parquet side tables).
+
+Inputs: (a) a folder of images with same-name ``.txt`` captions, (b) a CSV/TSV/Parquet/JSONL table with
+an image path-or-URL column and a caption column, (c) existing shards (re-shard), or (d) the retry list
+of an earlier run (``retry.jsonl``: the URLs that failed for transient reasons, with their keys).
+
+Every image is fully decoded once on ingest, so bad bytes never reach a shard; optional resize (max
+side) re-encodes as JPEG. Output in ``OUTPUT/``: ``PREFIX-000000.tar`` + ``.parquet`` ...,
+``bad_samples.json`` (key + reason of every skipped sample), ``retry.jsonl`` (transient URL failures;
+feed it back with ``--retry-from``) and ``ingest_stats.json``. A retry run appends new shards after the
+existing ones and keeps the original keys, writing ``bad_samples.retryN.json``/``ingest_stats.retryN.json``.
+Keys are the 9-digit input row number (re-shard keeps the source keys), so reruns are reproducible.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from clipforge.data.decode import (
+    IMAGE_EXTS,
+    TEXT_EXTS,
+    DecodeConfig,
+    SkipSample,
+    decode_image,
+    decode_sample,
+    decode_text,
+)
+from clipforge.data.fetch import FetchConfig, Fetcher, is_retryable
+from clipforge.data.parallel import ordered_map
+from clipforge.data.reader import iter_tar_samples
+from clipforge.data.report import BadSampleReport
+from clipforge.data.shards import expand_shards
+from clipforge.data.writer import ShardWriter
+from clipforge.utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+TABLE_EXTS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
+FOLDER_IMAGE_EXTS = {f".{e}" for e in IMAGE_EXTS}
+_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass
+class IngestConfig:
+    output: Path
+    prefix: str = "shard"
+    maxcount: int = 10_000
+    maxsize: float = 1e9
+    max_side: int | None = None  # resize so the longer side is at most this (re-encodes as JPEG)
+    quality: int = 95  # JPEG quality when re-encoding
+    workers: int = 16  # threads: downloads and Pillow decode both release the GIL
+    image_column: str = "url"
+    caption_column: str = "caption"
+    max_caption_chars: int = 10_000
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+
+
+@dataclass
+class Record:
+    """One input pair before loading: where the image is, its caption (or where to read it)."""
+
+    key: str
+    source: str  # local path, URL, or "shard/key"
+    caption: str | None = None
+    caption_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] | None = None  # re-shard: the raw sample
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+def records_from_folder(folder: str | Path) -> Iterator[Record]:
+    """Images under ``folder`` (recursive, sorted) with captions from ``same-name.txt``."""
+    root = Path(folder)
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_EXTS and p.is_file())
+    for i, p in enumerate(images):
+        yield Record(key=f"{i:09d}", source=str(p), caption_path=str(p.with_suffix(".txt")))
+
+
+def read_table_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV / TSV / Parquet / JSONL file as dicts."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+    elif ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+    elif ext in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+    else:
+        raise ValueError(f"unsupported table format {ext!r} (use one of {', '.join(TABLE_EXTS)})")
+
+
+def records_from_table(
+    path: str | Path, image_column: str = "url", caption_column: str = "caption"
+) -> Iterator[Record]:
+    """Rows with an image path-or-URL and a caption; relative paths resolve against the table's folder."""
+    base = Path(path).parent
+    for i, row in enumerate(read_table_rows(path)):
+        if i == 0:
+            missing = [c for c in (image_column, caption_column) if c not in row]
+            if missing:
+                raise ValueError(
+                    f"{path}: no column(s) {missing}; columns are {list(row)} "
+                    "(set --image-column / --caption-column)"
+                )
+        src = str(row.get(image_column) or "")
+        if src and not re.match(r"^[a-z][a-z0-9+.-]*://", src) and not os.path.isabs(src):
+            src = str(base / src)
+        cap = row.get(caption_column)
+        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
+        yield Record(key=f"{i:09d}", source=src, caption=None if cap is None else str(cap), extra=extra)
+
+
+def records_from_retry(path: str | Path) -> Iterator[Record]:
+    """A ``retry.jsonl`` written by an earlier run: same keys, same captions."""
+    for row in read_table_rows(Path(path)):
+        yield Record(
+            key=row["key"], source=row["source"], caption=row.get("caption"), extra=row.get("extra") or {}
+        )
+
+
+def records_from_shards(specs: Iterable[str], report: BadSampleReport) -> Iterator[Record]:
+    for url in expand_shards(list(specs)):
+        for raw in iter_tar_samples(url, report):
+            yield Record(key=raw["__key__"], source=f"{raw['__shard__']}/{raw['__key__']}", raw=raw)
+
+
+def detect_kind(inputs: list[str]) -> str:
+    """folder | table | shards, from what the inputs look like."""
+    if len(inputs) == 1 and os.path.isdir(inputs[0]):
+        has_tar = any(Path(inputs[0]).glob("*.tar"))
+        has_img = any(p.suffix.lower() in FOLDER_IMAGE_EXTS for p in Path(inputs[0]).rglob("*"))
+        return "shards" if has_tar and not has_img else "folder"
+    if len(inputs) == 1 and inputs[0].lower().endswith(TABLE_EXTS):
+        return "table"
+    return "shards"
+
+
+# -- per-record work (runs in the thread pool) ----------------------------------------------------------
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def prepare_image(data: bytes, max_side: int | None, quality: int) -> tuple[str, bytes, dict[str, int]]:
+    """Validate (full decode) and optionally shrink: -> (ext, stored bytes, size info).
+
+    Raises SkipSample (empty_image, corrupt_image, decompression_bomb) for unusable bytes.
+    """
+    if not data:
+        raise SkipSample("empty_image")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # header only: format and size
+            fmt, (ow, oh) = probe.format, probe.size
+    except Image.DecompressionBombError as e:
+        raise SkipSample("decompression_bomb", str(e)[:200]) from None
+    except Exception as e:
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {str(e)[:200]}") from None
+    scale = max_side / max(ow, oh) if max_side and max(ow, oh) > max_side else 1.0
+    target = (max(1, round(ow * scale)), max(1, round(oh * scale)))
+    img = decode_image(data, draft_size=min(target) if scale < 1 else None)  # full decode validates
+    if scale < 1:
+        img = img.resize(target, Image.LANCZOS)
+        ext, out = "jpg", _encode_jpeg(img, quality)
+    elif fmt in _FORMAT_EXT:
+        ext, out = _FORMAT_EXT[fmt], data  # valid and small enough: keep the original bytes
+    else:  # GIF/BMP/TIFF...: store as JPEG so every reader downstream handles it
+        ext, out = "jpg", _encode_jpeg(img, quality)
+    return ext, out, {"width": img.width, "height": img.height, "original_width": ow, "original_height": oh}
+
+
+class Processor:
+    """Turns a Record into a shard sample (dict for ShardWriter) or raises SkipSample."""
+
+    def __init__(self, cfg: IngestConfig) -> None:
+        self.cfg = cfg
+        self.fetcher = Fetcher(cfg.fetch, pool_size=max(cfg.workers, 4))
+
+    def load_bytes(self, rec: Record) -> bytes:
+        if _is_url(rec.source):
+            return self.fetcher.fetch(rec.source)
+        if not rec.source:
+            raise SkipSample("missing_image", "empty image path/URL")
+        try:
+            return Path(rec.source).read_bytes()
+        except OSError as e:
+            raise SkipSample("missing_image", f"{type(e).__name__}: {e}") from None
+
+    def __call__(self, rec: Record) -> dict[str, Any]:
+        if rec.raw is not None:
+            return self._reshard(rec)
+        if rec.caption is None and rec.caption_path is not None:
+            p = Path(rec.caption_path)
+            raw_caption = p.read_bytes() if p.exists() else None
+        else:
+            raw_caption = None if rec.caption is None else rec.caption.encode("utf-8")
+        caption = decode_text(raw_caption, self.cfg.max_caption_chars)  # cheap checks before any download
+        data = self.load_bytes(rec)
+        ext, stored, size = prepare_image(data, self.cfg.max_side, self.cfg.quality)
+        meta = {"key": rec.key, "caption": caption, "source": rec.source, **size, **_jsonable(rec.extra)}
+        return {
+            "__key__": rec.key,
+            "__source__": rec.source,
+            "__width__": size["width"],
+            "__height__": size["height"],
+            ext: stored,
+            "txt": caption,
+            "json": meta,
+        }
+
+    def _reshard(self, rec: Record) -> dict[str, Any]:
+        raw = rec.raw
+        assert raw is not None
+        decoded = decode_sample(raw, DecodeConfig(max_caption_chars=self.cfg.max_caption_chars))
+        img_ext = next(e for e in IMAGE_EXTS if e in raw)
+        ext, stored, size = prepare_image(raw[img_ext], self.cfg.max_side, self.cfg.quality)
+        out = {k: v for k, v in raw.items() if not k.startswith("__") and k not in IMAGE_EXTS}
+        out.update(
+            {
+                "__key__": rec.key,
+                "__source__": rec.source,
+                "__width__": size["width"],
+                "__height__": size["height"],
+                ext: stored,
+            }
+        )
+        if not any(e in out for e in TEXT_EXTS):
+            out["txt"] = decoded["caption"]
+        if ext != img_ext or stored is not raw[img_ext]:  # resized: record the new size in KEY.json
+            out["json"] = {**decoded["meta"], **size}
+        return out
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            out[k] = str(v)
+    return out
+
+
+# -- driver -------------------------------------------------------------------------------------------
+def _next_shard_index(output: Path, prefix: str) -> int:
+    nums = [
+        int(m.group(1))
+        for p in output.glob(f"{prefix}-*.tar")
+        if (m := re.match(rf"{re.escape(prefix)}-(\d+)\.tar$", p.name))
+    ]
+    return max(nums) + 1 if nums else 0
+
+
+def _free_name(output: Path, stem: str) -> str:
+    k = 1
+    while (output / f"{stem}.retry{k}.json").exists():
+        k += 1
+    return f"{stem}.retry{k}.json"
+
+
+def ingest(
+    inputs: list[str],
+    cfg: IngestConfig,
+    kind: str = "auto",
+    retry_from: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run an ingest; returns the stats dict (also saved as ``ingest_stats.json``)."""
+    from tqdm import tqdm
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    report = BadSampleReport()
+    existing = _next_shard_index(out, cfg.prefix)
+    if retry_from:
+        kind = "retry"
+        records: Iterable[Record] = list(records_from_retry(retry_from))  # read fully: may be OUT/retry.jsonl
+    else:
+        if not inputs:
+            raise ValueError("give INPUT (folder, table, or shards) or --retry-from FILE")
+        if existing:
+            raise FileExistsError(
+                f"{out} already has {cfg.prefix}-*.tar shards; use a new --output "
+                "(only --retry-from appends to an existing output)"
+            )
+        kind = detect_kind(inputs) if kind == "auto" else kind
+        if kind == "folder":
+            records = records_from_folder(inputs[0])
+        elif kind == "table":
+            records = records_from_table(inputs[0], cfg.image_column, cfg.caption_column)
+        elif kind == "shards":
+            records = records_from_shards(inputs, report)
+        else:
+            raise ValueError(f"unknown input kind {kind!r}")
+    log.info("ingest %s -> %s", kind, out)
+    proc = Processor(cfg)
+    retry: list[dict[str, Any]] = []
+    ok = 0
+    bar = tqdm(desc=f"ingest {kind}", unit="img", disable=not progress, file=None, dynamic_ncols=True)
+    with ShardWriter(
+        output_dir=out,
+        prefix=cfg.prefix,
+        maxcount=cfg.maxcount,
+        maxsize=cfg.maxsize,
+        start_shard=existing if retry_from else 0,
+    ) as writer:
+        for rec, result in ordered_map(proc, records, cfg.workers):
+            bar.update(1)
+            if isinstance(result, SkipSample):
+                report.add(rec.key, result.reason, f"{rec.source}: {result.detail}"[:300])
+                if _is_url(rec.source) and is_retryable(result.reason):
+                    retry.append(
+                        {
+                            "key": rec.key,
+                            "source": rec.source,
+                            "caption": rec.caption,
+                            "extra": _jsonable(rec.extra),
+                            "reason": result.reason,
+                        }
+                    )
+            else:
+                try:
+                    writer.write(result)
+                    ok += 1
+                except ValueError as e:  # duplicate key in re-shard input, unusable key
+                    reason = "duplicate_key" if "duplicate" in str(e) else "bad_key"
+                    report.add(rec.key, reason, str(e)[:200])
+            bar.set_postfix(ok=ok, bad=report.total, retry=len(retry), refresh=False)
+    bar.close()
+    with atomic_path(out / "retry.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in retry))
+    report_name = _free_name(out, "bad_samples") if retry_from else "bad_samples.json"
+    stats_name = _free_name(out, "ingest_stats") if retry_from else "ingest_stats.json"
+    write_json(out / report_name, report.to_dict())
+    stats = {
+        "kind": kind,
+        "output": str(out),
+        "written": ok,
+        "skipped": report.total,
+        "skipped_by_reason": dict(Counter(report.counts).most_common()),
+        "retry_list": str(out / "retry.jsonl"),
+        "retry_count": len(retry),
+        "shards": [Path(s).name for s in writer.shards],
+        "bad_samples": str(out / report_name),
+    }
+    write_json(out / stats_name, stats)
+    return stats

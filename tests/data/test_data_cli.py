@@ -1,0 +1,36 @@
+"""`clipforge data` CLI: help texts, and the real-data inspect the issue's "done when" names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clipforge.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv", [["data", "--help"], ["data", "ingest", "--help"], ["data", "inspect", "--help"]]
+)
+def test_help(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: clipforge data" in capsys.readouterr().out
+
+
+def test_ingest_without_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["data", "ingest", "--output", str(tmp_path / "o")]) == 2
+    assert "--retry-from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_inspect_flickr_train_counts_6000(shared_data: Path, tmp_path: Path, capsys) -> None:
+    spec = str(shared_data / "flickr8k" / "train-*.tar")
+    assert main(["data", "inspect", spec, "--output", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == summary["good"] == 6000 and summary["shards"] == 6
+    assert all(v["samples"] == 1000 for v in summary["per_shard"].values())
+    assert summary["image_sizes_top"] == [["224x224", 6000]]
+    assert (tmp_path / "contact_sheet.png").stat().st_size > 100_000
