@@ -1,0 +1,302 @@
+"""Locked-tower feature cache: run frozen towers once over the shards, train heads from disk.
+
+When ``model.image_locked`` (and/or ``text_locked``) the frozen prefix's output never changes, so it
+is computed once per shard and stored as float16 safetensors under a fingerprint of everything that
+could change it: model spec + options, the frozen parameters themselves, the preprocessing config
+and context length. Any change gives a new fingerprint (a new cache); the same model on the same
+shards reuses the files across runs. One file per shard holds image features, text features of ALL
+captions of each sample (flattened, with offsets) and, in its metadata, the sample keys, captions
+and the bad samples found while caching (so reruns report the same counts).
+
+Random augmentation is OFF for a cached tower: features come from the eval preprocessing.
+The pass is made fast by DataLoader workers for decoding, large inference batches under
+``torch.inference_mode``, and captions sorted by length so batches carry little padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clipforge.data.dataset import ShardDataset, collate
+from clipforge.data.decode import DecodeConfig
+from clipforge.data.report import BadSampleReport
+from clipforge.data.shards import shard_name
+from clipforge.data.transforms import ImageTransform, PreprocessConfig
+from clipforge.models.base import ClipModel
+from clipforge.utils import atomic_path
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def fingerprint(model: ClipModel, text: bool) -> str:
+    """Hash of what determines the cached features: spec, options, frozen weights, preprocessing."""
+    h = hashlib.sha256()
+    cfg = model.config
+    meta = {
+        "v": CACHE_VERSION,
+        "spec": cfg.spec,
+        "backend": cfg.backend,
+        "options": cfg.options,
+        "preprocess": PreprocessConfig.from_dict(cfg.preprocess).hash(),
+        "context_length": cfg.context_length,
+        "text": text,
+        "class": type(model).__qualname__,
+    }
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        if not p.requires_grad:  # the frozen prefix: its weights ARE the cache's input
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, b in sorted(model.named_buffers(), key=lambda x: x[0]):
+        h.update(name.encode())
+        h.update(b.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding other dims to the max (sequence features of any length)."""
+    if not parts:
+        return torch.empty(0)
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].ndim)]
+    out = []
+    for p in parts:
+        pad: list[int] = []
+        for d in reversed(range(1, p.ndim)):
+            pad += [0, shape[d - 1] - p.shape[d]]
+        out.append(torch.nn.functional.pad(p, pad) if any(pad) else p)
+    return torch.cat(out)
+
+
+@dataclass
+class CachedData:
+    """All cached samples in memory: image features [N, ...], text features [M, ...] + offsets."""
+
+    keys: list[str]
+    captions: list[list[str]]
+    image: dict[str, torch.Tensor]
+    text: dict[str, torch.Tensor] | None = None
+    text_offsets: torch.Tensor | None = None  # [N + 1]
+    bad: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def caption_counts(self) -> torch.Tensor:
+        return torch.tensor([len(c) for c in self.captions], dtype=torch.long)
+
+    @property
+    def text_cached(self) -> bool:
+        return self.text is not None
+
+    def image_rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: _to_compute(v[idx]) for k, v in self.image.items()}
+
+    def text_rows(self, idx: torch.Tensor, cap: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Text features of caption ``cap[i, j]`` of sample ``idx[i]``, flattened to [len(idx) * k, ...]."""
+        assert self.text is not None and self.text_offsets is not None
+        rows = (self.text_offsets[idx].unsqueeze(1) + cap).reshape(-1)
+        return {k: _to_compute(v[rows]) for k, v in self.text.items()}
+
+
+def _to_compute(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
+class _CacheMap:
+    """Worker-side: decoded sample -> eval-preprocessed pixels + all captions (main caption first)."""
+
+    def __init__(self, preprocess: dict, need_pixels: bool):
+        self.tf = ImageTransform(PreprocessConfig.from_dict(preprocess), train=False)
+        self.need_pixels = need_pixels
+
+    def __call__(self, s: dict[str, Any]) -> dict[str, Any]:
+        caps = [s["caption"]] + [c for c in s["captions"] if c != s["caption"]]
+        out = {"key": s["key"], "shard": s["shard"], "captions": caps}
+        if self.need_pixels:
+            out["pixels"] = self.tf(s["image"])
+        return out
+
+
+def _shard_file(root: Path, url: str) -> Path:
+    return root / f"{shard_name(url)}-{hashlib.sha1(url.encode()).hexdigest()[:8]}.safetensors"
+
+
+def _load_shard(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return {
+        "keys": json.loads(meta["keys"]),
+        "captions": json.loads(meta["captions"]),
+        "bad": json.loads(meta.get("bad", "{}")),
+        "image": {k[6:]: v for k, v in tensors.items() if k.startswith("image.")},
+        "text": {k[5:]: v for k, v in tensors.items() if k.startswith("text.")} or None,
+        "text_offsets": tensors.get("text_offsets"),
+    }
+
+
+@torch.inference_mode()
+def _encode_texts(model: ClipModel, captions: list[str], batch: int, device: torch.device, progress: bool):
+    """text_features of every caption, in input order; batches sorted by length to cut padding."""
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+    parts: list[dict[str, torch.Tensor]] = []
+    for s in tqdm(range(0, len(order), batch), desc="cache text", disable=not progress, leave=False):
+        idx = order[s : s + batch]
+        toks = {k: v.to(device) for k, v in model.tokenize([captions[i] for i in idx]).items()}
+        parts.append({k: v.cpu() for k, v in model.text_features(toks).items()})
+    if not parts:
+        return {}
+    sorted_feats = {k: cat_padded([p[k] for p in parts]) for k in parts[0]}
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(len(order))
+    return {k: v[inv] for k, v in sorted_feats.items()}
+
+
+@torch.inference_mode()
+def compute_shards(
+    model: ClipModel,
+    urls: list[str],
+    *,
+    cache_text: bool,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """One pass over ``urls``: frozen image features, all captions (and their text features)."""
+    report = BadSampleReport()
+    ds = ShardDataset(
+        urls,
+        _CacheMap(model.config.preprocess, need_pixels=True),
+        decode=DecodeConfig(image=True, caption=True),
+        epochs=1,
+        rank=0,
+        world_size=1,
+        report=report,
+    )
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    per_shard: dict[str, dict[str, Any]] = {}
+    by_name = {shard_name(u): u for u in urls}
+    bad_by_shard: dict[str, BadSampleReport] = {}
+    model.eval()
+    for b in tqdm(loader, desc="cache images", unit="batch", disable=not progress):
+        for k, r, d in b.get("__bad__", []):  # shard-level records name their shard; others go to the first
+            url = by_name.get(k.split(":")[0].split("/")[0], urls[0])
+            bad_by_shard.setdefault(url, BadSampleReport()).add(k, r, d)
+        if not b["size"]:
+            continue
+        feats = model.image_features(b["pixels"].to(device))
+        for i, key in enumerate(b["key"]):
+            sh = per_shard.setdefault(by_name[b["shard"][i]], {"keys": [], "captions": [], "image": []})
+            sh["keys"].append(key)
+            sh["captions"].append(b["captions"][i])
+            sh["image"].append({k: v[i : i + 1].cpu() for k, v in feats.items()})
+    out: dict[str, dict[str, Any]] = {}
+    for url in urls:
+        sh = per_shard.get(url, {"keys": [], "captions": [], "image": []})
+        image = {k: cat_padded([r[k] for r in sh["image"]]) for k in (sh["image"][0] if sh["image"] else {})}
+        out[url] = {
+            "keys": sh["keys"],
+            "captions": sh["captions"],
+            "image": image,
+            "bad": bad_by_shard.get(url, BadSampleReport()).to_dict(),
+            "text": None,
+            "text_offsets": None,
+        }
+    if cache_text:
+        flat = [c for url in urls for caps in out[url]["captions"] for c in caps]
+        feats = _encode_texts(model, flat, batch_size, device, progress)
+        pos = 0
+        for url in urls:
+            counts = [len(c) for c in out[url]["captions"]]
+            n = sum(counts)
+            out[url]["text"] = {k: v[pos : pos + n] for k, v in feats.items()}
+            out[url]["text_offsets"] = torch.tensor(
+                [0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.long
+            )
+            pos += n
+    return out
+
+
+def _save_shard(path: Path, sh: dict[str, Any]) -> None:
+    tensors = {f"image.{k}": _store(v) for k, v in sh["image"].items()}
+    if sh["text"] is not None:
+        tensors.update({f"text.{k}": _store(v) for k, v in sh["text"].items()})
+        tensors["text_offsets"] = sh["text_offsets"]
+    meta = {
+        "keys": json.dumps(sh["keys"]),
+        "captions": json.dumps(sh["captions"]),
+        "bad": json.dumps(sh["bad"]),
+    }
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def _store(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16) if t.is_floating_point() else t
+
+
+def load_or_build_cache(
+    model: ClipModel,
+    urls: list[str],
+    cache_root: str | Path,
+    *,
+    batch_size: int = 128,
+    workers: int = 2,
+    device: torch.device | None = None,
+    report: BadSampleReport | None = None,
+    progress: bool = True,
+) -> tuple[CachedData, Path]:
+    """Features for every sample of ``urls``: computed for missing shards, read for the rest."""
+    if not model.image_locked:
+        raise ValueError("the feature cache needs a locked image tower (model.image_locked)")
+    device = device or torch.device("cpu")
+    cache_text = bool(model.text_locked)
+    root = Path(cache_root) / fingerprint(model, cache_text)
+    missing = [u for u in urls if not _shard_file(root, u).exists()]
+    log.info("feature cache %s: %d/%d shards cached", root, len(urls) - len(missing), len(urls))
+    if missing:
+        fresh = compute_shards(
+            model,
+            missing,
+            cache_text=cache_text,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+        )
+        for url, sh in fresh.items():
+            _save_shard(_shard_file(root, url), sh)  # empty shards too: their bad-sample counts persist
+    shards = [_load_shard(_shard_file(root, u)) for u in urls]
+    if report is not None:
+        for sh in shards:
+            report.merge(sh["bad"])
+    shards = [s for s in shards if s["keys"]]
+    if not shards:
+        raise ValueError(f"no usable samples in {len(urls)} shard(s)")
+    return _merge(shards), root
+
+
+def _merge(shards: list[dict[str, Any]]) -> CachedData:
+    keys = [k for s in shards for k in s["keys"]]
+    captions = [c for s in shards for c in s["captions"]]
+    image = {k: cat_padded([s["image"][k] for s in shards]) for k in shards[0]["image"]}
+    text = offsets = None
+    if shards[0]["text"] is not None:
+        text = {k: cat_padded([s["text"][k] for s in shards]) for k in shards[0]["text"]}
+        counts = torch.tensor([len(c) for c in captions], dtype=torch.long)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return CachedData(keys, captions, image, text, offsets)

@@ -1,0 +1,73 @@
+"""AdamW with decoupled weight decay on matrices only, warmup + cosine schedule, gradient clipping.
+
+Norm weights, biases, embeddings and the logit scale/bias get no weight decay: decaying them pulls
+scales toward 0 and fights the temperature (CLIP/open_clip practice). The schedule is a pure function
+of the step, so resuming only needs the step count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def wants_decay(name: str, param: torch.Tensor, owner: nn.Module | None = None) -> bool:
+    """Decay 2-D+ weight matrices; never norms, biases, embeddings, the temperature or the SigLIP bias."""
+    if param.ndim < 2 or isinstance(owner, NO_DECAY_MODULES):
+        return False
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return not ("embed" in leaf or leaf.startswith("logit_") or "norm" in leaf)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    owners = {}
+    for mname, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            owners[f"{mname}.{pname}" if mname else pname] = mod
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if wants_decay(name, p, owners.get(name)) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (all towers locked and no heads?)")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup`` steps, then cosine decay to ``min_lr_ratio * base_lr``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def clip_grad(params: Iterable[torch.Tensor], max_norm: float | None) -> float:
+    """Clip the global gradient norm (if ``max_norm``); return the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))

@@ -1,0 +1,139 @@
+"""One optimization step's forward/backward, with GradCache gradient accumulation.
+
+A contrastive loss couples every pair in the batch, so naive accumulation (loss per micro-batch)
+shrinks the set of negatives. GradCache keeps the full-batch loss: (1) embed all micro-batches
+without grad, (2) compute the loss on the full batch of cached embeddings and backprop into them,
+(3) re-forward each micro-batch with grad and backprop the cached embedding gradients
+(``(emb * grad).sum()``). The RNG state is replayed for the re-forward so dropout matches.
+Gradients equal the full-batch gradients; memory is one micro-batch of activations.
+
+A batch here is ``{"image": Features, "text": Features, "image_cached": bool, "text_cached": bool,
+"img_ids": LongTensor | None, "txt_ids": LongTensor | None}`` where Features are either model
+inputs (``{"pixels"}`` / tokens) or cached frozen-prefix features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.models.base import ClipModel, Features
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where asked (CPU and CUDA both support bf16 autocast); fp32 is a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def embed_images(model: ClipModel, feats: Features, cached: bool) -> torch.Tensor:
+    if not cached:
+        if model.image_locked:
+            with torch.no_grad():
+                feats = model.image_features(feats["pixels"])
+        else:
+            feats = model.image_features(feats["pixels"])
+    return F.normalize(model.image_head(feats), dim=-1)
+
+
+def embed_texts(model: ClipModel, feats: Features, cached: bool) -> torch.Tensor:
+    if not cached:
+        if model.text_locked:
+            with torch.no_grad():
+                feats = model.text_features(feats)
+        else:
+            feats = model.text_features(feats)
+    return F.normalize(model.text_head(feats), dim=-1)
+
+
+_embed_images, _embed_texts = embed_images, embed_texts
+
+
+def scale_and_bias(model: ClipModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """exp(logit_scale) clamped at 100 (CLIP), and the SigLIP bias if the model has one."""
+    return model.logit_scale.exp().clamp(max=100.0), model.logit_bias
+
+
+def split_features(feats: Features, n: int) -> list[Features]:
+    """Split every tensor of a feature dict into ``n`` chunks along the batch dim."""
+    parts = {k: torch.tensor_split(v, n) for k, v in feats.items()}
+    return [{k: parts[k][i] for k in feats} for i in range(n)]
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["cpu"])
+    if "cuda" in st:
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def forward_backward(
+    model: ClipModel,
+    loss_fn: nn.Module,
+    batch: dict[str, Any],
+    accum: int = 1,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+    embed: tuple[Callable, Callable] | None = None,
+) -> torch.Tensor:
+    """Accumulate the full-batch loss gradient into ``model``'s ``.grad``; return the (local) loss.
+
+    ``embed``: the (image, text) embedding functions, e.g. torch.compile'd versions of the defaults.
+    """
+    device = device or torch.device("cpu")
+    embed_images, embed_texts = embed or (_embed_images, _embed_texts)
+    ic, tc = bool(batch.get("image_cached")), bool(batch.get("text_cached"))
+    ids = (batch.get("img_ids"), batch.get("txt_ids"))
+    if accum <= 1:
+        with autocast(device, precision):
+            img = embed_images(model, batch["image"], ic)
+            txt = embed_texts(model, batch["text"], tc)
+        scale, bias = scale_and_bias(model)
+        loss = loss_fn(img, txt, scale, bias, *ids)
+        loss.backward()
+        return loss.detach()
+
+    img_parts = split_features(batch["image"], accum)
+    txt_parts = split_features(batch["text"], accum)
+    img_rng, txt_rng, img_embs, txt_embs = [], [], [], []
+    with torch.no_grad():  # pass 1: embeddings only, no activations kept
+        for part in img_parts:
+            img_rng.append(_rng_state())
+            with autocast(device, precision):
+                img_embs.append(embed_images(model, part, ic).float())
+        for part in txt_parts:
+            txt_rng.append(_rng_state())
+            with autocast(device, precision):
+                txt_embs.append(embed_texts(model, part, tc).float())
+    img_all = torch.cat(img_embs).requires_grad_(True)
+    txt_all = torch.cat(txt_embs).requires_grad_(True)
+    scale, bias = scale_and_bias(model)
+    loss = loss_fn(img_all, txt_all, scale, bias, *ids)  # pass 2: full-batch loss -> embedding grads
+    loss.backward()
+    after = _rng_state()
+    img_grads = torch.split(img_all.grad, [e.shape[0] for e in img_embs])
+    txt_grads = torch.split(txt_all.grad, [e.shape[0] for e in txt_embs])
+    for part, st, g in zip(img_parts, img_rng, img_grads):  # pass 3: re-forward with grad
+        _set_rng_state(st)
+        with autocast(device, precision):
+            emb = embed_images(model, part, ic)
+        (emb.float() * g).sum().backward()
+    for part, st, g in zip(txt_parts, txt_rng, txt_grads):
+        _set_rng_state(st)
+        with autocast(device, precision):
+            emb = embed_texts(model, part, tc)
+        (emb.float() * g).sum().backward()
+    _set_rng_state(after)
+    return loss.detach()
