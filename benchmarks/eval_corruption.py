@@ -1,0 +1,116 @@
+"""Precision / recall of curation filters at catching the faults injected by make_corrupted_flickr.py.
+
+    python benchmarks/eval_corruption.py --scores /tmp/flk-scores --faults /tmp/flk-corrupt/faults.json
+
+For each fault type, the filter that should catch it (all from ``OUT/scores.parquet``, no rescoring):
+
+- blank images        -> ``is_blank``
+- exact duplicates    -> ``exact_dup_of``  (a pair is caught when both land in one group: same kept key)
+- near duplicates     -> ``near_dup_of`` (pHash) or ``semantic_dup_of`` (SemDeDup on embeddings)
+- shuffled captions   -> ``clip_score bottom P%`` with P = the injected share (needs a *trained* scorer)
+
+Precision = flagged rows that are faults of that type / flagged rows; recall = caught / injected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clipforge.curate.filter import evaluate, parse
+from clipforge.utils import emit_json, format_table
+
+
+def pair_scores(t, columns: list[str], pairs: dict[str, str], dup_keys: set[str]) -> dict:
+    """A planted pair (copy -> original) is caught when some ``*_dup_of`` column puts both in one group
+    (same kept key); precision counts flagged rows that are planted duplicates (or blanks)."""
+    keys = t.column("key").to_pylist()
+    caught: set[str] = set()
+    flagged: set[str] = set()
+    for c in columns:
+        of = dict(zip(keys, t.column(c).to_pylist()))
+        flagged |= {k for k, v in of.items() if v is not None}
+        caught |= {cp for cp, o in pairs.items() if (of.get(cp) or cp) == (of.get(o) or o)}
+    tp = len(flagged & dup_keys)
+    return {
+        "injected": len(pairs),
+        "flagged": len(flagged),
+        "recall": len(caught) / max(1, len(pairs)),
+        "precision": tp / max(1, len(flagged)),
+    }
+
+
+def evaluate_faults(scores_dir: str, faults_path: str, shuffle_pct: float | None = None) -> dict:
+    t = pq.read_table(f"{scores_dir}/scores.parquet")
+    f = json.loads(open(faults_path).read())
+    keys = t.column("key").to_pylist()
+    cols = set(t.column_names)
+
+    def flags(expr: str) -> dict[str, bool]:
+        m = evaluate(parse(expr), t).to_numpy(zero_copy_only=False)
+        return dict(zip(keys, m.tolist()))
+
+    out: dict = {"rows": t.num_rows}
+    blank = set(f["blank"])
+    if "is_blank" in cols:
+        fl = flags("is_blank")
+        flagged = {k for k, v in fl.items() if v}
+        out["blank"] = {
+            "injected": len(blank),
+            "flagged": len(flagged),
+            "recall": len(flagged & blank) / max(1, len(blank)),
+            "precision": len(flagged & blank) / max(1, len(flagged)),
+        }
+    groups = {"exact_dup": ["exact_dup_of"], "near_dup": ["near_dup_of", "semantic_dup_of"]}
+    all_dup = {k for kind in ("exact_dup", "near_dup") for pair in f[kind].items() for k in pair}
+    for kind, names in groups.items():
+        names = [c for c in names if c in cols]
+        if names:  # blanks are near-duplicates of each other: flagging them is not a false positive
+            out[kind] = pair_scores(t, names, f[kind], all_dup | blank)
+            for c in names:
+                out[kind][f"recall_{c}"] = pair_scores(t, [c], f[kind], all_dup | blank)["recall"]
+    if "clip_score" in cols:
+        shuffled = set(f["shuffled"])
+        pct = shuffle_pct or 100.0 * len(shuffled) / t.num_rows
+        fl = flags(f"clip_score bottom {pct:.2f}%")
+        flagged = {k for k, v in fl.items() if v}
+        out["shuffled_caption"] = {
+            "injected": len(shuffled),
+            "flagged": len(flagged),
+            "bottom_pct": round(pct, 2),
+            "recall": len(flagged & shuffled) / max(1, len(shuffled)),
+            "precision": len(flagged & shuffled) / max(1, len(flagged)),
+        }
+        sc = dict(zip(keys, t.column("clip_score").to_pylist()))
+        a = np.array([sc[k] for k in shuffled if sc.get(k) is not None])
+        b = np.array([v for k, v in sc.items() if k not in shuffled and v is not None])
+        out["shuffled_caption"]["mean_score_shuffled_vs_rest"] = [float(a.mean()), float(b.mean())]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scores", required=True, help="curate run output dir")
+    ap.add_argument("--faults", required=True, help="faults.json from make_corrupted_flickr.py")
+    ap.add_argument("--shuffle-pct", type=float, default=None, help="bottom %% of clip_score flagged")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    res = evaluate_faults(a.scores, a.faults, a.shuffle_pct)
+    if a.json:
+        emit_json(res)
+    else:
+        rows = [
+            (k, v["injected"], v["flagged"], v["precision"], v["recall"])
+            for k, v in res.items()
+            if isinstance(v, dict)
+        ]
+        print(format_table(rows, ["fault", "injected", "flagged", "precision", "recall"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

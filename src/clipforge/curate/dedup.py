@@ -1,0 +1,320 @@
+"""``dedup`` stage: exact, perceptual and semantic duplicates, and duplicates of an evaluation set.
+
+- exact: same image bytes (sha256); captions are compared after normalization (lowercase, words only)
+  but only *counted* (``caption_dup_count``): templated captions ("a dog runs on the grass") repeat
+  legitimately, so they do not make a pair a duplicate by themselves.
+- near: pHash Hamming distance <= ``phash_radius`` (faiss binary index, k nearest neighbours).
+- semantic (SemDeDup, Abbas et al. 2023): k-means clusters of the image embeddings, then pairs with
+  cosine >= ``threshold`` within a cluster. We search each point's k nearest neighbours in an IVF index
+  built on those k-means centroids with ``nprobe`` > 1 clusters probed, which is SemDeDup with soft
+  cluster borders: a duplicate pair split across two neighbouring clusters is still found (that is
+  what lifts recall of planted duplicates from ~0.9 to >= 0.99 on random data). Below
+  ``exact_search_max`` rows the search is exact (flat index).
+- Pairs are joined into groups (connected components); in each group ONE sample is kept: the best
+  ``clip_score`` (DataComp-style) or, with ``keep="centroid"``, the one nearest the group mean (SemDeDup).
+  Every other member gets ``*_dup_of = <kept key>``.
+- eval: a train sample is an eval duplicate when its image embedding has cosine >= ``eval_threshold``
+  with any eval image, or its pHash is within ``phash_radius`` of one (as DataComp removes test-set
+  near-duplicates from its pools).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clipforge.curate.hashing import to_bytes
+from clipforge.curate.stages import register_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DedupConfig:
+    phash_radius: int = 8  # of 64 bits (random image pairs are >= ~20 apart)
+    phash_k: int = 16
+    threshold: float = 0.95  # semantic duplicate cosine
+    k: int = 8  # neighbours searched per sample
+    nprobe: int = 8
+    nlist: int | None = None  # k-means clusters; None = ~4 sqrt(N)
+    exact_search_max: int = 50_000
+    keep: str = "clip-score"  # or "centroid"
+    eval_threshold: float = 0.92
+    seed: int = 0
+    chunk: int = 65_536  # query rows per search call (bounds the float32 working copy)
+
+
+def normalize_caption(text: str | None) -> str | None:
+    if not text:
+        return None
+    norm = " ".join(re.findall(r"[^\W_]+", text.lower()))
+    return norm or None
+
+
+# -- grouping ------------------------------------------------------------------------------------
+def groups_from_pairs(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected-component label per row from undirected pairs (rows without pairs are singletons)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(i) == 0:
+        return np.arange(n)
+    g = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    return connected_components(g, directed=False)[1]
+
+
+def keeper_of(labels: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    """For each row, the row index kept for its group: highest quality, ties to the earliest row."""
+    n = len(labels)
+    q = np.where(np.isnan(quality), -np.inf, quality)
+    order = np.lexsort((np.arange(n), -q, labels))  # by group, best quality first, then row
+    first = np.ones(n, dtype=bool)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    best_of_group = np.empty(labels.max() + 1 if n else 0, dtype=np.int64)
+    best_of_group[labels[order][first]] = order[first]
+    return best_of_group[labels]
+
+
+def dup_of_column(keys: list[str], keeper: np.ndarray) -> list[str | None]:
+    return [None if k == i else keys[k] for i, k in enumerate(keeper)]
+
+
+# -- exact ---------------------------------------------------------------------------------------
+def exact_groups(values: list[Any]) -> np.ndarray:
+    """Group label per row: rows with equal non-null values share a label."""
+    first: dict[Any, int] = {}
+    out = np.arange(len(values))
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        out[i] = first.setdefault(v, i)
+    return out
+
+
+# -- near (perceptual hash) ----------------------------------------------------------------------
+def phash_pairs(hashes: list[int | None], radius: int, k: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows whose 64-bit hashes differ in <= radius bits (k nearest per row, faiss binary)."""
+    import faiss
+
+    rows = np.array([i for i, h in enumerate(hashes) if h is not None], dtype=np.int64)
+    if len(rows) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    codes = to_bytes(np.array([hashes[i] for i in rows], dtype=np.int64))
+    index = faiss.IndexBinaryFlat(64)
+    index.add(codes)
+    d, nn = index.search(codes, min(k, len(rows)))
+    src = np.repeat(np.arange(len(rows)), nn.shape[1])
+    d, nn = d.ravel(), nn.ravel()
+    m = (nn >= 0) & (nn != src) & (d <= radius)
+    return rows[src[m]], rows[nn[m]]
+
+
+# -- semantic (SemDeDup on faiss) ----------------------------------------------------------------
+def semantic_pairs(emb: np.ndarray, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, cosine) for pairs with cosine >= cfg.threshold among the non-NaN rows of ``emb``.
+
+    ``emb`` may be float16 (a 1M x 512 set is 1 GiB); it is converted to float32 chunk by chunk.
+    """
+    import faiss
+
+    valid = ~np.isnan(emb[:, 0])
+    rows = np.flatnonzero(valid)
+    n, dim = len(rows), emb.shape[1]
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if n < 2:
+        return empty
+
+    def chunk(a: int, b: int) -> np.ndarray:
+        x = np.ascontiguousarray(emb[rows[a:b]], dtype=np.float32)
+        faiss.normalize_L2(x)
+        return x
+
+    if n <= cfg.exact_search_max:
+        index = faiss.IndexFlatIP(dim)
+        index.add(chunk(0, n))
+    else:
+        nlist = cfg.nlist or int(min(max(1, 4 * math.sqrt(n)), n // 39))
+        train_n = min(n, nlist * 32)
+        rng = np.random.default_rng(cfg.seed)
+        sample = np.ascontiguousarray(
+            emb[np.sort(rng.choice(rows, train_n, replace=False))], dtype=np.float32
+        )
+        faiss.normalize_L2(sample)
+        log.info("semantic dedup: k-means with %d clusters on %d of %d embeddings", nlist, train_n, n)
+        km = faiss.Kmeans(dim, nlist, niter=10, seed=cfg.seed, spherical=True, verbose=False)
+        km.train(sample)
+        del sample
+        quantizer = faiss.IndexFlatIP(dim)
+        quantizer.add(km.centroids)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.is_trained = True
+        for a in range(0, n, cfg.chunk):
+            index.add(chunk(a, min(n, a + cfg.chunk)))
+        index.nprobe = min(cfg.nprobe, nlist)
+    out_i, out_j, out_s = [], [], []
+    k = min(cfg.k + 1, n)
+    for a in range(0, n, cfg.chunk):
+        b = min(n, a + cfg.chunk)
+        sims, nn = index.search(chunk(a, b), k)
+        src = np.repeat(np.arange(a, b), k)
+        sims, nn = sims.ravel(), nn.ravel()
+        m = (nn >= 0) & (nn != src) & (sims >= cfg.threshold)
+        out_i.append(rows[src[m]])
+        out_j.append(rows[nn[m]])
+        out_s.append(sims[m])
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+
+
+def centroid_quality(emb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cosine of each row to its group's mean embedding (SemDeDup's 'keep nearest the centroid')."""
+    x = np.nan_to_num(emb.astype(np.float32))
+    sums = np.zeros((labels.max() + 1, x.shape[1]), dtype=np.float32)
+    np.add.at(sums, labels, x)
+    sums /= np.linalg.norm(sums, axis=1, keepdims=True) + 1e-12
+    return (x * sums[labels]).sum(axis=1)
+
+
+def semantic_dedup(
+    keys: list[str], emb: np.ndarray, quality: np.ndarray | None, cfg: DedupConfig
+) -> dict[str, Any]:
+    """SemDeDup columns ``semantic_dup_of`` and ``semantic_max_sim`` for one embedding matrix."""
+    n = len(keys)
+    i, j, s = semantic_pairs(emb, cfg)
+    labels = groups_from_pairs(n, i, j)
+    if cfg.keep == "centroid" or quality is None:
+        q = centroid_quality(emb, labels)
+    else:
+        q = quality
+    max_sim = np.full(n, np.nan, dtype=np.float32)
+    if len(s):
+        np.fmax.at(max_sim, i, s)
+    return {
+        "semantic_dup_of": dup_of_column(keys, keeper_of(labels, q)),
+        "semantic_max_sim": [None if np.isnan(v) else float(v) for v in max_sim],
+        "pairs": len(i) // 2,
+        "i": i,
+        "j": j,
+    }
+
+
+def eval_duplicates(
+    emb: np.ndarray | None,
+    hashes: list[int | None] | None,
+    eval_keys: list[str],
+    eval_emb: np.ndarray | None,
+    eval_hashes: list[int | None] | None,
+    cfg: DedupConfig,
+) -> dict[str, list]:
+    """Nearest eval image per train sample by embedding cosine and by pHash distance."""
+    import faiss
+
+    n = len(emb) if emb is not None else len(hashes or [])
+    sim: list[float | None] = [None] * n
+    of: list[str | None] = [None] * n
+    hdist: list[int | None] = [None] * n
+    if emb is not None and eval_emb is not None:
+        ev = np.flatnonzero(~np.isnan(eval_emb[:, 0]))
+        x_eval = np.ascontiguousarray(eval_emb[ev], dtype=np.float32)
+        faiss.normalize_L2(x_eval)
+        index = faiss.IndexFlatIP(x_eval.shape[1])
+        index.add(x_eval)
+        rows = np.flatnonzero(~np.isnan(emb[:, 0]))
+        for a in range(0, len(rows), cfg.chunk):
+            r = rows[a : a + cfg.chunk]
+            q = np.ascontiguousarray(emb[r], dtype=np.float32)
+            faiss.normalize_L2(q)
+            d, nn = index.search(q, 1)
+            for row, dd, jj in zip(r, d[:, 0], nn[:, 0]):
+                sim[row] = float(dd)
+                if dd >= cfg.eval_threshold:
+                    of[row] = eval_keys[ev[jj]]
+    if hashes is not None and eval_hashes is not None:
+        ev = [i for i, h in enumerate(eval_hashes) if h is not None]
+        rows = [i for i, h in enumerate(hashes) if h is not None]
+        if ev and rows:
+            index = faiss.IndexBinaryFlat(64)
+            index.add(to_bytes(np.array([eval_hashes[i] for i in ev], dtype=np.int64)))
+            d, nn = index.search(to_bytes(np.array([hashes[i] for i in rows], dtype=np.int64)), 1)
+            for row, dd, jj in zip(rows, d[:, 0], nn[:, 0]):
+                hdist[row] = int(dd)
+                if dd <= cfg.phash_radius and of[row] is None:
+                    of[row] = eval_keys[ev[jj]]
+    return {"eval_sim": sim, "eval_phash_dist": hdist, "eval_dup_of": of}
+
+
+@register_stage("dedup", kind="global")
+def dedup_stage(
+    table: Any, emb: dict[str, np.ndarray], ctx: Any, evalset: dict[str, Any] | None = None
+) -> dict:
+    """Exact (sha256), near (pHash) and semantic (SemDeDup) duplicates; eval-set duplicates if given."""
+    cfg: DedupConfig = ctx.cached("dedup_config", DedupConfig)
+    cols = table.column_names
+    keys = table.column("key").to_pylist()
+    n = len(keys)
+    quality = (
+        np.array(
+            [np.nan if v is None else v for v in table.column("clip_score").to_pylist()], dtype=np.float64
+        )
+        if "clip_score" in cols
+        else np.zeros(n)
+    )
+    out: dict[str, Any] = {"key": keys}
+    stats: dict[str, Any] = {}
+    edges: list[tuple[np.ndarray, np.ndarray]] = []
+    dup_cols = []
+    if "sha256" in cols:
+        labels = exact_groups(table.column("sha256").to_pylist())
+        out["exact_dup_of"] = dup_of_column(keys, keeper_of(labels, quality))
+        edges.append((np.arange(n), labels))
+        dup_cols.append("exact_dup_of")
+    if "caption" in cols:
+        norm = [normalize_caption(c) for c in table.column("caption").to_pylist()]
+        counts: dict[str, int] = {}
+        for c in norm:
+            if c is not None:
+                counts[c] = counts.get(c, 0) + 1
+        out["caption_dup_count"] = [counts.get(c, 0) if c is not None else 0 for c in norm]
+    if "phash" in cols:
+        i, j = phash_pairs(table.column("phash").to_pylist(), cfg.phash_radius, cfg.phash_k)
+        out["near_dup_of"] = dup_of_column(keys, keeper_of(groups_from_pairs(n, i, j), quality))
+        edges.append((i, j))
+        dup_cols.append("near_dup_of")
+    if "image" in emb:
+        sem = semantic_dedup(keys, emb["image"], quality if "clip_score" in cols else None, cfg)
+        out["semantic_dup_of"] = sem["semantic_dup_of"]
+        out["semantic_max_sim"] = sem["semantic_max_sim"]
+        edges.append((sem["i"], sem["j"]))
+        stats["semantic_pairs"] = sem["pairs"]
+        dup_cols.append("semantic_dup_of")
+    if not dup_cols:
+        raise ValueError("dedup needs the image stage (sha256, phash) and/or clip-score (embeddings)")
+    # One decision over the union of all duplicate edges: per-type keepers may disagree, and deciding per
+    # type could drop every member of a group (A kept by sha256, but B kept by SemDeDup, ...).
+    labels = groups_from_pairs(
+        n, np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges])
+    )
+    if "image" in emb and (cfg.keep == "centroid" or "clip_score" not in cols):
+        quality = centroid_quality(emb["image"], labels)
+    out["dup_of"] = dup_of_column(keys, keeper_of(labels, quality))
+    out["is_duplicate"] = [d is not None for d in out["dup_of"]]
+    stats["duplicates"] = sum(out["is_duplicate"])
+    if evalset is not None:
+        ev = eval_duplicates(
+            emb.get("image"),
+            table.column("phash").to_pylist() if "phash" in cols else None,
+            evalset["keys"],
+            evalset.get("emb"),
+            evalset.get("phash"),
+            cfg,
+        )
+        out.update(ev)
+        out["is_eval_duplicate"] = [d is not None for d in ev["eval_dup_of"]]
+    for c in dup_cols + (["eval_dup_of"] if evalset is not None else []):
+        stats[c] = sum(v is not None for v in out[c])
+    out["__stats__"] = stats
+    return out

@@ -1,0 +1,100 @@
+"""Apply filters to a scored shard set: a keep-list of keys and a reshard of only the kept samples.
+
+Nothing is rescored: the mask comes from ``OUT/scores.parquet`` and the kept samples are copied
+byte-for-byte (every member: image, txt, json, cls...) from the input shards with the data layer's
+ShardWriter (atomic shards + per-shard side tables), so the curated set is a normal shard set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clipforge.curate.filter import apply_filters
+from clipforge.data.reader import iter_tar_samples
+from clipforge.data.report import BadSampleReport
+from clipforge.utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+# Score columns copied into the resharded side tables (small scalars only).
+SIDE_COLUMNS = ("clip_score", "caption_words", "lang", "is_duplicate", "concepts")
+
+
+def load_run(scores_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+    d = Path(scores_dir)
+    if not (d / "scores.parquet").exists():
+        raise FileNotFoundError(
+            f"{d}/scores.parquet not found: run `clipforge curate run --output {d}` first"
+        )
+    manifest = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").exists() else {}
+    return pq.read_table(d / "scores.parquet"), manifest
+
+
+def filter_run(
+    scores_dir: str | Path,
+    expressions: list[str],
+    output: str | Path,
+    *,
+    reshard: bool = True,
+    maxcount: int = 10_000,
+    prefix: str = "curated",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Mask -> ``OUTPUT/keep.txt`` (+ ``filter.json`` counts) and, with ``reshard``, kept-sample shards."""
+    from tqdm import tqdm
+
+    from clipforge.data.writer import ShardWriter
+
+    table, manifest = load_run(scores_dir)
+    mask, counts = apply_filters(table, expressions)
+    keys = table.column("key").to_pylist()
+    kept = [k for k, m in zip(keys, mask) if m]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "keep.txt") as tmp:
+        tmp.write_text("".join(k + "\n" for k in kept))
+    summary: dict[str, Any] = {
+        "scores": str(scores_dir),
+        "output": str(out),
+        "rows": table.num_rows,
+        "kept": len(kept),
+        "kept_frac": len(kept) / table.num_rows if table.num_rows else 0.0,
+        "filters": counts,
+        "shards": [],
+    }
+    if reshard and kept:
+        urls = manifest.get("urls") or []
+        if not urls:
+            raise FileNotFoundError(f"{scores_dir}/manifest.json lists no input shards to reshard from")
+        keep = set(kept)
+        side = {
+            c: dict(zip(keys, table.column(c).to_pylist())) for c in SIDE_COLUMNS if c in table.column_names
+        }
+        report = BadSampleReport()
+        written = 0
+        with ShardWriter(output_dir=out, prefix=prefix, maxcount=maxcount) as writer:
+            for url in tqdm(urls, desc="reshard", unit="shard", disable=not progress):
+                for s in iter_tar_samples(url, report):
+                    if s["__key__"] not in keep:
+                        continue
+                    sample = {k: v for k, v in s.items() if not k.startswith("__")}
+                    sample["__key__"] = s["__key__"]
+                    sample["__source__"] = url
+                    sample["__side__"] = {c: side[c][s["__key__"]] for c in side}
+                    writer.write(sample)
+                    written += 1
+        summary["shards"] = writer.shards
+        summary["written"] = written
+        summary["bad_samples"] = report.to_dict()["counts"]
+        if written != len(kept):  # a shard changed or got damaged since scoring: say so, loudly
+            log.warning("kept %d keys but wrote %d samples (see bad_samples)", len(kept), written)
+    mask_frac = float(np.mean(mask)) if len(mask) else 0.0
+    summary["kept_frac"] = mask_frac
+    write_json(out / "filter.json", summary)
+    return summary
