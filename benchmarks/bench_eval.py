@@ -1,0 +1,228 @@
+"""Wall time of zero-shot CIFAR-10 + flickr8k retrieval: clipforge vs CLIP_benchmark, same layout/shards.
+
+    python benchmarks/bench_eval.py --model scratch:vit-b-32 --limit 200 --cb-python /tmp/cb/bin/python
+
+Ours: ``clipforge.evaluate`` (DataLoader decode workers, inference_mode, channels_last, length-sorted
+text batches). Theirs: ``clip_benchmark.metrics.zeroshot_classification.evaluate`` and
+``...zeroshot_retrieval.evaluate`` on open_clip's ``ViT-B-32`` (random init: there is no network for
+pretrained weights; the timing depends on the layout, not the weights) fed by a webdataset loader
+over the *same* shards with open_clip's own preprocessing. CLIP_benchmark runs in a side venv
+(``--cb-python``) because it needs torchvision; see the report for how that venv is made.
+``--limit N`` evaluates the first N samples of each dataset (sliced copies under a temp dir), both
+sides alike. ``--solvers`` also times the linear probe's torch vs scikit-learn solvers on the CIFAR
+features. Timings exclude model construction. The machine may be shared: treat figures as noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+CB_HARNESS = r"""
+import json, sys, time
+import torch, torch.library
+_orig = torch.library.register_fake  # torchvision's CUDA wheel cannot load its C ops on CPU torch;
+torch.library.register_fake = lambda *a, **k: (lambda f: f)  # its PIL transforms need none of them
+import torchvision  # noqa
+torch.library.register_fake = _orig
+import open_clip, webdataset as wds
+from clip_benchmark.metrics import zeroshot_classification as zc, zeroshot_retrieval as zr
+
+def _accuracy(output, target, topk=(1,)):  # zc.accuracy as released, minus a numpy>=2.x scalar error
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+
+
+zc.accuracy = _accuracy
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+model, _, pre = open_clip.create_model_and_transforms(cfg["arch"], pretrained=None)
+model.eval()
+tok = open_clip.get_tokenizer(cfg["arch"])
+out = {}
+t0 = time.perf_counter()
+ds = wds.WebDataset(cfg["cifar"], shardshuffle=False).decode("pil").to_tuple("png;jpg", "cls").map_tuple(pre, int)
+ds.classes = cfg["classnames"]  # CLIP_benchmark reads dataloader.dataset.classes
+dl = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], num_workers=cfg["workers"])
+m = zc.evaluate(model, dl, tok, cfg["classnames"], cfg["templates"], "cpu", amp=False)
+out["zeroshot"] = {"seconds": time.perf_counter() - t0, "top1": m["acc1"], "top5": m["acc5"],
+                   "mean_per_class_recall": m["mean_per_class_recall"]}
+t0 = time.perf_counter()
+ds = (wds.WebDataset(cfg["flickr"], shardshuffle=False).decode("pil").to_tuple("jpg", "json")
+      .map_tuple(pre, lambda j: j["captions"]))
+dl = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], num_workers=cfg["workers"],
+                                 collate_fn=lambda b: (torch.stack([x for x, _ in b]), [t for _, t in b]))
+m = zr.evaluate(model, dl, tok, "cpu", amp=False, recall_k_list=[1, 5, 10])
+out["retrieval"] = {"seconds": time.perf_counter() - t0, **m}
+print(json.dumps(out))
+"""
+
+
+def slice_samples(shards: list[str], dst: Path, n: int) -> str:
+    """First ``n`` samples across ``shards`` into one tar (member bytes unchanged)."""
+    from clipforge.data.reader import iter_tar_samples
+
+    count = 0
+    with tarfile.open(dst, "w") as tf:
+        for url in shards:
+            for s in iter_tar_samples(url):
+                if count >= n:
+                    return str(dst)
+                for ext, data in s.items():
+                    if not ext.startswith("__"):
+                        info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                        info.size = len(data)
+                        tf.addfile(info, __import__("io").BytesIO(data))
+                count += 1
+    return str(dst)
+
+
+def run_ours(
+    args, cifar: list[str], flickr: list[str], classnames: str, precision: str
+) -> tuple[dict, object]:
+    from clipforge.evaluate.embed import embed_images
+    from clipforge.evaluate.recipes import DatasetSpec
+    from clipforge.evaluate.runner import evaluate
+    from clipforge.models import load_model
+
+    model = load_model(args.model)
+    t0 = time.perf_counter()
+    imgs = embed_images(
+        model, cifar, labels=True, batch_size=args.batch_size, workers=args.workers, precision=precision,
+        desc=f"ours {precision}: cifar",
+    )  # fmt: skip
+    specs = [
+        DatasetSpec("cifar10", cifar, classnames, "cifar10", ("zeroshot",)),
+        DatasetSpec("flickr8k", flickr, tasks=("retrieval",)),
+    ]
+    rep = evaluate(
+        model, specs, images={"cifar10": imgs}, batch_size=args.batch_size, workers=args.workers, cache=False,
+        precision=precision,
+    )  # fmt: skip
+    total = time.perf_counter() - t0
+    zs, rt = rep["results"]
+    out = {
+        "seconds": total,
+        "zeroshot": {
+            "seconds": imgs.seconds + zs["seconds_task"],
+            **{k: zs["metrics"][k] for k in ("top1", "top5")},
+        },
+        "retrieval": {
+            "seconds": rt["seconds_images"] + rt["seconds_task"],
+            **{k: v for k, v in rt["metrics"].items() if "R@" in k},
+        },  # fmt: skip
+        "images": zs["n_images"] + rt["n_images"],
+    }
+    out["images_per_s"] = out["images"] / total
+    return out, imgs
+
+
+def run_cb(args, cifar: list[str], flickr: list[str], classnames: str) -> dict:
+    from clipforge.evaluate.zeroshot import load_classnames, load_templates
+
+    cfg = {
+        "arch": args.cb_arch,
+        "cifar": cifar,
+        "flickr": flickr,
+        "classnames": load_classnames(classnames),
+        "templates": [t.replace("{}", "{c}") for t in load_templates("cifar10")[1]],  # CB formats {c}
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "threads": args.threads,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(CB_HARNESS)
+    t0 = time.perf_counter()
+    p = subprocess.run([args.cb_python, f.name, json.dumps(cfg)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        return {"error": p.stderr[-2000:]}
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["seconds"] = res["zeroshot"]["seconds"] + res["retrieval"]["seconds"]
+    res["process_wall_s"] = wall
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="scratch:vit-b-32", help="our model spec (ViT-B/32 layout by default)")
+    ap.add_argument("--cb-arch", default="ViT-B-32", help="open_clip architecture for CLIP_benchmark")
+    ap.add_argument(
+        "--cb-python", default="/tmp/cb/bin/python", help="python of the CLIP_benchmark side venv"
+    )
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--limit", type=int, default=None, help="first N samples of each dataset")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", default="fp32", help="ours: comma list of fp32 / bf16 (each timed)")
+    ap.add_argument(
+        "--solvers", action="store_true", help="also time the probe solvers on the CIFAR features"
+    )
+    ap.add_argument("--output", default=None, help="write the JSON result here")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from clipforge.data.shards import expand_shards
+    from clipforge.evaluate.recipes import builtin
+    from clipforge.utils import emit_json, format_table, setup_torch_threads, write_json
+
+    args.threads = setup_torch_threads(args.threads)
+    c, fl = builtin("cifar10", args.data_root), builtin("flickr8k", args.data_root)
+    cifar, flickr = expand_shards(c.shards), expand_shards(fl.shards)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    if args.limit:
+        cifar = [slice_samples(cifar, tmp / "cifar.tar", args.limit)]
+        flickr = [slice_samples(flickr, tmp / "flickr.tar", args.limit)]
+    result = {"model": args.model, "cb_arch": args.cb_arch, "limit": args.limit, "threads": args.threads,
+              "batch_size": args.batch_size, "workers": args.workers}  # fmt: skip
+    rows = []
+    for prec in args.precision.split(","):
+        ours, got = run_ours(args, cifar, flickr, c.classnames, prec)
+        if prec == args.precision.split(",")[0]:
+            imgs = got  # features for the solver comparison
+        result[f"ours_{prec}"] = ours
+        rows.append([f"clipforge {prec}", "zeroshot+retrieval", ours["seconds"], ours["images_per_s"]])
+    if args.cb_python and Path(args.cb_python).exists():
+        cb = run_cb(args, cifar, flickr, c.classnames)
+        result["clip_benchmark"] = cb
+        if "error" not in cb:
+            rows.append(
+                ["clip_benchmark", "zeroshot+retrieval", cb["seconds"], ours["images"] / cb["seconds"]]
+            )
+            for prec in args.precision.split(","):  # ours in each precision vs CLIP_benchmark's fp32
+                result[f"ratio_ours_{prec}_over_cb"] = result[f"ours_{prec}"]["seconds"] / cb["seconds"]
+        else:
+            print(f"CLIP_benchmark failed:\n{cb['error']}", file=sys.stderr)
+    else:
+        result["clip_benchmark"] = {"error": f"no side venv python at {args.cb_python}"}
+    if args.solvers:
+        from clipforge.evaluate.probe import compare_solvers
+        from clipforge.evaluate.recipes import probe_split
+
+        tr, va, te = probe_split(imgs.labels.numpy(), imgs.keys)
+        x, y = imgs.emb, imgs.labels
+        result["probe_solvers"] = compare_solvers((x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), 10)
+        for s, r in result["probe_solvers"].items():
+            rows.append([f"probe:{s}", f"top1={r['top1']:.4f} C={r['best_C']:.3g}", r["fit_seconds"], 0.0])
+    if args.output:
+        write_json(args.output, result)
+    if args.json:
+        emit_json(result)
+    else:
+        print(format_table(rows, ["side", "task", "seconds", "images/s"]))
+        for k, v in result.items():
+            if k.startswith("ratio_"):
+                print(f"{k}: {v:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""``clipforge eval zeroshot|retrieval|probe|run|compare``: argparse wiring only (heavy imports in handlers).
+
+Data-parallel: ``torchrun --nproc_per_node N -m clipforge.cli eval run --model ...`` shards the samples
+over ranks; rank 0 prints and writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model spec or saved model dir (see clipforge.models)")
+    p.add_argument(
+        "--data-root", default=None, help="dir with cifar10/ and flickr8k/ (default: ../shared/data)"
+    )
+    p.add_argument("--output", default="eval_results", help="where results.json and PNGs go")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--text-batch-size", type=int, default=256, help="texts per forward pass")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader decode workers (0 = in-process)")
+    p.add_argument("--image-size", type=int, default=None, help="override the model's eval resolution")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast: faster, ~approx"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--no-cache", action="store_true", help="do not cache zero-shot class embeddings")
+    p.add_argument(
+        "--hash-contents", action="store_true", help="sha256 shard contents (default: names+sizes)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _data_args(p: argparse.ArgumentParser, labels: bool) -> None:
+    p.add_argument("--dataset", default=None, help="built-in dataset: cifar10 | flickr8k")
+    p.add_argument("--shards", nargs="+", default=None, help="your own shards (paths, globs, brace ranges)")
+    if labels:
+        p.add_argument("--classnames", default=None, help="class-names file, one per line in label order")
+
+
+def _zs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--templates", default=None, help="template set (imagenet80 | cifar10 | simple) or file")
+    p.add_argument("--descriptions", default=None, help="CuPL-style JSON {class: [sentences]}")
+
+
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k-shot", type=int, default=None, help="few-shot: k training examples per class")
+    p.add_argument(
+        "--solver", choices=["auto", "torch", "sklearn"], default="auto", help="logistic regression solver"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe split and k-shot sampling")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe")
+    sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+    sub.required = True
+
+    z = sub.add_parser("zeroshot", help="zero-shot classification (top-1/top-5/mean per-class recall)")
+    _model_args(z)
+    _data_args(z, labels=True)
+    _zs_args(z)
+    z.set_defaults(func=_task_handler("zeroshot"))
+
+    r = sub.add_parser("retrieval", help="image<->text Recall@1/5/10 (several captions per image)")
+    _model_args(r)
+    _data_args(r, labels=False)
+    r.set_defaults(func=_task_handler("retrieval"))
+
+    pr = sub.add_parser("probe", help="linear probe (logistic regression, C chosen on a val split)")
+    _model_args(pr)
+    _data_args(pr, labels=True)
+    _probe_args(pr)
+    pr.set_defaults(func=_task_handler("probe"))
+
+    run = sub.add_parser("run", help="all tasks of the built-in datasets (cifar10 + flickr8k by default)")
+    _model_args(run)
+    run.add_argument("--datasets", default="cifar10,flickr8k", help="comma-separated built-in datasets")
+    _zs_args(run)
+    _probe_args(run)
+    run.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="metric deltas between two results.json files (B - A)")
+    c.add_argument("a", help="baseline results.json")
+    c.add_argument("b", help="results.json to compare")
+    c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    c.set_defaults(func=cmd_compare)
+
+
+def _task_handler(task: str):
+    def handler(args: argparse.Namespace) -> int:
+        return _run(args, task=task)
+
+    return handler
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(args, task=None)
+
+
+def _dataset_spec(args: argparse.Namespace, task: str):
+    from clipforge.evaluate.recipes import DatasetSpec, builtin
+
+    if bool(args.dataset) == bool(args.shards):
+        raise SystemExit("give exactly one of --dataset NAME or --shards ...")
+    if args.dataset:
+        spec = builtin(args.dataset, args.data_root)
+        if task not in spec.tasks:
+            raise SystemExit(
+                f"dataset {args.dataset} has no {task} task (it supports {', '.join(spec.tasks)})"
+            )
+        spec.tasks = (task,)
+        return spec
+    classnames = getattr(args, "classnames", None)
+    if task != "retrieval" and not classnames:
+        raise SystemExit(f"{task} on your own shards needs --classnames FILE")
+    return DatasetSpec(name="custom", shards=args.shards, classnames=classnames, tasks=(task,))
+
+
+def _run(args: argparse.Namespace, task: str | None) -> int:
+    from clipforge.evaluate import dist
+    from clipforge.utils import emit_json, format_table, setup_torch_threads
+
+    dist.init_from_env()
+    setup_torch_threads(args.threads)
+    try:
+        from clipforge.models import load_model
+    except ImportError as e:
+        print(f"error: the models package is not available: {e}", file=sys.stderr)
+        return 2
+    from clipforge.evaluate.runner import evaluate, summary_rows
+
+    try:
+        datasets = (
+            [_dataset_spec(args, task)]
+            if task
+            else [d.strip() for d in args.datasets.split(",") if d.strip()]
+        )
+        model = load_model(args.model)
+        report = evaluate(
+            model,
+            datasets,
+            data_root=args.data_root,
+            templates=getattr(args, "templates", None),
+            descriptions=getattr(args, "descriptions", None),
+            output_dir=args.output,
+            batch_size=args.batch_size,
+            text_batch_size=args.text_batch_size,
+            workers=args.workers,
+            image_size=args.image_size,
+            channels_last=not args.no_channels_last,
+            precision=args.precision,
+            k_shot=getattr(args, "k_shot", None),
+            solver=getattr(args, "solver", "auto"),
+            probe_seed=getattr(args, "seed", 0),
+            cache=not args.no_cache,
+            hash_contents=args.hash_contents,
+            progress=True,  # tqdm writes to stderr: stdout stays one JSON object
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not dist.is_main():
+        return 0
+    if args.json:
+        slim = {
+            **report,
+            "results": [{k: v for k, v in r.items() if k != "confusion"} for r in report["results"]],
+        }
+        emit_json({**slim, "output": str(args.output)})
+    else:
+        print(format_table(summary_rows(report), ["dataset", "task", "metric", "value"]))
+        print(f"saved {args.output}/results.json ({report['seconds']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from clipforge.evaluate.results import compare, load_result
+    from clipforge.utils import emit_json, format_table
+
+    try:
+        a, b = load_result(args.a), load_result(args.b)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows, warnings = compare(a, b)
+    if args.json:
+        keys = ["task", "dataset", "metric", "a", "b", "delta"]
+        emit_json({"rows": [dict(zip(keys, r)) for r in rows], "warnings": warnings,
+                   "a": {"path": args.a, "model": a.get("model", {}).get("spec")},
+                   "b": {"path": args.b, "model": b.get("model", {}).get("spec")}})  # fmt: skip
+    else:
+        print(format_table(rows, ["task", "dataset", "metric", "A", "B", "B-A"]))
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    return 0

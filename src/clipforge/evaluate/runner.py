@@ -1,0 +1,295 @@
+"""The evaluation API: a model + datasets -> every number, each image embedded once.
+
+``evaluate(model, ["cifar10", "flickr8k"])`` embeds CIFAR-10 once for zero-shot *and* the probe and
+flickr8k once for retrieval, then returns (and optionally saves) one result dict. The task functions
+(:func:`run_zeroshot`, :func:`run_retrieval`, :func:`run_probe`) take an already embedded
+:class:`ImageSet`, so a caller that has embeddings (e.g. quickstart) can reuse them.
+Under torchrun every rank calls the same functions; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipforge.evaluate import dist
+from clipforge.evaluate.embed import ImageSet, embed_images, embed_texts
+from clipforge.evaluate.probe import linear_probe
+from clipforge.evaluate.recipes import DatasetSpec, builtin, probe_split
+from clipforge.evaluate.results import shard_fingerprint
+from clipforge.evaluate.retrieval import flatten_captions, recall_at_k
+from clipforge.evaluate.zeroshot import (
+    class_embeddings,
+    load_classnames,
+    load_descriptions,
+    load_templates,
+    model_fingerprint,
+    plot_confusion,
+    zeroshot_metrics,
+)
+
+log = logging.getLogger(__name__)
+TASKS = ("zeroshot", "probe", "retrieval")
+
+
+def run_zeroshot(
+    model: Any,
+    images: ImageSet,
+    classnames: list[str],
+    templates: str = "imagenet80",
+    descriptions: str | Path | None = None,
+    *,
+    confusion_png: str | Path | None = None,
+    cache: bool | str | Path = True,
+    fingerprint: str | None = None,
+    text_batch_size: int = 256,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Zero-shot classification of embedded, labelled images -> result entry."""
+    if images.labels is None:
+        raise ValueError("zero-shot needs labelled images (embed_images(..., labels=True))")
+    t0 = time.perf_counter()
+    tname, tlist = load_templates(templates)
+    desc = load_descriptions(descriptions, classnames) if descriptions else None
+    cls = class_embeddings(
+        model, classnames, tlist, desc, cache=cache, fingerprint=fingerprint,
+        batch_size=text_batch_size, precision=precision, progress=progress,
+    )  # fmt: skip
+    metrics, conf = zeroshot_metrics(images.emb, cls, images.labels)
+    out: dict[str, Any] = {
+        "task": "zeroshot",
+        "templates": tname,
+        "n_templates": len(tlist),
+        "descriptions": str(descriptions) if descriptions else None,
+        "metrics": metrics,
+        "seconds_text": time.perf_counter() - t0,
+        "confusion": conf.tolist() if len(classnames) <= 100 else None,  # 1000 classes: PNG only
+    }
+    if confusion_png and dist.is_main():
+        out["confusion_png"] = str(plot_confusion(conf, classnames, confusion_png))
+    return out
+
+
+def run_retrieval(
+    model: Any,
+    images: ImageSet,
+    *,
+    text_batch_size: int = 256,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Image<->text Recall@1/5/10 of embedded images with captions -> result entry."""
+    if images.captions is None:
+        raise ValueError("retrieval needs captions (embed_images(..., captions=True))")
+    t0 = time.perf_counter()
+    texts, t2i = flatten_captions(images.captions)
+    temb = embed_texts(
+        model,
+        texts,
+        batch_size=text_batch_size,
+        precision=precision,
+        progress=progress,
+        desc="embed captions",
+    )
+    seconds_text = time.perf_counter() - t0
+    metrics = recall_at_k(images.emb, temb, t2i)
+    metrics.update(n_images=len(images), n_texts=len(texts))
+    return {
+        "task": "retrieval",
+        "templates": None,
+        "metrics": metrics,
+        "seconds_text": seconds_text,
+        "texts_per_s": len(texts) / max(seconds_text, 1e-9),
+    }
+
+
+def run_probe(
+    images: ImageSet,
+    n_classes: int,
+    *,
+    fractions: tuple[float, float, float] = (0.5, 0.1, 0.4),
+    seed: int = 0,
+    k_shot: int | None = None,
+    solver: str = "auto",
+) -> dict[str, Any]:
+    """Linear probe on a seeded stratified split of labelled embedded images -> result entry."""
+    if images.labels is None:
+        raise ValueError("the linear probe needs labelled images")
+    y = images.labels
+    tr, va, te = probe_split(y.numpy(), images.keys, fractions, seed)
+    x = images.emb
+    metrics = linear_probe(
+        (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), n_classes, solver=solver, k_shot=k_shot, seed=seed
+    )
+    curve = metrics.pop("c_curve")
+    return {
+        "task": "probe",
+        "templates": None,
+        "split": {"fractions": list(fractions), "seed": seed, "sizes": [len(tr), len(va), len(te)]},
+        "metrics": metrics,
+        "c_curve": curve,
+    }
+
+
+def model_info(model: Any, fingerprint: str) -> dict[str, Any]:
+    info = model.describe() if hasattr(model, "describe") else {"spec": type(model).__name__}
+    info["fingerprint"] = fingerprint
+    info["preprocess"] = model.preprocess.cfg.to_dict() if hasattr(model, "preprocess") else None
+    return info
+
+
+def evaluate(
+    model: Any,
+    datasets: list[str | DatasetSpec] | tuple[str | DatasetSpec, ...] = ("cifar10", "flickr8k"),
+    *,
+    data_root: str | Path | None = None,
+    tasks: tuple[str, ...] | None = None,
+    templates: str | None = None,
+    descriptions: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    batch_size: int = 64,
+    text_batch_size: int = 256,
+    workers: int = 1,
+    image_size: int | None = None,
+    channels_last: bool = True,
+    precision: str = "fp32",
+    k_shot: int | None = None,
+    solver: str = "auto",
+    probe_seed: int = 0,
+    cache: bool | str | Path = True,
+    hash_contents: bool = False,
+    progress: bool = True,
+    images: dict[str, ImageSet] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on each dataset (built-in name or :class:`DatasetSpec`) -> result dict.
+
+    ``tasks`` restricts which tasks run (default: each dataset's own). ``images`` (a dict keyed by
+    dataset name) may supply precomputed :class:`ImageSet` s, which are then not embedded again; the
+    sets embedded here are added to it, so the caller can reuse them.
+    The dict is saved as ``output_dir/results.json`` (+ confusion PNGs) on rank 0 when given.
+    """
+    from clipforge.utils import write_json
+
+    t_all = time.perf_counter()
+    fp = model_fingerprint(model)
+    specs = [d if isinstance(d, DatasetSpec) else builtin(d, data_root) for d in datasets]
+    out_dir = Path(output_dir) if output_dir else None
+    results: list[dict[str, Any]] = []
+    for spec in specs:
+        wanted = [t for t in spec.tasks if tasks is None or t in tasks]
+        if not wanted:
+            continue
+        bad = [t for t in wanted if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}: use {TASKS}")
+        need_labels = bool({"zeroshot", "probe"} & set(wanted))
+        need_caps = "retrieval" in wanted
+        imgs = images.get(spec.name) if images is not None else None
+        if imgs is None:
+            imgs = embed_images(
+                model, spec.shards, labels=need_labels, captions=need_caps, batch_size=batch_size,
+                workers=workers, image_size=image_size, channels_last=channels_last, precision=precision, progress=progress,
+                desc=f"embed {spec.name}",
+            )  # fmt: skip
+            if images is not None:
+                images[spec.name] = imgs  # hand the embeddings back (e.g. for a retrieval grid)
+        common = {
+            "dataset": spec.name,
+            "shards": shard_fingerprint(spec.shards, contents=hash_contents),
+            "n_images": len(imgs),
+            "bad_samples": imgs.bad.to_dict(),
+            "seconds_images": imgs.seconds,
+            "images_per_s": len(imgs) / max(imgs.seconds, 1e-9),
+        }
+        classnames = load_classnames(spec.classnames) if spec.classnames else None
+        if need_labels and classnames is None:
+            raise ValueError(f"{spec.name}: zero-shot/probe need a class-names file")
+        for task in wanted:
+            t0 = time.perf_counter()
+            if task == "zeroshot":
+                png = out_dir / f"confusion_{spec.name}.png" if out_dir else None
+                r = run_zeroshot(
+                    model, imgs, classnames, templates or spec.templates, descriptions,
+                    confusion_png=png, cache=cache, fingerprint=fp, text_batch_size=text_batch_size,
+                    precision=precision, progress=progress,
+                )  # fmt: skip
+            elif task == "probe":
+                r = run_probe(imgs, len(classnames), fractions=spec.probe_fractions, seed=probe_seed,
+                              k_shot=k_shot, solver=solver)  # fmt: skip
+            else:
+                r = run_retrieval(
+                    model, imgs, text_batch_size=text_batch_size, precision=precision, progress=progress
+                )
+            r.update(common)
+            r["seconds_task"] = time.perf_counter() - t0
+            results.append(r)
+    rank, world = dist.rank_world()
+    report = {
+        "clipforge_eval": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model_info(model, fp),
+        "settings": {
+            "batch_size": batch_size,
+            "image_size": image_size or (model.preprocess.cfg.size if hasattr(model, "preprocess") else None),
+            "channels_last": channels_last,
+            "precision": precision,
+            "solver": solver,
+            "k_shot": k_shot,
+            "world_size": world,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "results": results,
+        "seconds": time.perf_counter() - t_all,
+    }
+    if out_dir is not None and rank == 0:
+        write_json(out_dir / "results.json", report)
+    return report
+
+
+def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """Rows ``[dataset, task, metric, value]`` of the headline numbers, for ``format_table``."""
+    keep = {
+        "zeroshot": ("top1", "top5", "mean_per_class_recall"),
+        "probe": ("top1", "mean_per_class_recall", "best_C"),
+        "retrieval": tuple(f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
+    }
+    rows = []
+    for r in report["results"]:
+        for m in keep.get(r["task"], ()):
+            if m in r["metrics"]:
+                rows.append([r["dataset"], r["task"], m, float(r["metrics"][m])])
+        rows.append([r["dataset"], r["task"], "images/s", float(np.round(r["images_per_s"], 1))])
+    return rows
+
+
+def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Flat ``{"<dataset>/<task>/<metric>": value}`` of every numeric metric (for quickstart reports)."""
+    out = {}
+    for r in report["results"]:
+        for m, v in r["metrics"].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and m != "fit_seconds":
+                out[f"{r['dataset']}/{r['task']}/{m}"] = float(v)
+    return out
+
+
+def subset_images(images: ImageSet, n: int) -> ImageSet:
+    """The first ``n`` rows (canonical order): a quick-look slice of an embedded set."""
+    return images.subset(np.arange(min(n, len(images))))
+
+
+__all__ = [
+    "evaluate",
+    "headline_metrics",
+    "run_probe",
+    "run_retrieval",
+    "run_zeroshot",
+    "summary_rows",
+    "subset_images",
+]
