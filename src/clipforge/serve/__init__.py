@@ -1,0 +1,30 @@
+"""Serve a model (and optionally an index) over HTTP: search, zero-shot classification, embeddings.
+
+``Client`` needs only httpx; ``create_app`` / ``ClipService`` need the ``serve`` extra (fastapi, uvicorn).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Client", "ClientError", "ClipService", "ServeConfig", "ServerThread", "create_app"]
+
+
+def __getattr__(name: str) -> Any:  # heavy imports only when asked for (keeps `clipforge --help` fast)
+    if name in ("Client", "ClientError"):
+        from clipforge.serve import client
+
+        return getattr(client, name)
+    if name == "create_app":
+        from clipforge.serve.app import create_app
+
+        return create_app
+    if name in ("ClipService", "ServeConfig"):
+        from clipforge.serve import service
+
+        return getattr(service, name)
+    if name == "ServerThread":
+        from clipforge.serve.server import ServerThread
+
+        return ServerThread
+    raise AttributeError(name)

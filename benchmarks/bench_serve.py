@@ -1,0 +1,443 @@
+"""Load test of ``clipforge serve`` from a second process, on loopback only, bounded in count and time.
+
+    python benchmarks/bench_serve.py --json          # all flickr8k (8000) + cifar10 (10000), towers model
+    python benchmarks/bench_serve.py --requests 500 --duration 30 --classify-requests 100
+
+1. builds (or reuses) an index of flickr8k + cifar10 images with the model (``--work`` dir; a spec is
+   saved there first so that the index and the server use the same weights);
+2. starts ``clipforge serve`` as a subprocess on 127.0.0.1 (``--threads`` torch threads);
+3. text search: ``--requests`` distinct flickr captions from ``--concurrency`` keep-alive connections
+   (asyncio + httpx), stopping early at ``--duration`` s: QPS, p50/p90/p99 latency, errors;
+4. malformed requests (empty text, k out of range, garbage image, path traversal, bad JSON, huge
+   body...) must all get 4xx, and ``/health`` must still answer afterwards;
+5. classify throughput (cifar10 label set, image uploads) with micro-batching on, then again on a
+   server started with ``--no-batching``.
+
+The load generator shares the machine with the server: on a 2-core box its own CPU use (a few
+hundred microseconds per request) is part of the cost. Figures on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CLIPFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def log(msg: str) -> None:
+    print(f"[bench_serve] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_model(args: argparse.Namespace) -> None:
+    """Serve and index with the same weights: a spec whose heads are random-initialized would give
+    the server different weights than the index builder, so save it once and use the saved dir."""
+    if Path(args.model).is_dir():
+        return
+    saved = Path(args.work) / "model"
+    if not (saved / "config.json").is_file():
+        from clipforge.index.encode import load_model_spec
+
+        load_model_spec(args.model).save(saved)
+        log(f"saved {args.model} to {saved}")
+    args.model = str(saved)
+
+
+def ensure_index(args: argparse.Namespace) -> Path:
+    from clipforge.index import BuildOptions, build_index
+    from clipforge.utils import setup_torch_threads
+
+    setup_torch_threads(args.threads)
+    out = Path(args.work) / "index"
+    if (out / "manifest.json").is_file() and not args.rebuild:
+        log(f"reusing index {out}")
+        return out
+    t = time.perf_counter()
+    opts = BuildOptions(batch_size=32, workers=1, max_per_shard=args.max_per_shard)
+    mf = build_index(args.data, args.model, out, opts, progress=True)
+    log(f"built index: {mf['count']} images, {mf['index']['factory']} in {time.perf_counter() - t:.0f}s")
+    return out
+
+
+class Server:
+    """``clipforge serve`` in a subprocess on 127.0.0.1; stopped with SIGINT (uvicorn's clean shutdown)."""
+
+    def __init__(self, args: argparse.Namespace, index: Path, extra: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "clipforge.cli", "serve", args.model, "--index", str(index)]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        log("starting: " + " ".join(cmd[2:]))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not come up in 300 s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def proc_cpu_s(pid: int) -> float:
+    """user+system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class RawConn:
+    """Minimal keep-alive HTTP/1.1 client for JSON POSTs: ~10x less client CPU per request than httpx,
+    which matters when the load generator shares 2 cores with the server it measures."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_json(self, path: str, obj: object) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(obj).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + body)
+        assert self.reader is not None
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(
+            (int(h.split(":", 1)[1]) for h in lines[1:] if h.lower().startswith("content-length:")), None
+        )
+        if length is None:
+            raise RuntimeError("response without Content-Length")
+        data = await self.reader.readexactly(length)
+        if any(h.lower() == "connection: close" for h in lines[1:]):
+            self.writer.close()
+            self.writer = None
+        return status, data
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def run_raw_search(url: str, queries: list[str], n: int, concurrency: int, duration: float) -> dict:
+    """Text search load with RawConn workers; same report as run_load."""
+    host, port = url.split("//", 1)[1].split(":")
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    errors: list[str] = []
+    counter = iter(range(n))
+    t0 = time.perf_counter()
+    stop_at = t0 + duration
+
+    async def worker() -> None:
+        conn = RawConn(host, int(port))
+        try:
+            for i in counter:
+                if time.perf_counter() > stop_at:
+                    return
+                t = time.perf_counter()
+                try:
+                    status, body = await conn.post_json("/search", {"text": queries[i], "k": 10})
+                    codes[status] = codes.get(status, 0) + 1
+                    if status != 200 or b'"results"' not in body:
+                        errors.append(f"{status}: {body[:120]!r}")
+                except (OSError, RuntimeError, asyncio.IncompleteReadError) as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    conn.close()
+                    conn = RawConn(host, int(port))
+                lat.append((time.perf_counter() - t) * 1000)
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return _summary(lat, codes, errors, wall)
+
+
+def _summary(lat: list[float], codes: dict[int, int], errors: list[str], wall: float) -> dict:
+    done = len(lat)
+    return {
+        "requests": done,
+        "seconds": round(wall, 3),
+        "qps": round(done / wall, 1) if wall else 0.0,
+        "p50_ms": round(pct(lat, 50), 2),
+        "p90_ms": round(pct(lat, 90), 2),
+        "p99_ms": round(pct(lat, 99), 2),
+        "errors": len(errors),
+        "status": codes,
+        "first_errors": errors[:5],
+    }
+
+
+def measured(srv: Server, phase) -> dict:
+    """Run ``phase()`` (returns a load summary) and add server/client CPU ms per request."""
+    s0, c0 = proc_cpu_s(srv.proc.pid), self_cpu_s()
+    res = phase()
+    s1, c1 = proc_cpu_s(srv.proc.pid), self_cpu_s()
+    n = max(1, res["requests"])
+    res["server_cpu_ms_per_req"] = round((s1 - s0) * 1000 / n, 3)
+    res["client_cpu_ms_per_req"] = round((c1 - c0) * 1000 / n, 3)
+    total = res["server_cpu_ms_per_req"] + res["client_cpu_ms_per_req"]
+    # what 2 idle cores could sustain if all of them went to this work (server + load generator)
+    res["cpu_bound_qps_2_cores"] = round(2000 / total, 1) if total else None
+    return res
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+async def run_load(url: str, make_request, n: int, concurrency: int, duration: float) -> dict:
+    """``n`` requests (or until ``duration`` s) from ``concurrency`` workers; latencies in ms."""
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    errors: list[str] = []
+    counter = iter(range(n))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        t0 = time.perf_counter()
+        stop_at = t0 + duration
+
+        async def worker() -> None:
+            for i in counter:
+                if time.perf_counter() > stop_at:
+                    return
+                t = time.perf_counter()
+                try:
+                    r = await make_request(client, i)
+                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code}: {r.text[:120]}")
+                except httpx.HTTPError as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                lat.append((time.perf_counter() - t) * 1000)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return _summary(lat, codes, errors, wall)
+
+
+def captions(index: Path, n: int, seed: int = 0) -> list[str]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(index / "meta.parquet", columns=["captions", "caption"])
+    caps = [c for cs in t.column("captions").to_pylist() if cs for c in cs]
+    caps += [c for c in t.column("caption").to_pylist() if c]
+    caps = sorted(set(caps))
+    random.Random(seed).shuffle(caps)
+    if not caps:
+        caps = ["a photo of a dog", "a cat on a sofa", "a red car"]
+    return [caps[i % len(caps)] for i in range(n)]
+
+
+def sample_images(shards: list[str], n: int) -> list[tuple[str, bytes]]:
+    from clipforge.data.reader import iter_tar_samples
+    from clipforge.data.shards import expand_shards
+
+    out = []
+    for url in expand_shards(shards):
+        for s in iter_tar_samples(url):
+            ext = next((e for e in ("jpg", "png", "jpeg") if e in s), None)
+            if ext:
+                out.append((f"{s['__key__']}.{ext}", s[ext]))
+            if len(out) >= n:
+                return out
+    return out
+
+
+async def malformed(url: str) -> dict:
+    """Every request here must get a 4xx JSON error; the server must stay up."""
+    big = b"0" * (11 << 20)
+    cases = [
+        ("POST", "/search", {"json": {"text": "", "k": 10}}),
+        ("POST", "/search", {"json": {"text": "dog", "k": 0}}),
+        ("POST", "/search", {"json": {"text": "dog", "k": 100000}}),
+        ("POST", "/search", {"json": {"text": "dog", "filters": {"nocolumn": 1}}}),
+        ("POST", "/search", {"content": b"{broken", "headers": {"content-type": "application/json"}}),
+        ("POST", "/embed/text", {"json": {"texts": []}}),
+        ("POST", "/embed/image", {"files": {"file": ("x.jpg", b"definitely not a jpeg")}}),
+        ("POST", "/embed/image", {"files": {"file": ("x.jpg", big)}}),
+        ("POST", "/classify", {"files": {"file": ("x.jpg", b"GIF89a")}, "data": {"labels": "a,b"}}),
+        ("POST", "/classify", {"files": {"file": ("x.jpg", b"\xff\xd8\xff")}, "data": {"label_set": "nope"}}),
+        ("GET", "/images/..%2F..%2Fetc%2Fpasswd", {}),
+        ("GET", "/images/no-such-key", {}),
+        ("DELETE", "/search", {}),
+    ]
+    codes: dict[str, int] = {}
+    bad: list[str] = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        for _ in range(3):
+            for method, path, kw in cases:
+                req = c.build_request(method, httpx.URL(url + path) if "%2F" in path else path, **kw)
+                r = await c.send(req)
+                codes[str(r.status_code)] = codes.get(str(r.status_code), 0) + 1
+                if not 400 <= r.status_code < 500 or "error" not in r.json():
+                    bad.append(f"{method} {path} -> {r.status_code}")
+        healthy = (await c.get("/health")).status_code == 200
+    return {"requests": 3 * len(cases), "status": codes, "not_4xx": bad, "healthy_after": healthy}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="towers:efficientnet-lite0+minilm-l6")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=[str(DATA / "flickr8k" / "*.tar"), str(DATA / "cifar10" / "*.tar")],
+    )
+    p.add_argument("--max-per-shard", type=int, default=None)
+    p.add_argument("--work", default="/tmp/clipforge-bench-serve", help="index + results dir (not the repo)")
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--requests", type=int, default=2000, help="text search requests (upper bound)")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration", type=float, default=60.0, help="time cap per load phase (s)")
+    p.add_argument("--classify-requests", type=int, default=200)
+    p.add_argument("--classify-concurrency", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="server torch threads")
+    p.add_argument("--skip-no-batching", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    from clipforge.utils import emit_json, format_table, write_json
+
+    ensure_model(args)
+    index = ensure_index(args)
+    queries = captions(index, args.requests)
+    images = sample_images(args.data, 64)
+    results: dict = {"model": args.model, "index": json.loads((index / "manifest.json").read_text())["count"]}
+
+    def classify_req(c: httpx.AsyncClient, i: int):
+        name, data = images[i % len(images)]
+        return c.post("/classify", files={"file": (name, data)}, data={"label_set": "cifar10", "top_k": "3"})
+
+    async def classify_phase(url: str) -> dict:
+        await classify_req(httpx.AsyncClient(base_url=url, timeout=120), 0)  # warm the label cache
+        return await run_load(
+            url, classify_req, args.classify_requests, args.classify_concurrency, args.duration
+        )
+
+    srv = Server(args, index, [])
+    try:
+        asyncio.run(run_raw_search(srv.url, queries, 64, 8, 30))  # warm-up
+        results["search"] = measured(
+            srv,
+            lambda: asyncio.run(
+                run_raw_search(srv.url, queries, args.requests, args.concurrency, args.duration)
+            ),
+        )
+        log(f"search: {results['search']}")
+        results["malformed"] = asyncio.run(malformed(srv.url))
+        log(f"malformed: {results['malformed']}")
+        results["classify_batched"] = measured(srv, lambda: asyncio.run(classify_phase(srv.url)))
+        log(f"classify (batching on): {results['classify_batched']}")
+        results["server_stats"] = httpx.get(srv.url + "/health").json()["stats"]
+    finally:
+        srv.stop()
+    if not args.skip_no_batching:
+        srv = Server(args, index, ["--no-batching"])
+        try:
+            results["classify_unbatched"] = measured(srv, lambda: asyncio.run(classify_phase(srv.url)))
+            log(f"classify (batching off): {results['classify_unbatched']}")
+            asyncio.run(run_raw_search(srv.url, queries, 32, 8, 30))
+            n = min(args.requests, 1000)
+            results["search_unbatched"] = measured(
+                srv, lambda: asyncio.run(run_raw_search(srv.url, queries, n, args.concurrency, args.duration))
+            )
+            log(f"search (batching off): {results['search_unbatched']}")
+        finally:
+            srv.stop()
+    results["cpu_count"] = os.cpu_count()
+    results["loadavg_after"] = os.getloadavg()
+    write_json(Path(args.work) / "bench_serve.json", results)
+    if args.json:
+        emit_json(results)
+    else:
+        rows = []
+        for k in ("search", "search_unbatched", "classify_batched", "classify_unbatched"):
+            if k in results:
+                r = results[k]
+                rows.append(
+                    [
+                        k,
+                        r["requests"],
+                        r["qps"],
+                        r["p50_ms"],
+                        r["p99_ms"],
+                        r["errors"],
+                        r["server_cpu_ms_per_req"],
+                        r["client_cpu_ms_per_req"],
+                        r["cpu_bound_qps_2_cores"],
+                    ]
+                )
+        heads = [
+            "phase",
+            "requests",
+            "qps",
+            "p50_ms",
+            "p99_ms",
+            "errors",
+            "srv_cpu_ms",
+            "cli_cpu_ms",
+            "cpu_bound_qps",
+        ]
+        print(format_table(rows, heads))
+        m = results["malformed"]
+        print(f"malformed: {m['requests']} requests -> {m['status']}, healthy after: {m['healthy_after']}")
+    ok = (
+        results["search"]["errors"] == 0
+        and not results["malformed"]["not_4xx"]
+        and results["malformed"]["healthy_after"]
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

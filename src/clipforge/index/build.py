@@ -1,0 +1,241 @@
+"""``clipforge index build``: shards -> per-shard parts -> one index directory.
+
+Layout of an index directory (everything written atomically; the manifest last)::
+
+    manifest.json     model, dims, count, index type + parameters + measured recall, shards, bad samples
+    embeddings.npy    float16 [N, D] unit rows, full model dimension (row i <-> meta row i)
+    meta.parquet      key, uid, shard, source, caption, captions, label, scalar KEY.json fields
+    thumbs.parquet    uid, thumb (JPEG bytes) for /images/{key}
+    index.faiss       the faiss index over (possibly Matryoshka-truncated) unit rows
+    parts/            per-shard embeddings + rows: the resume state
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipforge.data.report import BadSampleReport
+from clipforge.data.shards import expand_shards
+from clipforge.index import ann
+from clipforge.index.embed import EmbedSettings, embed_shard
+from clipforge.index.encode import load_model_spec, model_fingerprint, normalize_rows
+from clipforge.models.base import ClipModel
+from clipforge.utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "clipforge-index/1"
+
+
+@dataclass
+class BuildOptions:
+    index_type: str = "auto"
+    ram_budget: int = 4 << 30
+    flat_threshold: int = 200_000
+    refine: bool | None = None
+    dims: int | None = None  # Matryoshka truncation
+    target_recall: float = 0.95
+    eval_queries: int = 500
+    batch_size: int = 64
+    workers: int = 1
+    thumb_size: int = 160
+    max_per_shard: int | None = None
+    seed: int = 0
+
+
+def truncate(x: np.ndarray, dims: int | None) -> np.ndarray:
+    """Matryoshka truncation: keep the first ``dims`` coordinates and re-normalize."""
+    x = np.asarray(x, dtype=np.float32)
+    return normalize_rows(x[:, :dims]) if dims and dims < x.shape[1] else normalize_rows(x)
+
+
+def assign_uids(keys: list[str]) -> tuple[list[str], int]:
+    """Unique ids for /images/{key}: the key itself; a repeat (same key in another shard) becomes
+    ``key~2``, ``key~3``... skipping any id that is itself a real key."""
+    taken = set(keys)
+    used: set[str] = set()
+    out = []
+    for k in keys:
+        uid, n = k, 1
+        while uid in used:
+            n += 1
+            uid = f"{k}~{n}"
+            if uid in taken:
+                uid = k  # a real key elsewhere: keep counting
+        used.add(uid)
+        out.append(uid)
+    return out, sum(u != k for u, k in zip(out, keys))
+
+
+def _concat_tables(tables: list[Any]) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a field typed differently between shards -> string
+        names = {n for t in tables for n in t.column_names}
+        bad = {
+            n for n in names if len({str(t.schema.field(n).type) for t in tables if n in t.column_names}) > 1
+        }
+        out = []
+        for t in tables:
+            for n in bad & set(t.column_names):
+                t = t.set_column(t.column_names.index(n), n, t.column(n).cast(pa.string()))
+            out.append(t)
+        return pa.concat_tables(out, promote_options="permissive")
+
+
+def assemble(output: Path, records: list[dict[str, Any]]) -> tuple[np.ndarray, Any, Any, int]:
+    """Concatenate parts (in shard order) -> (embeddings f16, meta table, thumbs table, duplicate keys)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = output / "parts"
+    embs, metas = [], []
+    for rec in records:
+        e = np.load(parts / f"{rec['stem']}.npy")
+        t = pq.read_table(parts / f"{rec['stem']}.parquet")
+        if len(t) != len(e):
+            raise RuntimeError(f"part {rec['stem']} is inconsistent ({len(t)} rows vs {len(e)} vectors)")
+        if len(t):
+            embs.append(e)
+            metas.append(t)
+    if not metas:
+        raise RuntimeError("no images were embedded (all shards empty or every sample bad)")
+    emb = np.concatenate(embs)
+    table = _concat_tables(metas)
+    uids, dup = assign_uids(table.column("key").to_pylist())
+    table = table.add_column(1, "uid", pa.array(uids, type=pa.string()))
+    thumbs = pa.table({"uid": table.column("uid"), "thumb": table.column("thumb")})
+    meta = table.drop_columns(["thumb"])
+    return emb, meta, thumbs, dup
+
+
+def build_index(
+    shards: str | list[str],
+    model: str | ClipModel,
+    output: str | Path,
+    options: BuildOptions | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed ``shards`` with ``model`` and write an index directory; returns the manifest."""
+    import faiss
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    opt = options or BuildOptions()
+    t_start = time.perf_counter()
+    output = Path(output)
+    urls = expand_shards(shards)
+    model_ref = model if isinstance(model, str) else model.config.spec
+    m = load_model_spec(model)
+    settings = EmbedSettings(model_fingerprint(m), opt.thumb_size, opt.max_per_shard)
+    full_dim = int(m.config.embed_dim)
+    if opt.dims is not None and not 0 < opt.dims <= full_dim:
+        raise ValueError(f"--dims must be in 1..{full_dim} (the model's embedding size), got {opt.dims}")
+
+    # 1. embed, one part per shard (resumable)
+    records = []
+    bar = tqdm(desc="embed", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for url in urls:
+            records.append(
+                embed_shard(url, output / "parts", m, settings, opt.batch_size, opt.workers, progress=bar)
+            )
+    finally:
+        bar.close()
+    t_embed = time.perf_counter() - t_start
+    bad = BadSampleReport()
+    for rec in records:
+        bad.merge(rec["bad"])
+
+    # 2. assemble
+    emb, meta, thumbs, dup = assemble(output, records)
+    if dup:
+        log.warning("%d duplicate keys across shards: served as KEY~N (see the uid column)", dup)
+    n, stored_dim = emb.shape
+    with atomic_path(output / "embeddings.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, emb)
+    with atomic_path(output / "meta.parquet") as tmp:
+        pq.write_table(meta, tmp)
+    with atomic_path(output / "thumbs.parquet") as tmp:
+        pq.write_table(thumbs, tmp, row_group_size=4096)
+
+    # 3. faiss index (+ recall measurements against exact full-dim search)
+    t_idx = time.perf_counter()
+    full = normalize_rows(emb.astype(np.float32))
+    x = truncate(full, opt.dims)
+    d = x.shape[1]
+    plan = ann.plan_index(n, d, opt.index_type, opt.ram_budget, opt.flat_threshold, opt.refine)
+    log.info("index plan: %s (%s), ~%.1f MB", plan.factory, plan.reason, plan.est_bytes / 1e6)
+    index = ann.build_faiss(x, plan, seed=opt.seed)
+    rng = np.random.default_rng(opt.seed)
+    q_ids = np.sort(rng.choice(n, size=min(n, opt.eval_queries), replace=False))
+    k = min(10, n)
+    truth_same_dims = ann.exact_knn(x[q_ids], x, k)
+    params, recall, sweep = ann.tune(index, plan, x[q_ids], truth_same_dims, k, opt.target_recall)
+    plan.params = params
+    dims_info: dict[str, Any] = {"dims": d, "full_dim": full_dim}
+    if d < stored_dim:
+        truth_full = ann.exact_knn(full[q_ids], full, k)
+        dims_info["recall@10_exact_truncated_vs_full"] = ann.recall_at_k(truth_same_dims, truth_full, k)
+        found = index.search(x[q_ids], k)[1]
+        dims_info["recall@10_index_vs_full"] = ann.recall_at_k(found, truth_full, k)
+        if not m.config.options.get("matryoshka"):
+            log.warning("model does not declare Matryoshka training: truncation costs recall (measured)")
+    with atomic_path(output / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    t_index = time.perf_counter() - t_idx
+
+    manifest = {
+        "format": FORMAT,
+        "model": model_ref,
+        "model_spec": m.config.spec,
+        "model_fingerprint": settings.model,
+        "embed_dim": full_dim,
+        "dim": d,
+        "count": n,
+        "metric": "inner_product",
+        "index": {
+            **plan.to_dict(),
+            f"recall@{k}": recall,
+            "eval_queries": len(q_ids),
+            "target_recall": opt.target_recall,
+            "sweep": sweep,
+        },
+        "dims": dims_info,
+        "duplicate_keys": dup,
+        "columns": [c for c in meta.column_names],
+        "shards": [{k2: r[k2] for k2 in ("url", "shard", "stem", "count", "seconds")} for r in records],
+        "bad_samples": bad.to_dict(),
+        "build": {
+            "batch_size": opt.batch_size,
+            "workers": opt.workers,
+            "thumb_size": opt.thumb_size,
+            "max_per_shard": opt.max_per_shard,
+            "embed_seconds": round(t_embed, 3),
+            "index_seconds": round(t_index, 3),
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(output / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    mf = p / "manifest.json" if p.is_dir() else p
+    if not mf.is_file():
+        raise FileNotFoundError(f"no index at {path} (manifest.json missing; run `clipforge index build`)")
+    data = json.loads(mf.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{mf}: unknown index format {data.get('format')!r} (expected {FORMAT})")
+    return data

@@ -1,0 +1,167 @@
+"""``clipforge index build|search``: argument parsing only; the work lives in build.py / store.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("clipforge.index")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("index", help="embed image shards and build/search a faiss index")
+    sub = p.add_subparsers(dest="index_command", metavar="ACTION")
+    sub.required = True
+
+    b = sub.add_parser("build", help="embed shards with a model and build an index directory (resumable)")
+    b.add_argument(
+        "--data", nargs="+", required=True, metavar="SHARDS", help="shard paths/globs/brace ranges"
+    )
+    b.add_argument("--model", required=True, help="model spec or saved model directory")
+    b.add_argument("--output", required=True, help="index directory (rerun to resume)")
+    b.add_argument(
+        "--index-type", default="auto", choices=["auto", "flat", "ivfpq", "hnsw"], help="faiss index kind"
+    )
+    b.add_argument("--ram-budget", default="4GB", help="memory the index may use (picks IVF-PQ code size)")
+    b.add_argument("--flat-threshold", type=int, default=200_000, help="auto: exact search up to this many")
+    b.add_argument("--refine", choices=["auto", "on", "off"], default="auto", help="IVF-PQ SQ8 re-ranking")
+    b.add_argument("--dims", type=int, default=None, help="Matryoshka truncation to the first N dims")
+    b.add_argument("--target-recall", type=float, default=0.95, help="tune nprobe/efSearch to this recall@10")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--workers", type=int, default=1, help="DataLoader decode workers")
+    b.add_argument("--thumb-size", type=int, default=160, help="thumbnail side in px (0: no thumbnails)")
+    b.add_argument("--max-per-shard", type=int, default=None, help="embed at most N images per shard")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    b.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("search", help="query an index by text, or by image (path or URL)")
+    s.add_argument("index", help="index directory")
+    s.add_argument("query", help="text, or an image path / http(s) URL")
+    s.add_argument("-k", type=int, default=10, help="number of results")
+    s.add_argument("--image", action="store_true", help="treat QUERY as an image path/URL")
+    s.add_argument("--text", action="store_true", help="treat QUERY as text even if it names a file")
+    s.add_argument("--filter", action="append", default=[], metavar="COL=VALUE", help="column filter")
+    s.add_argument("--model", default=None, help="override the model recorded in the index")
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    s.set_defaults(func=cmd_search)
+
+
+def _parse_filters(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"--filter needs COL=VALUE, got {it!r}")
+        col, val = it.split("=", 1)
+        try:
+            v: Any = json.loads(val)
+        except json.JSONDecodeError:
+            v = val
+        out.setdefault(col, []).append(v)
+    return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from clipforge.index.ann import parse_bytes
+    from clipforge.index.build import BuildOptions, build_index
+    from clipforge.utils import emit_json, format_table, setup_torch_threads
+
+    setup_torch_threads(args.threads)
+    opt = BuildOptions(
+        index_type=args.index_type,
+        ram_budget=parse_bytes(args.ram_budget),
+        flat_threshold=args.flat_threshold,
+        refine={"auto": None, "on": True, "off": False}[args.refine],
+        dims=args.dims,
+        target_recall=args.target_recall,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        thumb_size=args.thumb_size,
+        max_per_shard=args.max_per_shard,
+    )
+    try:
+        mf = build_index(args.data, args.model, args.output, opt)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        log.error("%s", e)
+        return 2
+    ix = mf["index"]
+    summary = {
+        "output": args.output,
+        "count": mf["count"],
+        "dim": mf["dim"],
+        "index": ix["factory"],
+        "recall@10": ix.get("recall@10"),
+        "params": ix.get("params"),
+        "bad_samples": mf["bad_samples"]["total"],
+        "embed_seconds": mf["build"]["embed_seconds"],
+        "index_seconds": mf["build"]["index_seconds"],
+        "dims": mf["dims"],
+    }
+    if args.json:
+        emit_json(summary)
+    else:
+        rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in summary.items()]
+        print(format_table(rows, ["field", "value"]))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from clipforge.data.decode import SkipSample
+    from clipforge.index.encode import (
+        embed_images,
+        embed_texts,
+        load_image_query,
+        load_model_spec,
+        looks_like_image_ref,
+    )
+    from clipforge.index.store import ClipIndex, FilterError
+    from clipforge.utils import emit_json, format_table, setup_torch_threads
+
+    if not 1 <= args.k <= 10_000:
+        log.error("-k must be in 1..10000")
+        return 2
+    setup_torch_threads()
+    try:
+        index = ClipIndex.load(args.index)
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    model = load_model_spec(args.model or index.model_ref)
+    from clipforge.index.encode import model_fingerprint
+
+    if model_fingerprint(model) != index.manifest.get("model_fingerprint"):
+        log.warning("model weights differ from the ones that built this index: scores will be meaningless")
+    as_image = args.image or (not args.text and looks_like_image_ref(args.query))
+    try:
+        if as_image:
+            q = embed_images(model, [load_image_query(args.query)])
+        else:
+            if not args.query.strip():
+                log.error("empty query text")
+                return 2
+            q = embed_texts(model, [args.query])
+        hits = index.search(q, args.k, _parse_filters(args.filter) or None)[0]
+    except (SkipSample, FileNotFoundError, FilterError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    results = index.results(hits)
+    if args.json:
+        emit_json(
+            {"query": args.query, "kind": "image" if as_image else "text", "k": args.k, "results": results}
+        )
+        return 0
+    rows = [
+        [r["rank"], r["key"], round(r["score"], 4), _clip(r.get("caption") or r.get("classname") or "", 70)]
+        for r in results
+    ]
+    print(format_table(rows, ["rank", "key", "score", "caption"]))
+    if not results:
+        print("(no results)", file=sys.stderr)
+    return 0
+
+
+def _clip(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"

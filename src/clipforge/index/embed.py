@@ -1,0 +1,245 @@
+"""Embed a shard set into per-shard *parts*: float16 embeddings + one Parquet row per image.
+
+A part is ``parts/<shard name>-<url hash>.{npy,parquet,json}``, each file written atomically and the
+JSON last, so a part whose JSON exists is complete. Rerunning a build skips complete parts made by
+the same model and settings: an interrupted build over many shards loses at most the shard it was on.
+Decoding goes through the data layer (``ShardDataset``, ``decode_sample``), so bad samples are skipped
+and counted, never fatal; a thumbnail JPEG of every image rides in the row, which is what the server
+shows at ``/images/{key}`` (no second pass over the shards, and remote shards work too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipforge.data.dataset import ShardDataset, collate, record_bad
+from clipforge.data.decode import TEXT_EXTS, DecodeConfig, SkipSample, decode_sample, decode_text
+from clipforge.data.report import BadSampleReport
+from clipforge.data.shards import shard_name
+from clipforge.data.transforms import ImageTransform
+from clipforge.index.encode import embed_pixels
+from clipforge.models.base import ClipModel
+from clipforge.utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+RESERVED = {"key", "shard", "source", "caption", "captions", "label", "thumb", "uid"}
+
+
+@dataclass
+class EmbedSettings:
+    """What a part depends on besides the shard: a change means the part is rebuilt."""
+
+    model: str  # model fingerprint (config + weights digest)
+    thumb_size: int = 160
+    max_per_shard: int | None = None
+
+    def matches(self, d: dict[str, Any]) -> bool:
+        return all(d.get(k) == v for k, v in asdict(self).items())
+
+
+def part_stem(url: str) -> str:
+    """Shard name + a hash of the full URL: flickr8k/test-000000.tar and cifar10/test-000000.tar differ."""
+    name = shard_name(url).replace("/", "_").replace(" ", "_")[:80]
+    return f"{name}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+
+
+def make_thumbnail(img: Image.Image, size: int, quality: int = 82) -> bytes:
+    """Shrink-only JPEG thumbnail (small images such as CIFAR's 32x32 are kept as they are)."""
+    im = img.copy()
+    im.thumbnail((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool)) and not (isinstance(v, int) and abs(v) > 2**62)
+
+
+class IndexSamples(ShardDataset):
+    """ShardDataset whose per-sample map keeps what an index needs: pixels, thumbnail, caption, metadata.
+
+    Captions and labels are optional here (a CIFAR shard has no caption, a web shard no label), unlike
+    training where a missing caption is a skip.
+    """
+
+    def __init__(self, url: str, transform: ImageTransform, thumb_size: int, **kw: Any) -> None:
+        super().__init__([url], decode=DecodeConfig(image=True, caption=False), split="sample", **kw)
+        self.url = url
+        self.transform = transform
+        self.thumb_size = thumb_size
+
+    def _map(self, raw: dict[str, Any]) -> dict[str, Any]:
+        s = decode_sample(raw, self.decode_cfg)
+        meta = s["meta"]
+        caption = None
+        txt = next((raw[e] for e in TEXT_EXTS if e in raw), None)
+        if txt is not None:
+            try:
+                caption = decode_text(txt, self.decode_cfg.max_caption_chars)
+            except SkipSample:
+                caption = None
+        caps = [c for c in meta.get("captions", []) if isinstance(c, str) and c.strip()]
+        if caption is None and caps:
+            caption = caps[0].strip()
+        if caption is None and isinstance(meta.get("caption"), str):
+            caption = meta["caption"].strip() or None
+        label = None
+        if "cls" in raw:
+            try:
+                label = int(raw["cls"].decode().strip())
+            except Exception:
+                label = None
+        if label is None and isinstance(meta.get("label"), int):
+            label = int(meta["label"])
+        row: dict[str, Any] = {
+            "key": s["key"],
+            "shard": s["shard"],
+            "source": self.url,
+            "caption": caption,
+            "captions": caps or None,
+            "label": label,
+        }
+        for k, v in meta.items():
+            if k not in RESERVED and _scalar(v):
+                row[k] = v
+        return {
+            "pixels": self.transform(s["image"]),
+            "thumb": make_thumbnail(s["image"], self.thumb_size) if self.thumb_size > 0 else b"",
+            "row": row,
+        }
+
+
+def _batches(
+    url: str, model: ClipModel, settings: EmbedSettings, batch_size: int, workers: int
+) -> Iterator[dict[str, Any]]:
+    ds = IndexSamples(url, model.preprocess, settings.thumb_size)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, persistent_workers=False
+    )
+    yield from loader
+
+
+def embed_shard(
+    url: str,
+    parts_dir: Path,
+    model: ClipModel,
+    settings: EmbedSettings,
+    batch_size: int = 64,
+    workers: int = 1,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Embed one shard into a part (or reuse a complete matching part). Returns the part's JSON record."""
+    stem = part_stem(url)
+    done = parts_dir / f"{stem}.json"
+    if done.exists():
+        rec = json.loads(done.read_text())
+        if settings.matches(rec.get("settings", {})):
+            log.info("part %s complete: %d rows (skipped)", stem, rec["count"])
+            if progress is not None:
+                progress.update(rec["count"])
+            return rec
+        log.info("part %s was made with other settings: rebuilding", stem)
+    t0 = time.perf_counter()
+    report = BadSampleReport()
+    embs: list[np.ndarray] = []
+    rows: list[dict[str, Any]] = []
+    thumbs: list[bytes] = []
+    cap = settings.max_per_shard
+    with torch.inference_mode():
+        for batch in _batches(url, model, settings, batch_size, workers):
+            record_bad(batch, report)
+            if batch["size"] == 0:
+                continue
+            pixels, brow, bthumb = batch["pixels"], batch["row"], batch["thumb"]
+            if cap is not None:
+                room = cap - len(rows)
+                pixels, brow, bthumb = pixels[:room], brow[:room], bthumb[:room]
+            if len(brow):
+                embs.append(embed_pixels(model, pixels).astype(np.float16))
+                rows.extend(brow)
+                thumbs.extend(bthumb)
+                if progress is not None:
+                    progress.update(len(brow))
+            if cap is not None and len(rows) >= cap:
+                break
+    dim = int(model.config.embed_dim)
+    emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)
+    if emb.shape[1] != dim:
+        dim = int(emb.shape[1])
+    write_part(parts_dir, stem, emb, rows, thumbs)
+    rec = {
+        "url": url,
+        "shard": shard_name(url),
+        "stem": stem,
+        "count": len(rows),
+        "dim": dim,
+        "bad": report.to_dict(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "settings": asdict(settings),
+    }
+    write_json(done, rec)
+    log.info("part %s: %d rows, %d bad (%s)", stem, len(rows), report.total, report.summary())
+    return rec
+
+
+def write_part(parts_dir: Path, stem: str, emb: np.ndarray, rows: list[dict], thumbs: list[bytes]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(parts_dir / f"{stem}.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, emb)
+    table = rows_to_table(rows).append_column("thumb", pa.array(thumbs, type=pa.binary()))
+    with atomic_path(parts_dir / f"{stem}.parquet") as tmp:
+        pq.write_table(table, tmp)
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> Any:
+    """Rows with possibly different metadata fields -> one Arrow table (missing fields are null).
+
+    A metadata field whose type differs between rows (an id that is an int here and a string there)
+    is stored as string rather than failing the build.
+    """
+    import pyarrow as pa
+
+    names: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in names:
+                names.append(k)
+    for k in ("key", "shard", "source", "caption", "captions", "label"):
+        if k not in names:
+            names.append(k)
+    cols = {}
+    fixed = {
+        "key": pa.string(),
+        "shard": pa.string(),
+        "source": pa.string(),
+        "caption": pa.string(),
+        "captions": pa.list_(pa.string()),
+        "label": pa.int64(),
+    }
+    for k in names:
+        vals = [r.get(k) for r in rows]
+        if k in fixed:
+            cols[k] = pa.array(vals, type=fixed[k])
+            continue
+        try:
+            cols[k] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            cols[k] = pa.array([None if v is None else str(v) for v in vals], type=pa.string())
+    return pa.table(cols)

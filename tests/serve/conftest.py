@@ -1,0 +1,75 @@
+"""Serve fixtures: the tiny test model (shared with tests/index), a small index, a live server thread."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "clipforge_index_test_fixtures", Path(__file__).resolve().parents[1] / "index" / "conftest.py"
+)
+fixtures = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = fixtures
+_spec.loader.exec_module(fixtures)
+TinyClip, write_shard = fixtures.TinyClip, fixtures.write_shard
+
+
+@pytest.fixture(scope="session")
+def tiny_model_serve():
+    return TinyClip().eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_index_dir(tmp_path_factory, tiny_model_serve) -> Path:
+    from clipforge.index import BuildOptions, build_index
+
+    d = tmp_path_factory.mktemp("serve_index")
+    write_shard(d / "a-000000.tar", 24, prefix="a")
+    write_shard(d / "b-000001.tar", 24, prefix="b", start=24)
+    build_index(
+        str(d / "*.tar"), tiny_model_serve, d / "idx", BuildOptions(batch_size=16, workers=0), progress=False
+    )
+    return d / "idx"
+
+
+def make_server(model, index_dir, **cfg):
+    from clipforge.index import ClipIndex
+    from clipforge.serve.app import create_app
+    from clipforge.serve.server import ServerThread
+    from clipforge.serve.service import ClipService, ServeConfig
+
+    index = ClipIndex.load(index_dir) if index_dir is not None else None
+    return ServerThread(create_app(ClipService(model, index, ServeConfig(**cfg))))
+
+
+@pytest.fixture(scope="session")
+def server_factory():
+    """make_server(model, index_dir, **ServeConfig fields) -> a ServerThread context manager."""
+    return make_server
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model_serve, tiny_index_dir):
+    with make_server(
+        tiny_model_serve, tiny_index_dir, max_upload_bytes=200_000, max_image_pixels=1_000_000
+    ) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server_url):
+    from clipforge.serve import Client
+
+    with Client(server_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def sample_jpeg(tiny_index_dir) -> bytes:
+    from clipforge.data.reader import iter_tar_samples
+
+    raw = next(iter(iter_tar_samples(str(tiny_index_dir.parent / "b-000001.tar"))))
+    return raw["jpg"]
