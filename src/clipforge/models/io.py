@@ -80,7 +80,25 @@ def save_model(model: ClipModel, directory: str | Path, trainable_only: bool = F
 def build_model(
     config: ModelConfig, tokenizer: Tokenizer | None = None, pretrained: bool = True
 ) -> ClipModel:
-    """Construct the backend's module for ``config`` (pretrained=False: a skeleton to load into)."""
+    """Construct the backend's module for ``config`` (pretrained=False: a skeleton to load into).
+
+    Random init (heads, scratch weights) is seeded from the config, so the same spec + options
+    always builds the same model: an index built with a spec can be searched by a fresh load of it.
+    """
+    import hashlib
+    import json
+
+    import torch
+
+    seed = int(
+        hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8], 16
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(config, tokenizer, pretrained)
+
+
+def _build(config: ModelConfig, tokenizer: Tokenizer | None, pretrained: bool) -> ClipModel:
     if config.backend == "towers":
         from clipforge.models.towers import TowersModel
 

@@ -31,6 +31,7 @@ class EfficientNetTower(nn.Module):
         fuse_bn: bool = True,
         channels_last: bool = True,
         prefix_dtype: str = "float32",
+        keep_classifier: bool = False,
     ) -> None:
         super().__init__()
         if pool not in ("mean", "tokens", "multiscale"):
@@ -38,7 +39,9 @@ class EfficientNetTower(nn.Module):
         if not -1 <= unlock <= N_UNITS:
             raise ValueError(f"efficientnet-lite0: unlock must be -1..{N_UNITS}, got {unlock}")
         net = EfficientNetLite0.pretrained() if pretrained else EfficientNetLite0()
-        net._fc = nn.Identity()  # the ImageNet classifier is not part of the tower
+        # The ImageNet classifier is not part of the tower; a semantic-prior head may keep it (frozen).
+        self.classifier = net._fc.requires_grad_(False) if keep_classifier else None
+        net._fc = nn.Identity()
         net._dropout = nn.Identity()
         self.net = net
         self.unlock, self.pool, self.freeze_bn = unlock, pool, freeze_bn
