@@ -48,7 +48,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "frozen-linear": {
         "model_opts": {"image_head": "linear", "image_size": 224},
-        "train": {"epochs": 10, "batch_size": 256, "lr": 1e-3, "wd": 0.1, "warmup_frac": 0.1, "grad_clip": 1.0},
+        "train": {
+            "epochs": 10,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "wd": 0.1,
+            "warmup_frac": 0.1,
+            "grad_clip": 1.0,
+        },
     },
 }
 QUERIES = [
@@ -79,6 +86,7 @@ def run_quickstart(
     recipe: str = "best",
     epochs: float | None = None,
     image_size: int | None = None,
+    train_data: list[str] | None = None,
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -100,7 +108,7 @@ def run_quickstart(
     rec = RECIPES[recipe]
     if image_size:
         rec = {**rec, "model_opts": {**rec["model_opts"], "image_size": image_size}}
-    train_shards = str(root / "flickr8k" / "train-{000000..000005}.tar")
+    train_shards = train_data or [str(root / "flickr8k" / "train-{000000..000005}.tar")]
 
     log.info("building towers:efficientnet-lite0+minilm-l6 (%s) on %d threads", rec["model_opts"], n_threads)
     model = load_model("towers:efficientnet-lite0+minilm-l6", **rec["model_opts"])
@@ -108,11 +116,15 @@ def run_quickstart(
     if epochs is not None:
         tr["epochs"] = epochs
     warmup_frac = tr.pop("warmup_frac")
-    steps_per_epoch = 6000 // tr["batch_size"]
+    from clipforge.data.shards import expand_shards
+    from clipforge.train.data import count_samples
+
+    n_train = count_samples(expand_shards(train_shards))
+    steps_per_epoch = max(1, n_train // tr["batch_size"])
     cfg = TrainConfig(
         model="towers:efficientnet-lite0+minilm-l6",
         model_opts=rec["model_opts"],
-        data=[train_shards],
+        data=list(train_shards),
         output=str(out / "train"),
         cache_dir=str(out / "feature_cache"),
         warmup=int(warmup_frac * tr["epochs"] * steps_per_epoch),
@@ -123,7 +135,7 @@ def run_quickstart(
         **tr,
     )
     t0 = time.time()
-    model = fit(model, [train_shards], cfg)
+    model = fit(model, list(train_shards), cfg)
     t_train = time.time() - t0
     train_result = getattr(model, "train_result", {})
     model.eval()
@@ -154,6 +166,8 @@ def run_quickstart(
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "recipe": recipe,
+        "train_data": list(train_shards),
+        "train_samples": n_train,
         "model": str(model_dir),
         "model_opts": rec["model_opts"],
         "train": {k: v for k, v in train_result.items() if isinstance(v, (int, float, str))},
@@ -227,6 +241,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="runs/quickstart", help="where the model, report and PNGs go")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="best")
     p.add_argument("--epochs", type=float, default=None, help="override the recipe's epochs")
+    p.add_argument(
+        "--train-data",
+        nargs="+",
+        default=None,
+        help="train on these shards instead of flickr8k train (eval is unchanged)",
+    )
     p.add_argument("--image-size", type=int, default=None, help="override the recipe's input size (px)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs on stderr)")
@@ -238,11 +258,13 @@ def _main(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run_quickstart(
-        args.data,
-        args.output,
-        args.recipe,
-        args.epochs,
-        args.threads,
+        data=args.data,
+        output=args.output,
+        recipe=args.recipe,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        train_data=args.train_data,
+        threads=args.threads,
         progress=sys.stderr.isatty() or not args.json,
     )
     if args.json:
