@@ -1,4 +1,4 @@
-"""Run by test_distributed.py under 1 process and under torchrun (2 gloo processes).
+"""Run by test_eval_distributed.py under 1 process and under torchrun (2 gloo processes).
 
 argv: SHARD_DIR OUT_JSON. Evaluates a tiny seeded model with zero-shot + probe + retrieval on the
 colour shards and writes the numbers from rank 0.
