@@ -74,7 +74,7 @@ def evaluate_faults(scores_dir: str, faults_path: str, shuffle_pct: float | None
             for c in names:
                 out[kind][f"recall_{c}"] = pair_scores(t, [c], f[kind], all_dup | blank)["recall"]
     if "clip_score" in cols:
-        shuffled = set(f["shuffled"])
+        shuffled = set(f["shuffled"]) | set(f.get("shuffled_copies", []))
         pct = shuffle_pct or 100.0 * len(shuffled) / t.num_rows
         fl = flags(f"clip_score bottom {pct:.2f}%")
         flagged = {k for k, v in fl.items() if v}
@@ -89,6 +89,52 @@ def evaluate_faults(scores_dir: str, faults_path: str, shuffle_pct: float | None
         a = np.array([sc[k] for k in shuffled if sc.get(k) is not None])
         b = np.array([v for k, v in sc.items() if k not in shuffled and v is not None])
         out["shuffled_caption"]["mean_score_shuffled_vs_rest"] = [float(a.mean()), float(b.mean())]
+    return out
+
+
+def fault_sets(f: dict) -> dict[str, set[str]]:
+    """Rows that carry each fault. A duplicate pair counts both members (dropping either one is right)."""
+    return {
+        "shuffled": set(f["shuffled"]) | set(f.get("shuffled_copies", [])),
+        "exact_dup": {k for pair in f["exact_dup"].items() for k in pair},
+        "near_dup": {k for pair in f["near_dup"].items() for k in pair},
+        "blank": set(f["blank"]),
+    }
+
+
+def recipe_table(scores_dir: str, faults_path: str, recipe: list[str]) -> dict:
+    """P/R of each recipe filter (and of the whole recipe) per fault type, on the rows it *removes*.
+
+    recall = faults of that type removed / injected (a duplicate pair counts as caught when at least one
+    member is removed); precision_type = removed rows of that type / removed; precision_any = removed
+    rows carrying any injected fault / removed.
+    """
+    t = pq.read_table(f"{scores_dir}/scores.parquet")
+    f = json.loads(open(faults_path).read())
+    keys = t.column("key").to_pylist()
+    fs = fault_sets(f)
+    anyf = set().union(*fs.values())
+    pairs = {"exact_dup": f["exact_dup"], "near_dup": f["near_dup"]}
+    out: dict = {}
+    masks = []
+    for expr in recipe + ["<recipe>"]:
+        if expr == "<recipe>":
+            keep = np.logical_and.reduce(masks)
+        else:
+            keep = np.asarray(evaluate(parse(expr), t).to_numpy(zero_copy_only=False), dtype=object)
+            keep = np.array([bool(x) for x in keep])  # null -> dropped, like `curate filter`
+            masks.append(keep)
+        removed = {k for k, kp in zip(keys, keep.tolist()) if not kp}
+        row: dict = {"removed": len(removed), "precision_any": len(removed & anyf) / max(1, len(removed))}
+        for kind, ks in fs.items():
+            if kind in pairs:
+                pr = pairs[kind]
+                caught = sum(1 for c, o in pr.items() if c in removed or o in removed)
+                rec = caught / max(1, len(pr))
+            else:
+                rec = len(removed & ks) / max(1, len(ks))
+            row[kind] = {"recall": rec, "precision": len(removed & ks) / max(1, len(removed))}
+        out[expr] = row
     return out
 
 

@@ -78,16 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     idx = list(range(n))
     shuf = sorted(rng.sample(idx, int(round(a.shuffle * n))))
     perm = shuf[1:] + shuf[:1]  # a cyclic shift over a random subset: nobody keeps its own caption
-    texts = {i: (samples[i].get("txt"), samples[i].get("json")) for i in idx}
     out = [dict(s) for s in samples]
     for i, j in zip(shuf, perm):
-        out[i]["txt"], out[i]["json"] = texts[j]
+        # every caption field gets the other image's captions: KEY.txt AND KEY.json "captions" (the
+        # trainer uses all five JSON captions); the image's own metadata (image_id, split) stays
+        out[i]["txt"] = samples[j].get("txt")
+        if samples[i].get("json") is not None:
+            meta = json.loads(samples[i]["json"].decode("utf-8"))
+            other = json.loads(samples[j]["json"].decode("utf-8")) if samples[j].get("json") else {}
+            meta["captions"] = other.get("captions", [])
+            out[i]["json"] = json.dumps(meta).encode("utf-8")
+    shuffled_idx = set(shuf)
     faults = {
         "clean": n,
         "shuffled": [samples[i]["__key__"] for i in shuf],
         "exact_dup": {},
         "near_dup": {},
         "blank": [],
+        "shuffled_copies": [],  # exact/near copies of a shuffled pair: they carry the wrong captions too
     }
     for kind, frac in (("exact_dup", a.exact), ("near_dup", a.near)):
         for j, i in enumerate(rng.sample(idx, int(round(frac * n)))):
@@ -98,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 s["jpg"] = near_copy(s["jpg"], rng)
             out.append(s)
             faults[kind][key] = samples[i]["__key__"]
+            if i in shuffled_idx:
+                faults["shuffled_copies"].append(key)
     for j in range(int(round(a.blank * n))):
         donor = out[rng.randrange(n)]
         key = f"blank_{j:05d}"
