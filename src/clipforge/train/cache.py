@@ -131,7 +131,14 @@ class _CacheMap:
 
 
 def _shard_file(root: Path, url: str) -> Path:
-    return root / f"{shard_name(url)}-{hashlib.sha1(url.encode()).hexdigest()[:8]}.safetensors"
+    """Cache file of one shard: keyed by its URL and, for a local file, its size and mtime, so a shard
+    rewritten at the same path gets new features instead of stale ones."""
+    ident = url
+    local = Path(url.removeprefix("file://"))
+    if "://" not in url.replace("file://", "") and not url.startswith("pipe:") and local.is_file():
+        st = local.stat()
+        ident = f"{url}|{st.st_size}|{st.st_mtime_ns}"
+    return root / f"{shard_name(url)}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}.safetensors"
 
 
 def _load_shard(path: Path) -> dict[str, Any]:
