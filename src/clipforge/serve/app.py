@@ -53,6 +53,23 @@ class PayloadTooLarge(Exception):
     pass
 
 
+def upload_body(fields: dict[str, Any], json_schema: str | None = None) -> dict[str, Any]:
+    """OpenAPI request body for an endpoint taking a multipart image upload (+ ``fields``), and
+    optionally a JSON body of the named schema: FastAPI cannot infer it since handlers read the
+    request themselves (to enforce upload limits while streaming)."""
+    content: dict[str, Any] = {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}, **fields},
+            }
+        }
+    }
+    if json_schema:
+        content["application/json"] = {"schema": {"$ref": f"#/components/schemas/{json_schema}"}}
+    return {"requestBody": {"content": content}}
+
+
 def _too_large_in(e: BaseException) -> PayloadTooLarge | None:
     """The PayloadTooLarge inside ``e`` (starlette may wrap it in an ExceptionGroup), if any."""
     if isinstance(e, PayloadTooLarge):
@@ -325,23 +342,7 @@ def create_app(service: ClipService) -> FastAPI:
         return {"embeddings": emb.tolist(), "dim": int(emb.shape[1]), "model": service.model.config.spec}
 
     @app.post(
-        "/embed/image",
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "file": {"type": "string", "format": "binary"},
-                                "url": {"type": "string"},
-                            },
-                        }
-                    },
-                    "application/json": {"schema": {"$ref": "#/components/schemas/UrlRequest"}},
-                }
-            }
-        },
+        "/embed/image", openapi_extra=upload_body({"url": {"type": "string"}}, json_schema="UrlRequest")
     )
     async def embed_image(request: Request) -> dict[str, Any]:
         if request.headers.get("content-type", "").startswith("application/json"):
@@ -357,28 +358,15 @@ def create_app(service: ClipService) -> FastAPI:
 
     @app.post(
         "/classify",
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "file": {"type": "string", "format": "binary"},
-                                "url": {"type": "string"},
-                                "labels": {
-                                    "type": "string",
-                                    "description": "comma/newline separated or JSON list",
-                                },
-                                "label_set": {"type": "string"},
-                                "templates": {"type": "string"},
-                                "top_k": {"type": "integer"},
-                            },
-                        }
-                    }
-                }
+        openapi_extra=upload_body(
+            {
+                "url": {"type": "string"},
+                "labels": {"type": "string", "description": "comma/newline separated or JSON list"},
+                "label_set": {"type": "string"},
+                "templates": {"type": "string"},
+                "top_k": {"type": "integer"},
             }
-        },
+        ),
     )
     async def classify(request: Request) -> dict[str, Any]:
         form = await read_form(request)
@@ -429,23 +417,10 @@ def create_app(service: ClipService) -> FastAPI:
 
     @app.post(
         "/search",
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "file": {"type": "string", "format": "binary"},
-                                "k": {"type": "integer"},
-                                "filters": {"type": "string", "description": "JSON object"},
-                            },
-                        }
-                    },
-                }
-            }
-        },
+        openapi_extra=upload_body(
+            {"k": {"type": "integer"}, "filters": {"type": "string", "description": "JSON object"}},
+            json_schema="SearchRequest",
+        ),
     )
     async def search(request: Request) -> dict[str, Any]:
         need_index()
