@@ -87,6 +87,7 @@ class Server:
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        cmd += ["--precision", args.precision]
         log("starting: " + " ".join(cmd[2:]))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
@@ -278,6 +279,32 @@ def captions(index: Path, n: int, seed: int = 0) -> list[str]:
     return [caps[i % len(caps)] for i in range(n)]
 
 
+def precision_agreement(args: argparse.Namespace, index: Path, queries: list[str], k: int = 10) -> dict:
+    """What ``--precision`` costs in results: top-k overlap of the same text queries run at the
+    requested precision vs fp32, over the whole index (exact search), and the embeddings' cosine."""
+    import numpy as np
+
+    from clipforge.index.encode import autocast, embed_texts, load_model_spec, resolve_precision
+    from clipforge.index.store import ClipIndex
+
+    model = load_model_spec(args.model)
+    prec = resolve_precision(model, args.precision)
+    idx = ClipIndex.load(index)
+    ref = embed_texts(model, queries)
+    with autocast(model, prec):
+        low = embed_texts(model, queries)
+    a, b = idx.search(ref, k), idx.search(low, k)
+    overlap = [len({h.row for h in x} & {h.row for h in y}) / k for x, y in zip(a, b)]
+    cos = (ref * low).sum(1)
+    return {
+        "precision": prec,
+        "queries": len(queries),
+        f"top{k}_overlap_vs_fp32": round(float(np.mean(overlap)), 4),
+        "top1_same": round(float(np.mean([x[0].row == y[0].row for x, y in zip(a, b)])), 4),
+        "min_cosine_vs_fp32": round(float(cos.min()), 6),
+    }
+
+
 def sample_images(shards: list[str], n: int) -> list[tuple[str, bytes]]:
     from clipforge.data.reader import iter_tar_samples
     from clipforge.data.shards import expand_shards
@@ -342,6 +369,7 @@ def main() -> int:
     p.add_argument("--classify-requests", type=int, default=200)
     p.add_argument("--classify-concurrency", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="server torch threads")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="server --precision")
     p.add_argument("--skip-no-batching", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -353,6 +381,9 @@ def main() -> int:
     queries = captions(index, args.requests)
     images = sample_images(args.data, 64)
     results: dict = {"model": args.model, "index": json.loads((index / "manifest.json").read_text())["count"]}
+    if args.precision != "fp32":
+        results["precision_agreement"] = precision_agreement(args, index, queries[:500])
+        log(f"precision: {results['precision_agreement']}")
 
     def classify_req(c: httpx.AsyncClient, i: int):
         name, data = images[i % len(images)]
@@ -430,6 +461,8 @@ def main() -> int:
         ]
         print(format_table(rows, heads))
         m = results["malformed"]
+        if "precision_agreement" in results:
+            print(f"precision vs fp32: {results['precision_agreement']}")
         print(f"malformed: {m['requests']} requests -> {m['status']}, healthy after: {m['healthy_after']}")
     ok = (
         results["search"]["errors"] == 0

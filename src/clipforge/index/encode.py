@@ -7,6 +7,7 @@ runs under ``torch.inference_mode`` and returns float32 numpy rows, L2-normalize
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -52,6 +53,40 @@ def model_fingerprint(model: ClipModel) -> str:
 def model_device(model: ClipModel) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast is ~3x faster
+    than fp32 for a MiniLM text tower; elsewhere it is emulated and slower, so ``auto`` stays fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(model: ClipModel, precision: str) -> str:
+    """``fp32`` | ``bf16`` | ``auto`` -> the precision to run at (``auto``: bf16 where it is native)."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    if precision != "auto":
+        return precision
+    dev = model_device(model)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if dev.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def autocast(model: ClipModel, precision: str) -> contextlib.AbstractContextManager:
+    """A bf16 autocast context for inference (weights stay fp32; outputs are cast back to float32 by
+    the embed helpers). Autocast state is thread-local: enter it on the thread that runs the model."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(model_device(model).type, dtype=torch.bfloat16)
 
 
 def _tokens(model: ClipModel, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -314,6 +314,7 @@ def create_app(service: ClipService) -> FastAPI:
             "embed_dim": service.model.config.embed_dim,
             "index": service.index.describe() if service.index is not None else None,
             "model_matches_index": service.model_matches_index,
+            "precision": {"text": service.precision, "image": service.image_precision},
             "batching": {"enabled": cfg.batching, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms},
             "stats": service.stats(),
             "api_key_required": bool(cfg.api_key),

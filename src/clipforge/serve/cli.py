@@ -39,6 +39,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-k", type=int, default=100, help="largest k for /search")
     p.add_argument("--allow-image-urls", action="store_true", help="let clients send image URLs to fetch")
     p.add_argument("--label-set", action="append", default=[], metavar="NAME=FILE", help="extra label set")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="model precision: bf16 autocast is ~3x faster for text on CPUs with AVX512-BF16/AMX "
+        "(auto: bf16 only where native)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
@@ -74,6 +81,7 @@ def make_service(args: argparse.Namespace) -> Any:
         cors_origins=args.cors_origin,
         allow_image_urls=args.allow_image_urls,
         label_sets=extra,
+        precision=args.precision,
     )
     return ClipService(load_model_spec(spec), index, cfg)
 

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from clipforge.data.decode import decode_image
-from clipforge.index.encode import check_image_size, embed_pixels, embed_texts, fetch_bytes, model_fingerprint
+from clipforge.index.encode import (
+    autocast,
+    check_image_size,
+    embed_pixels,
+    embed_texts,
+    fetch_bytes,
+    model_fingerprint,
+    resolve_precision,
+)
 from clipforge.index.store import ClipIndex, Hit
 from clipforge.models.base import ClipModel
 from clipforge.serve.batcher import MicroBatcher
@@ -49,6 +57,7 @@ class ServeConfig:
     allow_image_urls: bool = False
     label_sets: dict[str, str] = field(default_factory=dict)  # extra name -> file with one label a line
     decode_threads: int = 2
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the CPU/GPU has native bf16 matmul)
 
 
 @dataclass
@@ -82,6 +91,11 @@ class ClipService:
                     fp,
                     index.manifest.get("model_fingerprint"),
                 )
+        self.precision = resolve_precision(model, self.cfg.precision)
+        # Text towers (matmuls) gain ~3x from bf16 on AVX512-BF16 CPUs; a CPU convnet image tower gains
+        # nothing (efficientnet-lite0, 1 thread: 17.2 ms/img fp32 vs 17.3 bf16), so images stay exact.
+        on_gpu = next(iter(model.parameters()), torch.zeros(0)).device.type == "cuda"
+        self.image_precision = self.precision if on_gpu else "fp32"
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="clipforge-model")
         self.decode_pool = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="clipforge-decode")
         mb = self.cfg.max_batch if self.cfg.batching else 1
@@ -105,16 +119,19 @@ class ClipService:
 
     # -- model-thread functions (called by the batchers with a list of items) ------------------
     def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
-        return list(embed_texts(self.model, texts))
+        with autocast(self.model, self.precision):
+            return list(embed_texts(self.model, texts))
 
     def _embed_images(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(embed_pixels(self.model, torch.stack(pixels)))
+        with autocast(self.model, self.image_precision):
+            return list(embed_pixels(self.model, torch.stack(pixels)))
 
     def _search(self, items: list[SearchItem]) -> list[Any]:
         """Encode all text queries in one call, then one faiss call for every unfiltered query."""
         assert self.index is not None
         texts = [it.text for it in items if it.text is not None]
-        tvecs = iter(embed_texts(self.model, texts)) if texts else iter(())
+        with autocast(self.model, self.precision):
+            tvecs = iter(embed_texts(self.model, texts)) if texts else iter(())
         vecs = [next(tvecs) if it.text is not None else it.vector for it in items]
         out: list[Any] = [None] * len(items)
         plain = [i for i, it in enumerate(items) if not it.filters]
@@ -195,7 +212,7 @@ class ClipService:
         parts = []
         for i in range(0, len(prompts), 256):  # chunks: other requests interleave on the model thread
             parts.append(
-                await loop.run_in_executor(self.model_pool, embed_texts, self.model, prompts[i : i + 256])
+                np.stack(await loop.run_in_executor(self.model_pool, self._embed_texts, prompts[i : i + 256]))
             )
         emb = np.concatenate(parts).reshape(len(labels), len(templates), -1).mean(1)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
