@@ -81,7 +81,11 @@ def main() -> int:
             "est_MB": args.n * args.d * 4 / 1e6,
         }
     ]
-    plans = [(b, ann.plan_index(args.n, args.d, "ivfpq", ann.parse_bytes(b))) for b in args.budgets]
+    # what `clipforge index build` would pick for a collection this size at each budget
+    plans = [
+        (b, ann.plan_index(args.n, args.d, "auto", ann.parse_bytes(b), flat_threshold=0))
+        for b in args.budgets
+    ]
     if args.hnsw:
         plans.append(("-", ann.plan_index(args.n, args.d, "hnsw")))
     for budget, plan in plans:

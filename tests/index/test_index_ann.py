@@ -13,18 +13,22 @@ def test_plan_flat_when_small_and_fits():
     assert p.kind == "flat" and p.est_bytes == 10_000 * 512 * 4
 
 
-def test_plan_ivfpq_sized_by_budget():
+def test_plan_ivf_sized_by_budget():
     n, d = 1_000_000, 512
     roomy = ann.plan_index(n, d, ram_budget=4 << 30)
-    assert roomy.kind == "ivfpq" and roomy.pq_m == 64 and roomy.refine  # codes + SQ8 copy fit in 4 GB
-    assert roomy.nlist == 2048 and roomy.factory == "IVF2048,PQ64np,Refine(SQ8)"
+    assert roomy.kind == "ivfsq" and roomy.factory.endswith(",SQ8")  # d bytes a vector fit in 4 GB
+    assert roomy.est_bytes < n * d * 4 / 3
+    pq = ann.plan_index(n, d, kind="ivfpq", ram_budget=4 << 30, refine=True)
+    assert pq.pq_m == 64 and pq.refine and pq.factory.endswith("Refine(SQ8)")
+    assert roomy.nlist == 2048 and roomy.factory == "IVF2048,SQ8"
     tight = ann.plan_index(n, d, ram_budget=60 << 20)
     assert tight.kind == "ivfpq" and not tight.refine and tight.pq_m < 64
     assert tight.est_bytes <= 60 << 20
     with pytest.raises(ValueError, match="RAM budget"):
         ann.plan_index(n, d, ram_budget=5 << 20)
-    # over budget for flat -> IVF-PQ even under the size threshold
-    assert ann.plan_index(200_000, 512, ram_budget=300 << 20).kind == "ivfpq"
+    # over budget for flat -> IVF even under the size threshold; SQ8 while its codes fit, else PQ
+    assert ann.plan_index(200_000, 512, ram_budget=300 << 20).kind == "ivfsq"
+    assert ann.plan_index(200_000, 512, ram_budget=80 << 20).kind == "ivfpq"
     assert ann.plan_index(200_000, 512, kind="hnsw").factory.startswith("HNSW")
     with pytest.raises(ValueError):
         ann.plan_index(10, 8, kind="bogus")
@@ -49,7 +53,7 @@ def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivfsq", "ivfpq", "hnsw"])
 def test_build_and_tune_reaches_target(kind):
     x = _clustered(4000, 16)
     plan = ann.plan_index(len(x), 16, kind=kind)
@@ -58,6 +62,6 @@ def test_build_and_tune_reaches_target(kind):
     truth = ann.exact_knn(q, x, 10)
     params, recall, sweep = ann.tune(index, plan, q, truth, 10, target_recall=0.9)
     assert recall >= 0.9 and sweep and sweep[-1]["recall"] == recall
-    assert ("nprobe" in params) if kind == "ivfpq" else ("efSearch" in params)
+    assert ("nprobe" in params) if kind.startswith("ivf") else ("efSearch" in params)
     # the chosen setting is applied: searching again gives the same recall
     assert ann.recall_at_k(index.search(q, 10)[1], truth, 10) == pytest.approx(recall)

@@ -23,11 +23,19 @@ def register(subparsers: Any) -> None:
     b.add_argument("--model", required=True, help="model spec or saved model directory")
     b.add_argument("--output", required=True, help="index directory (rerun to resume)")
     b.add_argument(
-        "--index-type", default="auto", choices=["auto", "flat", "ivfpq", "hnsw"], help="faiss index kind"
+        "--index-type",
+        default="auto",
+        choices=["auto", "flat", "ivfsq", "ivfpq", "hnsw"],
+        help="faiss index kind",
     )
     b.add_argument("--ram-budget", default="4GB", help="memory the index may use (picks IVF-PQ code size)")
     b.add_argument("--flat-threshold", type=int, default=200_000, help="auto: exact search up to this many")
-    b.add_argument("--refine", choices=["auto", "on", "off"], default="auto", help="IVF-PQ SQ8 re-ranking")
+    b.add_argument(
+        "--refine",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="SQ8 re-ranking for --index-type ivfpq",
+    )
     b.add_argument("--dims", type=int, default=None, help="Matryoshka truncation to the first N dims")
     b.add_argument("--target-recall", type=float, default=0.95, help="tune nprobe/efSearch to this recall@10")
     b.add_argument("--batch-size", type=int, default=64)
