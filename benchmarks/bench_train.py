@@ -3,8 +3,11 @@
 (a) ``cache``: one epoch of head training from cached locked-tower features vs one epoch that
     recomputes the frozen towers every step (cache off) — same model, data, batch. Target >= 20x.
 (b) ``throughput``: training samples/s of a ViT-B/32-layout scratch model through clipforge's step,
-    and open_clip's training step on the same architecture/batch/dtype if ``open_clip`` imports
-    (it needs torchvision; run with ``--open-clip-python /tmp/oc/bin/python`` to use a side venv).
+    and open_clip's training step on the same architecture/batch/dtype, run by ``--open-clip-python``
+    (a side venv: ``python -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.13.0 open_clip_torch``;
+    where torchvision's wheel does not load against the CPU torch build, a stub that raises on use
+    stands in for it: the ViT step never touches it). Also reports FLOPs per step (FlopCounterMode),
+    achieved GFLOP/s and the ratio to this machine's dense-matmul GFLOP/s.
 
     python benchmarks/bench_train.py cache --model towers:efficientnet-lite0+minilm-l6 \\
         --data ../shared/data/flickr8k/train-000000.tar --limit 512 --batch-size 128 --json
@@ -91,6 +94,29 @@ def bench_cache(args: argparse.Namespace) -> dict:
     }
 
 
+def matmul_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's own dense-matmul FLOP/s at the current thread count: the roofline for MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+def step_flops(model: torch.nn.Module, batch: dict, precision: str) -> float:
+    """FLOPs of one forward+backward (torch's FlopCounterMode: matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipforge.train.loss import ClipLoss
+    from clipforge.train.step import forward_backward
+
+    with FlopCounterMode(display=False) as fc:
+        forward_backward(model, ClipLoss(), batch, 1, torch.device("cpu"), precision)
+    model.zero_grad(set_to_none=True)
+    return float(fc.get_total_flops())
+
+
 def bench_clipforge_step(args: argparse.Namespace) -> dict:
     from clipforge.train.loop import build_model
     from clipforge.train.loss import ClipLoss
@@ -104,6 +130,7 @@ def bench_clipforge_step(args: argparse.Namespace) -> dict:
     size = model.config.preprocess.get("size", 224)
     toks = model.tokenize(["a photo of a dog playing with a red ball on the grass"] * b)
     batch = {"image": {"pixels": torch.randn(b, 3, size, size)}, "text": dict(toks)}
+    flops = step_flops(model, batch, args.precision)
     times = []
     for i in range(args.steps + 1):
         t = time.perf_counter()
@@ -116,15 +143,52 @@ def bench_clipforge_step(args: argparse.Namespace) -> dict:
         "impl": "clipforge",
         "samples_per_s": b / (sum(times) / len(times)),
         "step_s": sum(times) / len(times),
+        "params": sum(p.numel() for p in model.parameters()),
+        "flops_per_step": flops,
     }
 
 
 OPEN_CLIP_STEP = r"""
-import json, sys, time, torch, open_clip
+import importlib.machinery, json, sys, time, types
+
+
+def stub_torchvision():
+    # torchvision's registry wheel fails against the CPU torch build here ("operator torchvision::nms
+    # does not exist"); open_clip imports it only for image transforms and FrozenBatchNorm2d, neither
+    # of which the ViT training step measured here touches. Any use of the stub raises.
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+    class Meta(type):
+        def __getattr__(cls, attr):
+            return f"{cls.__name__}.{attr}"
+
+    class Unavailable(metaclass=Meta):
+        def __init__(self, *a, **k):
+            raise RuntimeError("torchvision stub: not available in this benchmark")
+
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
+                 "torchvision.ops", "torchvision.ops.misc"):
+        m = types.ModuleType(name)
+        m.__getattr__ = lambda attr: type(attr, (Unavailable,), {})
+        m.__path__ = []
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        sys.modules[name] = m
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, m)
+
+
+try:
+    import torchvision.transforms  # noqa: F401
+except Exception:
+    stub_torchvision()
+import torch, open_clip
 torch.set_num_threads(int(sys.argv[4]))
 b, steps, prec = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 model = open_clip.create_model("ViT-B-32")
 model.train()
+n_params = sum(p.numel() for p in model.parameters())
 loss_fn = open_clip.ClipLoss()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 img = torch.randn(b, 3, 224, 224)
@@ -140,13 +204,18 @@ for i in range(steps + 1):
     opt.step()
     if i:
         times.append(time.perf_counter() - t)
-print(json.dumps({"impl": "open_clip", "samples_per_s": b / (sum(times) / len(times)), "step_s": sum(times) / len(times)}))
+step = sum(times) / len(times)
+print(json.dumps({"impl": "open_clip", "samples_per_s": b / step, "step_s": step, "params": n_params}))
 """
 
 
 def bench_throughput(args: argparse.Namespace) -> dict:
     ours = bench_clipforge_step(args)
     out = {"model": args.model, "batch_size": args.batch_size, "precision": args.precision, "clipforge": ours}
+    peak = matmul_flops(dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    out["matmul_gflops"] = peak / 1e9
+    out["achieved_gflops"] = ours["flops_per_step"] / ours["step_s"] / 1e9
+    out["mfu_vs_matmul"] = out["achieved_gflops"] * 1e9 / peak
     cmd = [
         args.open_clip_python,
         "-c",
@@ -160,6 +229,7 @@ def bench_throughput(args: argparse.Namespace) -> dict:
     if r.returncode == 0:
         out["open_clip"] = json.loads(r.stdout.strip().splitlines()[-1])
         out["ratio"] = ours["samples_per_s"] / out["open_clip"]["samples_per_s"]
+        out["open_clip"]["achieved_gflops"] = ours["flops_per_step"] / out["open_clip"]["step_s"] / 1e9
     else:
         out["open_clip"] = {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return out

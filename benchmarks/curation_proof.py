@@ -6,9 +6,13 @@ output exists is skipped):
 1. ``make_corrupted_flickr.py``: shuffle 30% of the captions (KEY.txt and all KEY.json captions), add
    5% exact duplicates, 5% near duplicates, 2% blank images; ground truth in ``corrupt/faults.json``.
 2. ``clipforge quickstart`` (best recipe) on (a) clean and (b) corrupted shards.
-3. ``clipforge curate run`` on the corrupted set with model (b) as the clip-score scorer (a team only
-   has its noisy data; model (a) saw the clean pairs and would leak), stages clip-score,text,image,dedup
-   (+ dedup against flickr8k test); P/R of the filters against the ground truth.
+3. ``clipforge curate run`` on the corrupted set, stages clip-score,text,image,dedup (+ dedup against
+   flickr8k test), with model (b) as the scorer (a team only has its noisy data; model (a) saw the clean
+   pairs and would leak). Then, by default (``--scorer oof``), the clip-score column is replaced by
+   OUT-OF-FOLD scores: the corrupted shards are split in two folds, the recipe is trained on each fold,
+   and each fold is scored by the model that never saw it. A scorer trained on the pairs it scores has
+   memorized the shuffled ones (they score almost like true pairs, in-sample); out of fold, a shuffled
+   caption scores like a random one. P/R of every filter against the ground truth.
 4. ``clipforge curate filter`` with the recipe below, then (c) ``clipforge quickstart`` on the result.
 5. Optionally (``--upper-bound``) re-score clip-score with model (a): an optimistic upper-bound row.
 
@@ -119,6 +123,46 @@ def curate_run(data: list[str], out: Path, model: str, stages: str, a: argparse.
     sh(cmd)
 
 
+def oof_scores(
+    shards: list[str], w: Path, base: Path, a: argparse.Namespace, times: dict
+) -> tuple[Path, list]:
+    """Out-of-fold clip scores: train on one fold, score the other. Writes ``w/scores_oof`` (the base run's
+    table with ``clip_score`` replaced; the in-sample score kept as ``clip_score_insample``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = w / "scores_oof"
+    folds = [shards[0::2], shards[1::2]]
+    models = []
+    for i, fold in enumerate(folds):
+        s = time.time()
+        models.append(quickstart(fold, w / "runs" / f"scorer_fold{i}", a))
+        times[f"scorer_fold{i}"] = round(time.time() - s, 1)
+    if (out / "scores.parquet").exists():
+        return out, models
+    oof: dict[str, float] = {}
+    for i, fold in enumerate(folds):
+        other = models[1 - i]["model"]
+        s = time.time()
+        curate_run(fold, w / f"scores_fold{i}", other, "clip-score", a)
+        times[f"score_fold{i}"] = round(time.time() - s, 1)
+        t = pq.read_table(w / f"scores_fold{i}" / "scores.parquet", columns=["key", "clip_score"])
+        oof.update(zip(t.column("key").to_pylist(), t.column("clip_score").to_pylist()))
+    table = pq.read_table(base / "scores.parquet")
+    keys = table.column("key").to_pylist()
+    missing = [k for k in keys if k not in oof]
+    if missing:
+        raise RuntimeError(f"{len(missing)} keys have no out-of-fold score, e.g. {missing[:3]}")
+    table = table.rename_columns(
+        ["clip_score_insample" if c == "clip_score" else c for c in table.column_names]
+    )
+    table = table.append_column("clip_score", pa.array([oof[k] for k in keys], pa.float32()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text((base / "manifest.json").read_text())
+    pq.write_table(table, out / "scores.parquet")
+    return out, models
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="work dir (shards, scores, runs, proof.json)")
@@ -131,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--cifar-images", type=int, default=10000, help="CIFAR-10 zero-shot on the first N test images"
+    )
+    ap.add_argument(
+        "--scorer",
+        choices=["oof", "insample"],
+        default="oof",
+        help="clip-score from out-of-fold models (default) or from model (b) itself",
     )
     ap.add_argument("--upper-bound", action="store_true", help="also score with model (a) (optimistic)")
     ap.add_argument(
@@ -181,10 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     scorer = reports["b_corrupted"]["model"]
     stages = "clip-score,text,image,dedup"
     timed("curate_run", lambda: curate_run(corrupt_shards, w / "scores", scorer, stages, a))
-    faults = evaluate_faults(str(w / "scores"), faults_json)
-    filters = recipe_table(str(w / "scores"), faults_json, recipe)
+    scores, curated_dir = w / "scores", w / "curated"
+    scorer_note = f"model (b), trained on the corrupted data it scores (in-sample): {scorer}"
+    insample = None
+    if a.scorer == "oof":
+        insample = evaluate_faults(str(scores), faults_json).get("shuffled_caption")
+        scores, fold_reports = oof_scores(corrupt_shards, w, scores, a, times)
+        curated_dir = w / "curated_oof"
+        scorer_note = (
+            "out-of-fold: " + ", ".join(r["model"] for r in fold_reports) + " (each scores the other fold)"
+        )
+    faults = evaluate_faults(str(scores), faults_json)
+    filters = recipe_table(str(scores), faults_json, recipe)
     where = [x for e in recipe for x in ("--where", e)]
-    if not (w / "curated" / "filter.json").exists():
+    if not (curated_dir / "filter.json").exists():
         timed(
             "curate_filter",
             lambda: sh(
@@ -193,16 +253,19 @@ def main(argv: list[str] | None = None) -> int:
                     "curate",
                     "filter",
                     "--scores",
-                    str(w / "scores"),
+                    str(scores),
                     *where,
                     "--output",
-                    str(w / "curated"),
+                    str(curated_dir),
                     "--json",
                 ]
             ),
         )
-    curated = [str(p) for p in sorted((w / "curated").rglob("*.tar"))]
-    reports["c_curated"] = timed("c_curated", lambda: quickstart(curated, w / "runs" / "c_curated", a))
+    curated = [str(p) for p in sorted(curated_dir.rglob("*.tar"))]
+    run_name = "c_curated_oof" if a.scorer == "oof" else "c_curated"
+    if a.scorer == "oof" and (w / "runs" / "c_curated" / "report.json").exists():  # an earlier in-sample run
+        reports["c_curated_insample"] = json.loads((w / "runs" / "c_curated" / "report.json").read_text())
+    reports[run_name] = timed(run_name, lambda: quickstart(curated, w / "runs" / run_name, a))
     upper = None
     if a.upper_bound:  # clip-score only, scorer = model (a): it saw the clean pairs, so it leaks
         timed(
@@ -220,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             k: (len(v) if not isinstance(v, int) else v)
             for k, v in json.loads(Path(faults_json).read_text()).items()
         },
-        "scorer": f"model (b), trained on the corrupted data: {scorer}",
+        "scorer": scorer_note,
+        "insample_scorer_shuffled": insample,
         "recipe": recipe,
         "faults_by_column": faults,
         "filters": filters,
@@ -253,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"P {v['precision']:.3f} R {v['recall']:.3f}"
                 + "".join(f" {x}={v[x]:.3f}" for x in v if x.startswith("recall_"))
             )
+    if insample:
+        print(
+            f"  shuffled (in-sample scorer = model b): P {insample['precision']:.3f} R {insample['recall']:.3f}"
+        )
     if upper:
         print(
             f"  shuffled (UPPER BOUND, scorer = clean model a): P {upper['precision']:.3f} R {upper['recall']:.3f}"
