@@ -8,7 +8,8 @@ checkpointing and HF export for free). The tokenizer is MiniLM's uncased
 WordPiece (vocab 30522, offline); [SEP] (id 102) ends a caption and is the pooled position.
 
 Options: ``image_size``, ``context_length`` (77), ``embed_dim``, ``loss`` (clip | siglip: SigLIP's
-logit scale/bias init).
+logit scale/bias init), ``activation`` (``gelu``, open_clip's default for these layouts, one fused op;
+or ``quick_gelu`` as in OpenAI's CLIP and transformers' default, three elementwise ops).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def hf_clip_config(name: str, **options: Any):
     size = int(options.get("image_size") or size)
     dim = int(options.get("embed_dim") or dim)
     ctx = int(options.get("context_length") or 77)
+    act = str(options.get("activation") or "gelu")
+    if act not in ("gelu", "quick_gelu"):
+        raise ValueError(f"activation must be gelu or quick_gelu, got {act!r}")
     scale = options.get(
         "init_logit_scale", math.log(10) if options.get("loss") == "siglip" else math.log(1 / 0.07)
     )
@@ -54,6 +58,7 @@ def hf_clip_config(name: str, **options: Any):
             "pad_token_id": PAD_ID,
             "bos_token_id": CLS_ID,
             "eos_token_id": SEP_ID,
+            "hidden_act": act,
         },
         vision_config={
             "hidden_size": vw,
@@ -62,6 +67,7 @@ def hf_clip_config(name: str, **options: Any):
             "num_attention_heads": vh,
             "image_size": size,
             "patch_size": patch,
+            "hidden_act": act,
         },
         projection_dim=dim,
         logit_scale_init_value=float(scale),
