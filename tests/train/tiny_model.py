@@ -96,3 +96,17 @@ def make_tiny(
         options={"lock_image": int(lock_image), "lock_text": int(lock_text), "dropout": float(dropout)},
     )
     return TinyClip(cfg)
+
+
+def make_tiny_scratch(lock_image: int = 0, seed: int = 0, image_size: int = 32):
+    """``scratch:vit-nano`` (transformers CLIP modules: two 2-layer towers, width 64) at 32 px, seeded;
+    ``lock_image=1`` freezes the vision tower (cached features: a world-size-independent global batch)."""
+    from clipforge.models.hf import HFClipModel
+    from clipforge.models.scratch import build_config
+    from clipforge.models.tokenizer import Tokenizer
+
+    torch.manual_seed(seed)
+    cfg = build_config("scratch:vit-nano", image_size=image_size)
+    cfg.options["unlock_image"] = 0 if lock_image else -1
+    tok = Tokenizer.minilm(context_length=cfg.context_length)
+    return HFClipModel(cfg, tokenizer=tok, pretrained=False)

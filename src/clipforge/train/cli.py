@@ -76,6 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=float, help="max global grad norm (0 = off)")
     p.add_argument("--grad-checkpointing", action="store_true", default=None, help="if the model supports it")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the embedding steps")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="under torchrun: shard the trainable towers with FSDP2 (heads stay replicated)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, help="DataLoader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, help="streaming shuffle buffer (samples)")
@@ -111,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         d.pop("steps", None)
     if args.grad_clip is not None and args.grad_clip <= 0:
         d["grad_clip"] = None
-    for flag in ("grad_checkpointing", "compile", "resume"):
+    for flag in ("grad_checkpointing", "compile", "resume", "fsdp"):
         if getattr(args, flag):
             d[flag] = True
     if args.no_progress:

@@ -39,7 +39,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     grad_checkpointing: bool = False
     compile: bool = False
-    fsdp: bool = False  # reserved: FSDP2 (fully_shard) is not built yet
+    fsdp: bool = False  # FSDP2 under torchrun: shard trainable towers (heads stay replicated); see dist.py
     device: str = "auto"  # auto | cpu | cuda
     # data
     workers: int = 2
@@ -90,8 +90,6 @@ class TrainConfig:
             raise ValueError("batch_size and accum must be >= 1")
         if self.cache not in ("auto", "off"):
             raise ValueError(f"cache must be auto or off, got {self.cache!r}")
-        if self.fsdp:
-            raise ValueError("fsdp=True is not built yet: data-parallel (DDP-style) training only")
         if not self.data:
             raise ValueError("no training data: give shard specs (data=...)")
 

@@ -1,7 +1,8 @@
 """The training loop, composed of the plain parts beside it (torchtitan style).
 
-    build_model -> feature cache or streaming batches -> forward_backward (GradCache when accum > 1)
-    -> average grads over ranks -> clip -> AdamW step -> log -> checkpoint every N steps -> save model
+    build_model -> [FSDP2: shard the trainable towers] -> feature cache or streaming batches
+    -> forward_backward (GradCache when accum > 1) -> average grads over ranks -> clip -> AdamW step
+    -> log -> checkpoint every N steps -> save model
 
 ``train(config)`` builds the model from ``config.model``; ``fit(model, shards, config)`` trains a model
 you already hold and returns it (the Python API the quickstart uses).
@@ -9,6 +10,7 @@ you already hold and returns it (the Python API the quickstart uses).
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 from clipforge.data.report import BadSampleReport
@@ -39,6 +42,7 @@ from clipforge.train.dist import (
     gather_objects,
     init_distributed,
     mean_across,
+    shard_model,
 )
 from clipforge.train.logger import MetricsLogger, plot_curves
 from clipforge.train.loss import build_loss
@@ -143,6 +147,13 @@ def _run(model: ClipModel, cfg: TrainConfig, dist: Any) -> dict[str, Any]:
         )
     local_batch = cfg.batch_size // world
     prepare_for_loss(model, cfg.loss)
+    fsdp = cfg.fsdp and world > 1
+    if cfg.fsdp and not fsdp:
+        log.warning("fsdp=True with one process: nothing to shard, training unsharded")
+    user_model = model
+    if fsdp:  # fully_shard rewrites modules in place, for good: train a copy, hand back a plain model
+        tok = getattr(model, "tokenizer", None)
+        model = copy.deepcopy(model, memo={id(tok): tok})  # (the tokenizer is shared, not copied)
     model.to(device)
     if cfg.grad_checkpointing:
         fn = getattr(model, "set_grad_checkpointing", None)
@@ -150,6 +161,12 @@ def _run(model: ClipModel, cfg: TrainConfig, dist: Any) -> dict[str, Any]:
             log.warning("model %s has no set_grad_checkpointing(); flag ignored", type(model).__name__)
         else:
             fn(True)
+    if fsdp:
+        sharded = shard_model(model, device)
+        if not sharded:
+            log.warning("fsdp: %s has no trainable tower to shard", type(model).__name__)
+        else:
+            log.info("fsdp: sharded %d modules over %d ranks: %s", len(sharded), world, ", ".join(sharded))
     embed = (embed_images, embed_texts)
     if cfg.compile:
         embed = (torch.compile(embed_images), torch.compile(embed_texts))
@@ -240,11 +257,12 @@ def _run(model: ClipModel, cfg: TrainConfig, dist: Any) -> dict[str, Any]:
             data_part["position"] = {"nslots": states[0]["position"]["nslots"], "slots": slots}
             data_part["loader_batches"] = [s["loader_batches"] for s in states]
         rngs = gather_objects(ckpt.rng_state(), world)
+        full = ckpt.gather_full_state(model, optimizer) if fsdp else None  # a collective
         path = None
         if dist.main:
             meta = {"data": data_part, "bad": report.to_dict(), "config": cfg.to_dict(), "world": world}
             path = ckpt.save_checkpoint(
-                ckpt_root, at, model, optimizer, meta, rngs, keep=cfg.keep_checkpoints
+                ckpt_root, at, model, optimizer, meta, rngs, keep=cfg.keep_checkpoints, full=full
             )
         barrier(world)
         return path
@@ -290,6 +308,11 @@ def _run(model: ClipModel, cfg: TrainConfig, dist: Any) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     last_ckpt = save(step) if total > 0 else last_ckpt
     metrics.close()
+    if fsdp:  # every rank's caller gets the trained weights, unsharded, on the model's own device
+        user_model.load_state_dict(
+            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        )
+        model = user_model
     result: dict[str, Any] = {
         "steps": step,
         "final_loss": loss_v,

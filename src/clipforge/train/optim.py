@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
@@ -64,10 +65,26 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def clip_grad(params: Iterable[torch.Tensor], max_norm: float | None) -> float:
-    """Clip the global gradient norm (if ``max_norm``); return the norm before clipping."""
+    """Clip the global gradient norm (if ``max_norm``); return the norm before clipping.
+
+    Under FSDP some grads are DTensor shards: their norm is reduced over ranks (``full_tensor``) and
+    combined with the replicated grads' norm, so every rank clips by the same, true global norm.
+    """
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    plain = [p for p in params if not isinstance(p.grad, DTensor)]
+    squares = []
+    for group in (plain, sharded):
+        if group:
+            norm = torch.nn.utils.get_total_norm([p.grad.detach().float() for p in group])
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            squares.append(norm**2)
+    total = torch.stack(squares).sum().sqrt()
     if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+        for group in (plain, sharded):
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)
