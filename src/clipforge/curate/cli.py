@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--eval-data", nargs="+", default=None, help="eval shards to dedup against (dedup stage)")
     r.add_argument("--dup-threshold", type=float, default=0.95, help="SemDeDup cosine threshold")
     r.add_argument("--eval-threshold", type=float, default=0.92, help="eval-set duplicate cosine threshold")
-    r.add_argument("--phash-radius", type=int, default=8, help="near-duplicate pHash Hamming radius (of 64)")
+    r.add_argument("--phash-radius", type=int, default=10, help="near-duplicate pHash Hamming radius (of 64)")
     r.add_argument(
         "--keep",
         choices=["clip-score", "centroid"],

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DedupConfig:
-    phash_radius: int = 8  # of 64 bits (random image pairs are >= ~20 apart)
+    # of 64 bits: imagededup's pHash default. Corrupted-flickr8k proof: near-copy (2-6% crop, rescale,
+    # JPEG 60-80) recall 0.82 at 10 vs 0.63 at 8; clean images with a neighbour that close: 0.4% vs 0.13%.
+    phash_radius: int = 10
     phash_k: int = 16
     threshold: float = 0.95  # semantic duplicate cosine
     k: int = 8  # neighbours searched per sample
