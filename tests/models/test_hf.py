@@ -54,3 +54,36 @@ def test_locked_hf_towers_cache_pooled_features(tiny_clip_dir):
     assert trainable == {"logit_scale", "hf.visual_projection.weight", "hf.text_projection.weight"}
     free = load_model(f"hf:{tiny_clip_dir}")
     torch.testing.assert_close(m.encode_image(px), free.encode_image(px))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_partly_unlocked_hf_trains_last_layers_only(kind, tiny_clip_dir, tiny_siglip_dir):
+    path = tiny_clip_dir if kind == "clip" else tiny_siglip_dir
+    m = load_model(f"hf:{path}", unlock_image=1, unlock_text=1)
+    assert not m.image_locked and not m.text_locked  # streamed, not cached
+    n_layers = m.hf.config.vision_config.num_hidden_layers
+    last = f"encoder.layers.{n_layers - 1}."
+    for tower in (m.hf.vision_model, m.hf.text_model):
+        names = {n for n, p in tower.named_parameters() if p.requires_grad}
+        assert names and all(n.startswith(last) or not n.startswith("encoder.") for n in names)
+        assert not any(n.startswith("embeddings.") for n in names)
+        assert any(n.startswith(last) for n in names)
+    # a training step moves only the unlocked weights (+ heads), and the outputs equal the full model's
+    free = load_model(f"hf:{path}")
+    px, tok = torch.randn(2, 3, 32, 32), m.tokenize(CAPTIONS[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_image(px), free.encode_image(px))
+    m.train()
+    loss = (m.encode_image(px) @ m.encode_text(tok).T).sum()
+    loss.backward()
+    grads = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert grads and not any(".embeddings." in n or ".encoder.layers.0." in n for n in grads)
+    with pytest.raises(ValueError, match="blocks"):
+        load_model(f"hf:{path}", unlock_image=99)
+
+
+def test_partly_unlocked_hf_image_tower(tiny_clip_dir):
+    m = load_model(f"towers:hf-image={tiny_clip_dir}+minilm-l6", unlock_image=1)
+    assert not m.image_locked
+    names = [n for n, p in m.image_tower.named_parameters() if p.requires_grad]
+    assert names and all("encoder.layers.0." not in n and "embeddings" not in n for n in names)

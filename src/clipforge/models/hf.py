@@ -4,8 +4,9 @@ Embeddings equal transformers' ``get_image_features`` / ``get_text_features`` (t
 to 1e-5). Tokenizer and preprocessing come from the checkpoint dir (``tokenizer.json`` or slow
 tokenizer files; ``preprocessor_config.json``); logit scale/bias are copied from the checkpoint.
 
-Options: ``unlock_image`` / ``unlock_text``: -1 (default, fine-tune everything) or 0 (lock the tower;
-its pooled output is cached and only the projection trains — LiT on a CLIP checkpoint).
+Options: ``unlock_image`` / ``unlock_text``: -1 (default, fine-tune everything), 0 (lock the tower;
+its pooled output is cached and only the projection trains — LiT on a CLIP checkpoint) or N > 0 (the
+last N encoder layers and the final norm train; streamed, not cached).
 A hub id works where a network exists (``from_pretrained`` downloads it); offline, pass a local dir.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, PreprocessConfig
 from clipforge.models.base import ClipModel, Features, ModelConfig
 from clipforge.models.tokenizer import Tokenizer
+from clipforge.models.unlock import unlock_last_blocks
 
 
 def _hf_classes(model_type: str):
@@ -106,13 +108,16 @@ class HFClipModel(ClipModel):
             if isinstance(p, nn.Parameter):
                 p.requires_grad_(False)
         self.unlock_image, self.unlock_text = int(o["unlock_image"]), int(o["unlock_text"])
-        for which, unlock in (("image", self.unlock_image), ("text", self.unlock_text)):
-            if unlock not in (0, -1):
-                raise ValueError(f"hf backend: unlock_{which} must be 0 (locked) or -1 (trainable)")
-        if self.unlock_image == 0:
-            self.hf.vision_model.requires_grad_(False)
-        if self.unlock_text == 0:
-            self.hf.text_model.requires_grad_(False)
+        for which, unlock, tower in (
+            ("image", self.unlock_image, self.hf.vision_model),
+            ("text", self.unlock_text, self.hf.text_model),
+        ):
+            if unlock == 0:
+                tower.requires_grad_(False)
+            elif unlock > 0:
+                unlock_last_blocks(tower, unlock)
+            elif unlock != -1:
+                raise ValueError(f"hf backend: unlock_{which} must be -1 (all), 0 (locked) or N > 0 layers")
         if tokenizer is None:
             path = o["path"]
             tokenizer = Tokenizer.from_dir(path, context_length=config.context_length, pad_to_max=self.siglip)

@@ -2,7 +2,8 @@
 
 Locked (unlock=0): the prefix is the whole model, output pooled (``pooler_output`` when the model has
 one, else the mean of ``last_hidden_state`` tokens) -> cacheable ``{"pooled": [B, H]}``. Fully
-trainable (unlock=-1): pixels pass through. Partial unlock is not offered for arbitrary checkpoints.
+trainable (unlock=-1): pixels pass through. Partly unlocked (unlock=N): the last N blocks of the
+model's block stack and what follows them train (models/unlock.py); pixels pass through (streamed).
 Preprocessing comes from the checkpoint's ``preprocessor_config.json`` when present.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from clipforge.models.tower_text import load_hf_auto_model
+from clipforge.models.unlock import unlock_last_blocks
 
 
 def preprocess_from_hf_dir(path: str | Path, default_size: int = 224) -> dict:
@@ -45,8 +47,8 @@ class HFImageTower(nn.Module):
         self, path: str | Path | None, unlock: int = 0, pool: str = "mean", hf_config: dict | None = None
     ) -> None:
         super().__init__()
-        if unlock not in (0, -1):
-            raise ValueError("HF image towers support unlock=0 (locked) or -1 (fully trainable)")
+        if unlock < -1:
+            raise ValueError("HF image towers take unlock=-1 (all), 0 (locked) or N > 0 (last N blocks)")
         if pool not in ("mean", "tokens"):
             raise ValueError(f"HF image tower: unknown pool {pool!r} (mean | tokens)")
         model = load_hf_auto_model(path, hf_config)
@@ -56,7 +58,9 @@ class HFImageTower(nn.Module):
         self.out_dim = int(getattr(cfg, "hidden_size", 0) or cfg.hidden_sizes[-1])
         if unlock == 0:
             self.model.requires_grad_(False)
-        self.model.train(unlock == -1)
+        elif unlock > 0:
+            unlock_last_blocks(self.model, unlock)
+        self.model.train(unlock != 0)
 
     @property
     def locked(self) -> bool:
