@@ -128,22 +128,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         st = self.state
         with st["lock"]:
-            st["active"] += 1
-            st["max_active"] = max(st["max_active"], st["active"])
             st["hits"][self.path] += 1
         try:
             self._serve(st)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        finally:
-            with st["lock"]:
-                st["active"] -= 1
 
     def _serve(self, st: dict) -> None:
         p = self.path
         headers: dict[str, str] = {}
         if p.startswith("/good/"):
+            # Concurrency is counted over this sleep only, and released before the response is sent: a
+            # client can start its next request only after reading this one, so no false overlap. (The
+            # slow URL is not counted: the client gives up on it by design while the server still waits.)
+            with st["lock"]:
+                st["active"] += 1
+                st["max_active"] = max(st["max_active"], st["active"])
             time.sleep(0.03)  # overlap requests so the per-host limit is observable
+            with st["lock"]:
+                st["active"] -= 1
             body = image_bytes(seed=int(p.split("/")[-1].split(".")[0]))
         elif p == "/broken.jpg":
             body = b"<html>this is not an image</html>"
