@@ -2,48 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from tiny_model import torchrun_train
 
 
 def _run(out: Path, shards: list[str], env: dict, nproc: int, extra: list[str]) -> list[dict]:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [
-        *launch,
-        "-m",
-        "clipforge.cli",
-        "train",
-        "--model",
-        "py:tiny_model:make_tiny",
-        "--model-opt",
-        "lock_image=1",
-        "--data",
-        *shards,
-        "--output",
-        str(out),
-        "--cache-dir",
-        str(out.parent / "cache"),
-        "--steps",
-        "12",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-2",
-        "--threads",
-        "1",
-        "--workers",
-        "0",
-        "--no-progress",
-        *extra,
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    args = ["--steps", "12", "--batch-size", "16", "--lr", "1e-2", *extra]
+    return torchrun_train(out, "py:tiny_model:make_tiny", shards, env, nproc, args, timeout=240)
 
 
 @pytest.mark.slow

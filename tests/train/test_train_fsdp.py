@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_model import make_tiny_scratch
+from tiny_model import make_tiny_scratch, torchrun_train
 from torch.distributed.tensor import DTensor
 
 from clipforge.train import checkpoint as ckpt
@@ -138,42 +136,8 @@ def test_sharded_step_and_checkpoint_match_plain(make, expected, one_rank_group,
 
 
 def _launch(out: Path, shards: list[str], env: dict, nproc: int, extra: list[str]) -> list[dict]:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [
-        *launch,
-        "-m",
-        "clipforge.cli",
-        "train",
-        "--model",
-        "py:tiny_model:make_tiny_scratch",
-        "--model-opt",
-        "lock_image=1",  # cached image features: the global batch is the same for any world size
-        "--data",
-        *shards,
-        "--output",
-        str(out),
-        "--cache-dir",
-        str(out.parent / "cache"),
-        "--steps",
-        "8",
-        "--save-every",
-        "4",
-        "--batch-size",
-        "16",
-        "--lr",
-        "2e-3",
-        "--grad-clip",
-        "0.5",
-        "--threads",
-        "1",
-        "--workers",
-        "0",
-        "--no-progress",
-        *extra,
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    args = ["--steps", "8", "--save-every", "4", "--batch-size", "16", "--lr", "2e-3", "--grad-clip", "0.5"]
+    return torchrun_train(out, "py:tiny_model:make_tiny_scratch", shards, env, nproc, [*args, *extra])
 
 
 def _resume_from(src: Path, dst: Path) -> None:

@@ -110,3 +110,20 @@ def make_tiny_scratch(lock_image: int = 0, seed: int = 0, image_size: int = 32):
     cfg.options["unlock_image"] = 0 if lock_image else -1
     tok = Tokenizer.minilm(context_length=cfg.context_length)
     return HFClipModel(cfg, tokenizer=tok, pretrained=False)
+
+
+def torchrun_train(
+    out: Path, model: str, shards: list[str], env: dict, nproc: int, args: list[str], timeout: int = 300
+) -> list[dict]:
+    """``torchrun --nproc_per_node=N clipforge train`` on a locked-image tiny model (cached image features:
+    the global batch is the same for any world size); returns the metrics.jsonl rows."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "clipforge.cli", "train", "--model", model, "--model-opt", "lock_image=1"]
+    cmd += ["--data", *shards, "--output", str(out), "--cache-dir", str(out.parent / "cache")]
+    cmd += ["--threads", "1", "--workers", "0", "--no-progress", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
