@@ -25,17 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for _name, module in STAGES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("clipforge"):
-                continue  # stage not built yet
-            raise
-        mod.register(sub)
+        importlib.import_module(module).register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from clipforge.runtime import tune_allocator
+
+    tune_allocator()  # before any tensor exists; children inherit it through the environment
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -73,9 +73,63 @@ def format_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def setup_torch_threads(threads: int | None = None) -> int:
-    """Use all cores for intra-op work (torch's default may be lower inside containers)."""
-    import torch
+    """Intra-op threads sized to the CPUs really available (see :mod:`clipforge.runtime`)."""
+    from clipforge.runtime import setup_process
 
-    n = threads or int(os.environ.get("CLIPFORGE_THREADS", 0)) or (os.cpu_count() or 1)
-    torch.set_num_threads(n)
+    return setup_process(threads)
+
+
+DEFAULT_ROOT = Path("runs")  # every command's default outputs land under here (git-ignored)
+
+
+def default_output(name: str) -> Path:
+    """``runs/NAME``: the one default root for outputs a user did not place."""
+    return DEFAULT_ROOT / name
+
+
+class OutputExistsError(FileExistsError):
+    """An output dir already holds a previous result (mixing runs would corrupt both)."""
+
+
+def prepare_output_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """The rule for every command that writes shards/tables into a dir.
+
+    - missing or empty dir: created;
+    - non-empty and ``resume``: kept (the command checks its saved config and continues);
+    - non-empty and ``overwrite``: the old contents are moved aside and deleted only after the
+      rename (never a half-deleted dir);
+    - non-empty otherwise: :class:`OutputExistsError` naming both ways out.
+    Stale ``*.tmp`` files from a killed run are removed in every case.
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if overwrite:
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        elif not resume:
+            raise OutputExistsError(
+                f"{path} already holds a previous result; pass --overwrite to replace it "
+                "(or --resume where the command supports it), or choose another --output"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(path)
+    return path
+
+
+def clean_stale_tmp(path: str | Path) -> int:
+    """Delete ``*.tmp`` files/dirs left in ``path`` (recursively) by a killed writer; returns the count."""
+    import shutil
+
+    n = 0
+    for p in Path(path).rglob("*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
     return n

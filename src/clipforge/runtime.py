@@ -1,0 +1,118 @@
+"""Process resources: how many CPUs we really have, and an allocator that does not feed the kernel.
+
+Why: on our own eval ``/usr/bin/time -v`` showed half the CPU time in the kernel. glibc returns every
+large tensor (> its mmap threshold) to the OS on free and page-faults it back in on the next forward
+pass. :func:`tune_allocator` keeps freed memory in the process instead, for this process (``mallopt``)
+and, through the environment, for every child (DataLoader workers, torchrun ranks, Ray actors, the
+server). Call :func:`setup_process` once at start-up; the CLI does.
+
+CPUs: ``os.cpu_count()`` is the host's count, not what a container or a taskset lets us use. We take
+the minimum of the affinity mask and the cgroup quota (``cpu.max``), so threads and workers are sized
+to the CPUs really available on a shared machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import os
+from pathlib import Path
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -3, -4, -8
+
+# Values measured on flickr8k/CIFAR eval + quickstart (see README "Kernel time"): keep up to 4 GiB of
+# freed heap, grow the heap in 1 GiB steps, serve allocations up to glibc's 32 MiB cap from the heap.
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+    "MALLOC_TOP_PAD_": str(1 << 30),
+}
+# torch's CPU allocator: 2 MiB-aligned allocations with MADV_HUGEPAGE for tensors >= 2 MiB, so a large
+# activation costs one fault per 2 MiB instead of one per 4 KiB page (read once, when torch starts).
+TORCH_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """CPUs allowed by the cgroup quota (v2 ``cpu.max`` or v1 cfs files), or None when unlimited."""
+    root = Path(root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        p = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return q / p if q > 0 and p > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: min(affinity mask, cgroup quota), at least 1.
+
+    ``CLIPFORGE_CPUS`` overrides it (e.g. to leave cores to a server on the same machine).
+    """
+    env = os.environ.get("CLIPFORGE_CPUS")
+    if env:
+        return max(1, int(env))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def default_workers(reserve: int = 1, cap: int = 8) -> int:
+    """Decode workers that fit beside the compute threads: available CPUs - ``reserve``, in [0, cap]."""
+    return max(0, min(cap, available_cpus() - reserve))
+
+
+def tune_allocator(children: bool = True) -> bool:
+    """Keep freed memory in-process (glibc ``mallopt``); export the same settings to child processes.
+
+    Returns True when mallopt was applied (glibc present). Safe to call more than once. A user's own
+    ``MALLOC_*`` environment settings win over ours.
+    """
+    if os.environ.get("CLIPFORGE_MALLOC", "1") == "0":
+        return False
+    if children:
+        for k, v in {**ALLOCATOR_ENV, **TORCH_ENV}.items():
+            os.environ.setdefault(k, v)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = True
+    for param, env in (
+        (_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"),
+        (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"),
+        (_M_TOP_PAD, "MALLOC_TOP_PAD_"),
+    ):
+        value = int(os.environ.get(env, ALLOCATOR_ENV[env]))
+        ok &= bool(mallopt(param, min(value, 2**31 - 1)))
+    return ok
+
+
+def setup_process(threads: int | None = None) -> int:
+    """Allocator tuning + torch intra-op threads sized to the available CPUs; returns the thread count."""
+    tune_allocator()
+    return setup_torch_threads(threads)
+
+
+def setup_torch_threads(threads: int | None = None) -> int:
+    """Intra-op threads: ``threads``, else ``CLIPFORGE_THREADS``, else the CPUs really available."""
+    import torch
+
+    n = threads or int(os.environ.get("CLIPFORGE_THREADS", 0)) or available_cpus()
+    torch.set_num_threads(n)
+    return n
