@@ -116,3 +116,30 @@ def setup_torch_threads(threads: int | None = None) -> int:
     n = threads or int(os.environ.get("CLIPFORGE_THREADS", 0)) or available_cpus()
     torch.set_num_threads(n)
     return n
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: from the process group when one is up, else torchrun's env.
+
+    The one place that answers "which rank am I" (data sharding, eval gather, training, losses).
+    """
+    try:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            return tdist.get_rank(), tdist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    DataLoader workers call it at start so a ``kill -9`` of the command leaves no orphan decoding away.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
