@@ -6,27 +6,35 @@ Every way a sample can be bad maps to one short reason string, so reports can be
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from clipforge.data.fields import (
+    TEXT_EXTS,
+    check_text,
+    parse_meta,
+    resolve_caption,
+    resolve_captions,
+    resolve_label,
+)
+from clipforge.data.skip import SkipSample
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-TEXT_EXTS = ("txt", "caption", "text")
+__all__ = [
+    "IMAGE_EXTS",
+    "TEXT_EXTS",
+    "SkipSample",
+    "DecodeConfig",
+    "decode_image",
+    "decode_sample",
+    "decode_text",
+]
 
 # Pillow's default bomb limit (~89M pixels) is kept; above 2x it Pillow raises DecompressionBombError.
 Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-
-
-class SkipSample(Exception):
-    """Raised by decode/map functions: the sample is skipped and recorded under ``reason``."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -91,18 +99,7 @@ def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Ima
 
 def decode_text(data: bytes | None, max_chars: int = 10_000) -> str:
     """Decode a caption; empty, non-UTF-8 and over-long captions are skips with distinct reasons."""
-    if data is None:
-        raise SkipSample("missing_caption")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SkipSample("caption_not_utf8", str(e)[:200]) from None
-    text = text.strip()
-    if not text:
-        raise SkipSample("empty_caption")
-    if len(text) > max_chars:
-        raise SkipSample("caption_too_long", f"{len(text)} chars > {max_chars}")
-    return text
+    return check_text(data, max_chars)
 
 
 @dataclass
@@ -126,35 +123,17 @@ def find_image(sample: dict[str, Any]) -> bytes | None:
 def decode_sample(sample: dict[str, Any], cfg: DecodeConfig = DecodeConfig()) -> dict[str, Any]:
     """Raw sample -> ``{"key", "shard", "image", "caption", "captions", "label", "meta"}``.
 
-    ``caption`` comes from KEY.txt, else the first of KEY.json ``captions``; ``captions`` lists all
-    captions (KEY.json ``captions`` when present), each validated like the main one.
+    Caption(s) and label follow the one rule of :mod:`clipforge.data.fields`; a missing or unusable
+    required field is a :class:`SkipSample` with its reason.
     """
     out: dict[str, Any] = {"key": sample["__key__"], "shard": sample.get("__shard__", "")}
-    meta: dict[str, Any] = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("KEY.json is not an object")
-        except Exception as e:
-            raise SkipSample("bad_json", f"{type(e).__name__}: {str(e)[:200]}") from None
+    meta = parse_meta(sample)
     out["meta"] = meta
     if cfg.image:
         out["image"] = decode_image(find_image(sample), cfg.draft_size)
     if cfg.caption:
-        raw = next((sample[e] for e in TEXT_EXTS if e in sample), None)
-        json_caps = meta.get("captions") if isinstance(meta.get("captions"), list) else None
-        if raw is None and json_caps:
-            raw = str(json_caps[0]).encode("utf-8")
-        out["caption"] = decode_text(raw, cfg.max_caption_chars)
-        caps = [c.strip() for c in (json_caps or []) if isinstance(c, str) and c.strip()]
-        caps = [c for c in caps if len(c) <= cfg.max_caption_chars]
-        out["captions"] = caps or [out["caption"]]
+        out["caption"] = resolve_caption(sample, meta, cfg.max_caption_chars)
+        out["captions"] = resolve_captions(meta, out["caption"], cfg.max_caption_chars)
     if cfg.label:
-        raw = sample.get("cls")
-        label = meta.get("label") if raw is None else None
-        try:
-            out["label"] = int(raw.decode().strip()) if raw is not None else int(label)  # type: ignore[arg-type]
-        except Exception:
-            raise SkipSample("missing_label") from None
+        out["label"] = resolve_label(sample, meta)
     return out
