@@ -178,8 +178,12 @@ class CaptionDecoder(nn.Module):
 # -- persistence: config.json + model.safetensors, written into a temp dir and renamed -----------------
 
 
-def save_decoder(directory: str | Path, model: CaptionDecoder, extra: dict[str, Any] | None = None,
-                 files: dict[str, Any] | None = None) -> Path:
+def save_decoder(
+    directory: str | Path,
+    model: CaptionDecoder,
+    extra: dict[str, Any] | None = None,
+    files: dict[str, Any] | None = None,
+) -> Path:
     """Write ``config.json`` (decoder config + ``extra``) and ``model.safetensors`` atomically.
 
     ``files``: more files for the same dir, ``name -> callable(path)`` (the vocabulary, a memory).
