@@ -70,8 +70,10 @@ def bench_semdedup(n: int, dim: int, dups: int, threshold: float, seed: int) -> 
 def bench_clipscore(limit: int, model: str, image_size: int | None, batch: int) -> dict:
     import torch
 
-    from clipforge.curate.engine import iter_batches
-    from clipforge.curate.stages import Context, CurateConfig, resolve_stages
+    from clipforge.curate.config import CurateConfig
+    from clipforge.curate.plan import resolve_stages
+    from clipforge.curate.registry import Context
+    from clipforge.curate.shard import iter_batches
     from clipforge.data.report import BadSampleReport
     from clipforge.utils import setup_torch_threads
 
@@ -100,8 +102,8 @@ def bench_clipscore(limit: int, model: str, image_size: int | None, batch: int) 
 
 
 def bench_ray(limit_shards: int) -> dict:
+    from clipforge.curate.config import CurateConfig
     from clipforge.curate.engine import run_curation
-    from clipforge.curate.stages import CurateConfig
 
     shards = [str(p) for p in sorted(FLICKR.glob("train-*.tar"))[:limit_shards]]
     cfg = CurateConfig(stages=["text", "image"])

@@ -16,19 +16,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
+from clipforge.curate.config import BalanceConfig
 from clipforge.curate.stages import data_path, read_word_list, register_stage
 from clipforge.curate.text import words
-
-
-@dataclass
-class BalanceConfig:
-    t: int = 20_000
-    concepts: str | None = None  # file with one concept per line; None = shipped list
-    unmatched_prob: float = 0.0
-    seed: int = 0
 
 
 class ConceptMatcher:

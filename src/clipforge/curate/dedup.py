@@ -23,32 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from clipforge.curate.config import DedupConfig
 from clipforge.curate.hashing import to_bytes
 from clipforge.curate.stages import register_stage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DedupConfig:
-    # of 64 bits: imagededup's pHash default. Corrupted-flickr8k proof: near-copy (2-6% crop, rescale,
-    # JPEG 60-80) recall 0.82 at 10 vs 0.63 at 8; clean images with a neighbour that close: 0.4% vs 0.13%.
-    phash_radius: int = 10
-    phash_k: int = 16
-    threshold: float = 0.95  # semantic duplicate cosine
-    k: int = 8  # neighbours searched per sample
-    nprobe: int = 8
-    nlist: int | None = None  # k-means clusters; None = ~4 sqrt(N)
-    exact_search_max: int = 50_000
-    keep: str = "clip-score"  # or "centroid"
-    eval_threshold: float = 0.92
-    seed: int = 0
-    chunk: int = 65_536  # query rows per search call (bounds the float32 working copy)
 
 
 def normalize_caption(text: str | None) -> str | None:

@@ -3,7 +3,7 @@
 Design: a Ray Dataset of shard URLs goes through ``map_batches`` with a callable class
 (:class:`ShardScorer`), so Ray runs an **actor pool**: each actor builds its Context once (loading the
 model once per CPU/GPU slot, as the issue asks) and scores whole shards with the very
-:func:`~clipforge.curate.engine.process_shard` the local engine uses, writing the same per-shard
+:func:`~clipforge.curate.shard.process_shard` the local engine uses, writing the same per-shard
 Parquet (atomic, so resume works the same). Shards are the unit of work because per-shard outputs are
 what makes runs resumable and keeps each worker's memory bounded; global stages (dedup, balance) run
 on the driver afterwards, on the merged table. Works on a local instance (``ray.init(num_cpus=N)``)
@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from clipforge.curate.stages import Context, CurateConfig, Stage
+from clipforge.curate.config import CurateConfig
+from clipforge.curate.registry import Context, Stage
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class ShardScorer:
     ) -> None:
         import torch
 
-        from clipforge.curate.stages import resolve_stages
+        from clipforge.curate.plan import resolve_stages
 
         torch.set_num_threads(max(1, threads))
         self.ctx = Context(CurateConfig.from_dict(config), model)
@@ -44,7 +45,7 @@ class ShardScorer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import json
 
-        from clipforge.curate.engine import process_shard
+        from clipforge.curate.shard import process_shard
 
         urls, status, rows, bad = [], [], [], []
         for url in batch["url"]:

@@ -1,0 +1,215 @@
+"""One shard -> its score table: read it as columnar batches, run the sample stages, write atomically.
+
+Both engines call :func:`process_shard` (the local thread pool in :mod:`clipforge.curate.engine`, the
+Ray actors in :mod:`clipforge.curate.ray_engine`), so a shard scored by either is the same file.
+
+Per shard ``STEM`` of the input, under ``OUT/shards/``::
+
+    STEM.parquet      one row per sample key (sample-stage columns); its metadata lists the stages held
+    STEM.image.npy    float16 [rows, D] image embeddings (clip-score), NaN = no image
+    STEM.text.npy     float16 [rows, D] caption embeddings
+
+Resume: the Parquet is written atomically *after* its embeddings, and records the stages it holds; a
+rerun skips a shard whose table has every requested stage and, for a table missing some stage, runs
+only the missing ones (the existing columns are passed in, nothing is rescored).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipforge.curate.registry import Batch, Context, Stage
+from clipforge.data.decode import IMAGE_EXTS, TEXT_EXTS, SkipSample, decode_text
+from clipforge.data.reader import iter_tar_samples
+from clipforge.data.report import BadSampleReport
+from clipforge.data.shards import shard_name
+from clipforge.utils import atomic_path
+
+META_KEY = b"clipforge.curate"
+EMB_COLUMNS = {"__emb_image__": "image", "__emb_text__": "text"}
+# Types for columns that can be all-null in one shard (so per-shard tables concatenate cleanly).
+COLUMN_TYPES = {
+    "key": pa.string(),
+    "shard": pa.string(),
+    "caption": pa.string(),
+    "caption_error": pa.string(),
+    "lang": pa.string(),
+    "lang_score": pa.float64(),
+    "image_format": pa.string(),
+    "image_error": pa.string(),
+    "sha256": pa.string(),
+    "width": pa.int64(),
+    "height": pa.int64(),
+    "aspect": pa.float64(),
+    "pixel_std": pa.float64(),
+    "dominant_frac": pa.float64(),
+    "is_blank": pa.bool_(),
+    "phash": pa.int64(),
+    "dhash": pa.int64(),
+    "clip_score": pa.float64(),
+    "nsfw_score": pa.float64(),
+    "violence_score": pa.float64(),
+    "unsafe_score": pa.float64(),
+    "exact_dup_of": pa.string(),
+    "near_dup_of": pa.string(),
+    "semantic_dup_of": pa.string(),
+    "semantic_max_sim": pa.float64(),
+    "dup_of": pa.string(),
+    "eval_dup_of": pa.string(),
+    "eval_sim": pa.float64(),
+    "eval_phash_dist": pa.int64(),
+}
+
+
+def shard_stem(url: str) -> str:
+    name = shard_name(url)
+    return name[: -len(".tar")] if name.endswith(".tar") else name.replace("/", "_").replace(":", "_")
+
+
+def to_table(cols: dict[str, list]) -> pa.Table:
+    return pa.table({c: pa.array(v, type=COLUMN_TYPES.get(c)) for c, v in cols.items()})
+
+
+# -- reading a shard as columnar batches ---------------------------------------------------------
+def raw_caption(sample: dict[str, Any]) -> bytes | None:
+    raw = next((sample[e] for e in TEXT_EXTS if e in sample), None)
+    if raw is None and "json" in sample:
+        try:
+            caps = json.loads(sample["json"].decode("utf-8")).get("captions")
+            if isinstance(caps, list) and caps:
+                raw = str(caps[0]).encode("utf-8")
+        except Exception:
+            pass
+    return raw
+
+
+def iter_batches(url: str, batch_size: int, report: BadSampleReport) -> Iterator[Batch]:
+    """Columnar batches of one shard in file order. Every key gets a row, even with a bad part."""
+    batch: Batch = _empty_batch()
+    for s in iter_tar_samples(url, report):
+        ext = next((e for e in IMAGE_EXTS if e in s), None)
+        try:
+            caption, err = decode_text(raw_caption(s)), None
+        except SkipSample as e:
+            caption, err = None, e.reason
+            report.add(s["__key__"], e.reason, e.detail)
+        batch["key"].append(s["__key__"])
+        batch["shard"].append(s["__shard__"])
+        batch["image_bytes"].append(s[ext] if ext else None)
+        batch["image_ext"].append(ext)
+        batch["caption"].append(caption)
+        batch["caption_error"].append(err)
+        if len(batch["key"]) >= batch_size:
+            yield batch
+            batch = _empty_batch()
+    if batch["key"]:
+        yield batch
+
+
+def _empty_batch() -> Batch:
+    return {k: [] for k in ("key", "shard", "image_bytes", "image_ext", "caption", "caption_error")}
+
+
+# -- one shard -----------------------------------------------------------------------------------
+def shard_paths(out_dir: Path, url: str) -> dict[str, Path]:
+    stem = shard_stem(url)
+    d = out_dir / "shards"
+    return {"table": d / f"{stem}.parquet", "image": d / f"{stem}.image.npy", "text": d / f"{stem}.text.npy"}
+
+
+def stages_done(table_path: Path) -> list[str] | None:
+    """The stages a finished shard table holds, or None when there is no (readable) table."""
+    if not table_path.exists():
+        return None
+    try:
+        meta = pq.read_schema(table_path).metadata or {}
+        return list(json.loads(meta[META_KEY])["stages"])
+    except Exception:
+        return None
+
+
+def process_shard(url: str, stages: list[Stage], ctx: Context, out_dir: Path) -> dict[str, Any]:
+    """Score one shard with the sample stages it still lacks; write its table (+ embeddings) atomically."""
+    paths = shard_paths(out_dir, url)
+    done = stages_done(paths["table"]) or []
+    todo = [s for s in stages if s.name not in done]
+    if not todo:
+        return {"url": url, "status": "done", "rows": pq.read_metadata(paths["table"]).num_rows, "bad": {}}
+    old = pq.read_table(paths["table"]) if done else None
+    old_emb = {
+        n: np.load(paths[n], mmap_mode="r")
+        for n in ("image", "text")
+        if old is not None and paths[n].exists()
+    }
+    report = BadSampleReport()
+    cols: dict[str, list] = {}
+    embs: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    row = 0
+    for batch in iter_batches(url, ctx.config.batch_size, report):
+        n = len(batch["key"])
+        if old is not None:  # earlier stages' columns are inputs to the missing ones
+            part = old.slice(row, n)
+            if part.column("key").to_pylist() != batch["key"]:
+                raise RuntimeError(
+                    f"{paths['table']} does not match shard {url} any more: delete it to rescore"
+                )
+            for c in part.column_names:
+                batch.setdefault(c, part.column(c).to_pylist())
+            for name, arr in old_emb.items():  # reuse saved embeddings: never re-run the model
+                batch[f"__emb_{name}__"] = np.asarray(arr[row : row + n], dtype=np.float32)
+        for key in ("key", "shard", "caption", "caption_error"):
+            cols.setdefault(key, []).extend(batch[key])
+        for stage in todo:
+            new = stage.fn(batch, ctx)
+            for c, v in new.items():
+                if c in EMB_COLUMNS:
+                    embs.setdefault(EMB_COLUMNS[c], []).append(np.asarray(v, dtype=np.float16))
+                    batch[c] = v
+                    continue
+                if len(v) != n:
+                    raise RuntimeError(
+                        f"stage {stage.name} returned {len(v)} values for column {c}, batch has {n}"
+                    )
+                cols.setdefault(c, []).extend(v)
+                batch[c] = v
+        row += n
+    if old is not None:
+        if row != old.num_rows:
+            raise RuntimeError(
+                f"{paths['table']} has {old.num_rows} rows, shard {url} now has {row}: delete it"
+            )
+        table = old
+        for c, v in cols.items():
+            if c not in table.column_names:
+                table = table.append_column(c, pa.array(v, type=COLUMN_TYPES.get(c)))
+    else:
+        table = (
+            to_table(cols)
+            if cols
+            else to_table({k: [] for k in ("key", "shard", "caption", "caption_error")})
+        )
+    for name, parts in embs.items():  # embeddings first: a visible table implies its embeddings exist
+        with atomic_path(paths[name]) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate(parts))
+    meta = {"stages": [*done, *(s.name for s in todo)], "url": url, "bad": report.to_dict()["counts"]}
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    paths["table"].parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths["table"]) as tmp:
+        pq.write_table(table, tmp)
+    return {
+        "url": url,
+        "status": "scored",
+        "rows": table.num_rows,
+        "seconds": time.perf_counter() - t0,
+        "bad": report.to_dict(),
+    }
