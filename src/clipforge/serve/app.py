@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+import clipforge
 from clipforge.serve.errors import install_error_handlers
 from clipforge.serve.middleware import ApiKeyGuard, BodyLimit
 from clipforge.serve.routes import router
@@ -43,7 +44,7 @@ def create_app(service: ClipService) -> FastAPI:
     app = FastAPI(
         title="clipforge",
         description="Search, zero-shot classification and embeddings from a CLIP-family model.",
-        version="0.1.0",
+        version=clipforge.__version__,  # the one version string
         lifespan=lifespan,
     )
     app.state.service = service

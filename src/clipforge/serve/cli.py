@@ -1,4 +1,9 @@
-"""``clipforge serve MODEL [--index DIR]``: argument parsing; the app lives in app.py / service.py."""
+"""``clipforge serve MODEL [--index DIR]``: argument parsing; the app lives in app.py / service.py.
+
+The ServeConfig flags are generated from its fields (:func:`clipforge.config.add_arguments`), so no
+field lacks a flag and every default lives once, in serve/config.py. Two fields keep their historical
+flag form: ``--cors-origin`` is repeatable and ``--max-upload-mb`` gives the body limit in MiB.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,18 @@ import logging
 import os
 from typing import Any
 
+from clipforge.config import add_arguments, from_args
+
 log = logging.getLogger("clipforge.serve")
+
+RENAME = {"label_sets": "label-set"}
+HAND_WRITTEN = {"cors_origins"}  # repeatable flag below; every other field is generated
+MIB = 1 << 20
 
 
 def register(subparsers: Any) -> None:
+    from clipforge.serve.config import ServeConfig
+
     p = subparsers.add_parser(
         "serve", help="serve search, zero-shot classification and embeddings over HTTP (+ a web page)"
     )
@@ -18,71 +31,51 @@ def register(subparsers: Any) -> None:
     p.add_argument("--index", default=None, help="index directory from `clipforge index build`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("CLIPFORGE_API_KEY"),
-        help="require X-API-Key (env CLIPFORGE_API_KEY)",
-    )
-    p.add_argument(
-        "--cors-origin", action="append", default=[], help="allowed CORS origin (repeatable, or *)"
-    )
-    p.add_argument("--no-batching", action="store_true", help="one model call per request")
-    p.add_argument("--max-batch", type=int, default=32, help="largest micro-batch")
-    p.add_argument(
-        "--max-image-batch", type=int, default=None, help="largest image micro-batch (default: 1 on CPU)"
-    )
-    p.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="longest a request waits for a batch to fill"
-    )
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="decode limit (width*height)")
-    p.add_argument("--max-k", type=int, default=100, help="largest k for /search")
-    p.add_argument("--allow-image-urls", action="store_true", help="let clients send image URLs to fetch")
-    p.add_argument("--label-set", action="append", default=[], metavar="NAME=FILE", help="extra label set")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "auto"],
-        help="model precision: bf16 autocast is ~3x faster for text on CPUs with AVX512-BF16/AMX "
-        "(auto: bf16 only where native)",
-    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("server limits and switches (ServeConfig)")
+    add_arguments(g, ServeConfig, skip=HAND_WRITTEN, rename=RENAME)
+    g.add_argument(
+        "--cors-origin", dest="cors_origins", action="append", default=argparse.SUPPRESS,
+        help="allowed CORS origin (repeatable, or *)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-upload-mb", type=float, default=argparse.SUPPRESS,
+        help="request body limit in MiB (default: 10; same as --max-upload-bytes)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The ServeConfig from parsed flags (only the flags given override the dataclass defaults)."""
+    from clipforge.config import ConfigError
+    from clipforge.serve.config import ServeConfig
+
+    base: dict[str, Any] = {}
+    if "max_upload_mb" in args:
+        if "max_upload_bytes" in args:
+            raise ConfigError("give --max-upload-mb or --max-upload-bytes, not both")
+        base["max_upload_bytes"] = int(args.max_upload_mb * MIB)
+    if "api_key" not in args and os.environ.get("CLIPFORGE_API_KEY"):
+        base["api_key"] = os.environ["CLIPFORGE_API_KEY"]
+    cfg = from_args(ServeConfig, args, base=base)
+    cfg.api_key = cfg.api_key or None
+    return cfg
 
 
 def make_service(args: argparse.Namespace) -> Any:
     """Parsed ``serve`` arguments -> a ready ClipService (raises ValueError/FileNotFoundError on bad input)."""
     from clipforge.index.encode import load_model_spec
     from clipforge.index.store import ClipIndex
-    from clipforge.serve.service import ClipService, ServeConfig
+    from clipforge.serve.service import ClipService
 
-    extra = {}
-    for item in args.label_set:
-        name, _, path = item.partition("=")
-        if not name or not path or not os.path.isfile(path):
-            raise ValueError(f"--label-set needs NAME=FILE with an existing file, got {item!r}")
-        extra[name] = path
+    cfg = serve_config(args)
     index = ClipIndex.load(args.index) if args.index else None
     spec = args.model or (index.model_ref if index is not None else None)
     if spec is None:
         raise ValueError("give a MODEL or an --index (whose model is then used)")
     if index is not None and args.model and args.model != index.model_ref:
         log.warning("serving model %s with an index built by %s", args.model, index.model_ref)
-    cfg = ServeConfig(
-        batching=not args.no_batching,
-        max_batch=args.max_batch,
-        max_image_batch=args.max_image_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-        max_image_pixels=args.max_image_pixels,
-        max_k=args.max_k,
-        api_key=args.api_key or None,
-        cors_origins=args.cors_origin,
-        allow_image_urls=args.allow_image_urls,
-        label_sets=extra,
-        precision=args.precision,
-    )
     return ClipService(load_model_spec(spec), index, cfg)
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,32 +32,12 @@ from clipforge.index.encode import (
 from clipforge.index.store import ClipIndex, Hit
 from clipforge.models.base import ClipModel
 from clipforge.serve.batcher import MicroBatcher
+from clipforge.serve.config import ServeConfig
 from clipforge.serve.labels import DEFAULT_TEMPLATES, builtin_label_sets, read_labels
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ServeConfig:
-    """Limits and switches; every field has a matching ``clipforge serve`` flag."""
-
-    batching: bool = True
-    max_batch: int = 32
-    max_image_batch: int | None = None  # None: 1 on CPU (see ClipService), max_batch on GPU
-    max_wait_ms: float = 5.0
-    max_upload_bytes: int = 10 << 20
-    max_image_pixels: int = 40_000_000
-    max_texts: int = 64
-    max_text_chars: int = 1000
-    max_k: int = 100
-    max_labels: int = 1000
-    max_templates: int = 16
-    api_key: str | None = None
-    cors_origins: list[str] = field(default_factory=list)
-    allow_image_urls: bool = False
-    label_sets: dict[str, str] = field(default_factory=dict)  # extra name -> file with one label a line
-    decode_threads: int = 2
-    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the CPU/GPU has native bf16 matmul)
+__all__ = ["ClipService", "SearchItem", "ServeConfig"]
 
 
 @dataclass
@@ -69,10 +49,12 @@ class SearchItem:
 
 
 class ClipService:
-    def __init__(self, model: ClipModel, index: ClipIndex | None, config: ServeConfig | None = None) -> None:
+    def __init__(
+        self, model: ClipModel, index: ClipIndex | None, config: ServeConfig | dict | None = None
+    ) -> None:
         self.model = model.eval()
         self.index = index
-        self.cfg = config or ServeConfig()
+        self.cfg = ServeConfig.from_dict(config)
         if index is not None and index.embed_dim != model.config.embed_dim:
             raise ValueError(
                 f"index {index.dir} holds {index.embed_dim}-d embeddings but the model makes "
