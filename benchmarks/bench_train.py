@@ -118,12 +118,12 @@ def step_flops(model: torch.nn.Module, batch: dict, precision: str) -> float:
 
 
 def bench_clipforge_step(args: argparse.Namespace) -> dict:
-    from clipforge.train.loop import build_model
+    from clipforge.models import load_model
     from clipforge.train.loss import ClipLoss
     from clipforge.train.optim import build_optimizer
     from clipforge.train.step import forward_backward
 
-    model = build_model(args.model, {})
+    model = load_model(args.model)
     model.train()
     opt = build_optimizer(model, 1e-4, 0.1)
     b = args.batch_size

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clipforge.models import load_model
-from clipforge.models.io import load_saved, save_model
+from clipforge.models.factory import load_saved
+from clipforge.models.io import save_model
 
 
 def _same_state(a, b):

@@ -12,9 +12,6 @@ Features are a dict of tensors with a leading batch dim so a cache can store and
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.data.transforms import ImageTransform, PreprocessConfig
+from clipforge.models.io import save_model
+from clipforge.models.types import Features, ModelConfig, read_config
 
-Features = dict[str, torch.Tensor]
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a model (weights come from model.safetensors beside it)."""
-
-    backend: str  # "towers" | "hf" | "scratch"
-    spec: str  # the spec string it was created from, e.g. "towers:efficientnet-lite0+minilm-l6"
-    embed_dim: int = 512
-    init_logit_scale: float = math.log(1 / 0.07)
-    init_logit_bias: float | None = None  # SigLIP: -10
-    preprocess: dict = field(default_factory=lambda: PreprocessConfig().to_dict())
-    context_length: int = 77
-    options: dict = field(default_factory=dict)  # backend-specific (tower names, head type, unlock, ...)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+__all__ = ["ClipModel", "Features", "ModelConfig", "read_config"]
 
 
 class ClipModel(nn.Module):
@@ -128,16 +106,11 @@ class ClipModel(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files) atomically into ``directory``."""
-        from clipforge.models.io import save_model
+        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files) atomically into ``directory``.
 
+        Load it back with ``clipforge.models.load_model(directory)``.
+        """
         return save_model(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> ClipModel:
-        from clipforge.models.io import load_saved
-
-        return load_saved(directory)
 
     def describe(self) -> dict[str, Any]:
         n_all = sum(p.numel() for p in self.parameters())
@@ -148,7 +121,3 @@ class ClipModel(nn.Module):
             "trainable": n_train,
             "embed_dim": self.config.embed_dim,
         }
-
-
-def read_config(directory: str | Path) -> ModelConfig:
-    return ModelConfig.from_dict(json.loads((Path(directory) / "config.json").read_text()))

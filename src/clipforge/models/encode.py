@@ -331,6 +331,7 @@ def encode_shards(
     split: str = "auto",
     report: BadSampleReport | None = None,
     prefetch: int = 4,
+    limit: int | None = None,
 ) -> Iterator[EncodedBatch]:
     """The one loop over shards: workers decode + preprocess, the main process embeds; yields batches.
 
@@ -339,6 +340,7 @@ def encode_shards(
     ``EncodedBatch.fields``. ``features``: run the frozen image prefix (``image_features``) instead of
     the full embedding (what the train feature cache stores). ``rank``/``world`` split samples across
     processes. Bad samples are reported by key in each batch's ``bad`` (and added to ``report``).
+    ``limit``: stop after that many good samples (the last batch is cut *before* the forward pass).
     """
     fields = tuple(fields)
     prep = prepare or Prepare(model.preprocess, fields)
@@ -360,10 +362,13 @@ def encode_shards(
         worker_init_fn=_worker_init if workers > 0 else None,
     )
     dev = model_device(model)
+    left = limit
     with eval_mode(model):
         if channels_last and not features:
             model.to(memory_format=torch.channels_last)
         for batch in loader:
+            if left is not None and left <= 0:
+                break
             bad = list(batch.get("__bad__", []))
             if report is not None:
                 for k, r, d in bad:
@@ -371,6 +376,9 @@ def encode_shards(
             if batch["size"] == 0:
                 yield EncodedBatch([], None, bad=bad)
                 continue
+            if left is not None:
+                batch = _head(batch, left)
+                left -= batch["size"]
             extra = {
                 k: v
                 for k, v in batch.items()
@@ -384,6 +392,18 @@ def encode_shards(
             else:
                 emb = embed_pixels(model, batch["pixels"], precision, channels_last)
                 yield EncodedBatch(list(batch["key"]), emb, extra, bad)
+
+
+def _head(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` samples of a collated batch (tensors and lists alike)."""
+    if batch["size"] <= n:
+        return batch
+    out = {
+        k: (v[:n] if isinstance(v, (list, torch.Tensor)) and not k.startswith("__") else v)
+        for k, v in batch.items()
+    }
+    out["size"] = n
+    return out
 
 
 __all__ = [

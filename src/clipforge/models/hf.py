@@ -4,9 +4,9 @@ Embeddings equal transformers' ``get_image_features`` / ``get_text_features`` (t
 to 1e-5). Tokenizer and preprocessing come from the checkpoint dir (``tokenizer.json`` or slow
 tokenizer files; ``preprocessor_config.json``); logit scale/bias are copied from the checkpoint.
 
-Options: ``unlock_image`` / ``unlock_text``: -1 (default, fine-tune everything), 0 (lock the tower;
-its pooled output is cached and only the projection trains — LiT on a CLIP checkpoint) or N > 0 (the
-last N encoder layers and the final norm train; streamed, not cached).
+Options (:data:`OPTIONS`): ``unlock_image`` / ``unlock_text``: -1 (default, fine-tune everything), 0
+(lock the tower; its pooled output is cached and only the projection trains — LiT on a CLIP
+checkpoint) or N > 0 (the last N encoder layers and the final norm train; streamed, not cached).
 A hub id works where a network exists (``from_pretrained`` downloads it); offline, pass a local dir.
 """
 
@@ -21,8 +21,15 @@ from torch import nn
 
 from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, PreprocessConfig
 from clipforge.models.base import ClipModel, Features, ModelConfig
+from clipforge.models.spec import ModelSpec, parse_spec
 from clipforge.models.tokenizer import Tokenizer
 from clipforge.models.unlock import unlock_last_blocks
+
+OPTIONS: dict[str, str] = {
+    "unlock_image": "-1 fine-tune all (default), 0 locked (cached), N the last N layers",
+    "unlock_text": "-1 fine-tune all (default), 0 locked (cached), N the last N layers",
+    "context_length": "max caption tokens (default: the checkpoint's)",
+}
 
 
 def _hf_classes(model_type: str):
@@ -44,8 +51,11 @@ def _read_model_type(path: str) -> str:
     return AutoConfig.from_pretrained(path).model_type
 
 
-def build_config(spec: str, **options: Any) -> ModelConfig:
-    path = spec.split(":", 1)[1] if spec.startswith("hf:") else spec
+def build_config(spec: ModelSpec | str, **options: Any) -> ModelConfig:
+    spec = parse_spec(spec)
+    if spec.backend != "hf":
+        raise ValueError(f"not an hf spec: {spec}")
+    path = spec.target
     model_type = _read_model_type(path)
     cfg_cls, _ = _hf_classes(model_type)
     hf_cfg = cfg_cls.from_pretrained(path)
@@ -76,6 +86,10 @@ def _preprocess(path: str, hf_cfg, siglip: bool) -> PreprocessConfig:
     if (Path(path) / "preprocessor_config.json").is_file():
         d.update(preprocess_from_hf_dir(path, size))
     return PreprocessConfig.from_dict(d)
+
+
+def build(config: ModelConfig, tokenizer: Tokenizer | None = None, pretrained: bool = True) -> HFClipModel:
+    return HFClipModel(config, tokenizer=tokenizer, pretrained=pretrained)
 
 
 class HFClipModel(ClipModel):

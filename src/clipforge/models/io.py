@@ -7,6 +7,8 @@ small periodic checkpoints can pass ``trainable_only=True``: loading such a dir 
 parts from the pretrained files and checks that exactly the non-trainable tensors were left out.
 
 Writes are atomic: everything goes into a temp dir beside the target, which then replaces it.
+Reading a dir back into a model is :func:`clipforge.models.factory.load_saved` (it needs the backend
+table); this module only writes and checks files, so it imports no backend and no model class.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from clipforge.models.base import ClipModel, ModelConfig, read_config
 from clipforge.models.tokenizer import Tokenizer
+from clipforge.models.types import CONFIG, ModelConfig, read_config
+
+if TYPE_CHECKING:
+    from clipforge.models.base import ClipModel
 
 WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
 
 def _state_for_saving(model: ClipModel, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -77,58 +82,24 @@ def save_model(model: ClipModel, directory: str | Path, trainable_only: bool = F
     return directory
 
 
-def build_model(
-    config: ModelConfig, tokenizer: Tokenizer | None = None, pretrained: bool = True
-) -> ClipModel:
-    """Construct the backend's module for ``config`` (pretrained=False: a skeleton to load into).
-
-    Random init (heads, scratch weights) is seeded from the config, so the same spec + options
-    always builds the same model: an index built with a spec can be searched by a fresh load of it.
-    """
-    import hashlib
-    import json
-
-    import torch
-
-    seed = int(
-        hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8], 16
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _build(config, tokenizer, pretrained)
-
-
-def _build(config: ModelConfig, tokenizer: Tokenizer | None, pretrained: bool) -> ClipModel:
-    if config.backend == "towers":
-        from clipforge.models.towers import TowersModel
-
-        return TowersModel(config, tokenizer=tokenizer, pretrained=pretrained)
-    if config.backend == "hf":
-        from clipforge.models.hf import HFClipModel
-
-        return HFClipModel(config, tokenizer=tokenizer, pretrained=pretrained)
-    if config.backend == "scratch":
-        from clipforge.models.scratch import build
-
-        return build(config, tokenizer=tokenizer)
-    raise ValueError(f"unknown backend {config.backend!r} in model config")
-
-
 def is_saved_model(path: str | Path) -> bool:
     p = Path(path)
     return (p / CONFIG).is_file() and (p / WEIGHTS).is_file()
 
 
-def load_saved(directory: str | Path) -> ClipModel:
-    """Rebuild a model saved by :func:`save_model` (exact weights; eval mode)."""
+def read_saved(directory: str | Path) -> tuple[ModelConfig, Tokenizer | None, bool]:
+    """(config, saved tokenizer or None, partial) of a saved dir; partial: only trainable weights."""
     directory = Path(directory)
     if not is_saved_model(directory):
         raise FileNotFoundError(f"{directory} is not a saved clipforge model (needs {CONFIG} + {WEIGHTS})")
     raw = json.loads((directory / CONFIG).read_text())
-    config = read_config(directory)
     tok = Tokenizer.from_dir(directory / "tokenizer") if (directory / "tokenizer").is_dir() else None
-    partial = raw.get("weights") == "trainable"
-    model = build_model(config, tokenizer=tok, pretrained=partial)
+    return read_config(directory), tok, raw.get("weights") == "trainable"
+
+
+def load_weights(model: ClipModel, directory: str | Path, partial: bool) -> None:
+    """Fill ``model`` from ``directory``'s safetensors, checking exactly the expected tensors are there."""
+    directory = Path(directory)
     sd = load_file(str(directory / WEIGHTS))
     expected = model.state_dict()
     unexpected = sorted(set(sd) - set(expected))
@@ -145,7 +116,6 @@ def load_saved(directory: str | Path) -> ClipModel:
         if bad:
             raise ValueError(f"{directory}: trainable weights missing from {WEIGHTS}: {bad[:5]}")
     model.load_state_dict(sd, strict=False)
-    return model.eval()
 
 
 def _aliases(model: ClipModel) -> dict[str, str]:

@@ -7,9 +7,8 @@ heavily shared machine: within noise. So we reuse the tested HF code (and get gr
 checkpointing and HF export for free). The tokenizer is MiniLM's uncased
 WordPiece (vocab 30522, offline); [SEP] (id 102) ends a caption and is the pooled position.
 
-Options: ``image_size``, ``context_length`` (77), ``embed_dim``, ``loss`` (clip | siglip: SigLIP's
-logit scale/bias init), ``activation`` (``gelu``, open_clip's default for these layouts, one fused op;
-or ``quick_gelu`` as in OpenAI's CLIP and transformers' default, three elementwise ops).
+Options: :data:`OPTIONS`. ``activation`` is ``gelu`` (open_clip's default for these layouts, one fused
+op) or ``quick_gelu`` (OpenAI's CLIP and transformers' default, three elementwise ops).
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ import math
 from typing import Any
 
 from clipforge.data.transforms import CLIP_MEAN, CLIP_STD, PreprocessConfig
-from clipforge.models.base import ModelConfig
+from clipforge.models.spec import ModelSpec, parse_spec
+from clipforge.models.types import ModelConfig
 
 # name: (image size, patch, vision width, layers, heads, text width, layers, heads, embed dim)
 CONFIGS: dict[str, tuple[int, ...]] = {
@@ -28,6 +28,15 @@ CONFIGS: dict[str, tuple[int, ...]] = {
     "vit-s-16": (224, 16, 384, 12, 6, 384, 6, 6, 384),
     "vit-b-32": (224, 32, 768, 12, 12, 512, 12, 8, 512),
     "vit-b-16": (224, 16, 768, 12, 12, 512, 12, 8, 512),
+}
+OPTIONS: dict[str, str] = {
+    "image_size": "input size (the layout's, e.g. 224)",
+    "context_length": "max caption tokens (77)",
+    "embed_dim": "shared embedding size (the layout's)",
+    "loss": "clip | siglip: SigLIP's logit scale/bias init",
+    "activation": "gelu (default) | quick_gelu",
+    "init_logit_scale": "initial log logit scale",
+    "init_logit_bias": "initial logit bias (SigLIP)",
 }
 MINILM_VOCAB, PAD_ID, CLS_ID, SEP_ID = 30522, 0, 101, 102
 
@@ -74,8 +83,11 @@ def hf_clip_config(name: str, **options: Any):
     )
 
 
-def build_config(spec: str, **options: Any) -> ModelConfig:
-    name = spec.split(":", 1)[1] if spec.startswith("scratch:") else spec
+def build_config(spec: ModelSpec | str, **options: Any) -> ModelConfig:
+    spec = parse_spec(spec)
+    if spec.backend != "scratch":
+        raise ValueError(f"not a scratch spec: {spec}")
+    name = spec.target
     hf_cfg = hf_clip_config(name, **options)
     siglip = options.get("loss") == "siglip"
     opts = {
@@ -100,7 +112,7 @@ def build_config(spec: str, **options: Any) -> ModelConfig:
     )
 
 
-def build(config: ModelConfig, tokenizer=None):
+def build(config: ModelConfig, tokenizer=None, pretrained: bool = True):
     """A random-init model (also the skeleton ``load_saved`` fills from model.safetensors)."""
     from clipforge.models.hf import HFClipModel
     from clipforge.models.tokenizer import Tokenizer

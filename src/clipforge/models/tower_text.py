@@ -59,10 +59,6 @@ def load_hf_auto_model(path: str | Path | None, hf_config: dict | None = None) -
     return AutoModel.from_pretrained(str(path))
 
 
-def hf_config_dict(model: nn.Module) -> dict:
-    return model.config.to_dict()
-
-
 class HFTextTower(nn.Module):
     def __init__(
         self, path: str | Path | None, unlock: int = 0, pool: str = "mean", hf_config: dict | None = None

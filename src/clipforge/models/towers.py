@@ -6,14 +6,8 @@ Spec syntax (each side is a named tower or ``hf-image=DIR`` / ``hf-text=DIR`` fo
     towers:hf-image=/ckpt/dinov2-small+minilm-l6
     towers:efficientnet-lite0+hf-text=/ckpt/bert-mini
 
-Options (``load_model`` kwargs, stored in ``ModelConfig.options``): ``embed_dim`` (512),
-``image_head`` (linear | mlp | attn | multiscale), ``text_head`` (linear | mlp), ``head_dropout``,
-``unlock_image`` / ``unlock_text`` (0 locked, -1 fully trainable, N last N blocks/layers),
-``image_size`` (224; 160/192 trade accuracy for speed), ``freeze_bn`` (True), ``prefix_dtype``
-(float32 | bfloat16 for the frozen convnet prefix), ``context_length`` (77), ``loss`` (clip | siglip:
-sets SigLIP's logit scale/bias init), ``init_logit_scale``, ``init_logit_bias``, ``semantic_prior``
-(None | imagenet: add the frozen ImageNet classifier's class probabilities, embedded as class-name
-text, to the image embedding) and ``semantic_prior_scale`` (30: its initial, learnable weight).
+Options (``load_model`` kwargs / ``--model-opt``, stored in ``ModelConfig.options``): see
+:data:`OPTIONS`; an unknown one is an error (models/factory.py checks them against it).
 """
 
 from __future__ import annotations
@@ -28,6 +22,7 @@ from torch import nn
 from clipforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from clipforge.models.base import ClipModel, Features, ModelConfig
 from clipforge.models.heads import make_head
+from clipforge.models.spec import ModelSpec, parse_spec
 from clipforge.models.tokenizer import Tokenizer
 
 IMAGE_TOWERS = ("efficientnet-lite0", "hf-image=DIR")
@@ -45,6 +40,24 @@ DEFAULTS: dict[str, Any] = {
     "context_length": 77,
     "semantic_prior": None,
 }
+OPTIONS: dict[str, str] = {
+    "embed_dim": "shared embedding size (512)",
+    "image_head": "linear | mlp | attn | multiscale",
+    "text_head": "linear | mlp",
+    "head_dropout": "dropout inside mlp/attn heads (0.0)",
+    "unlock_image": "0 locked, -1 fully trainable, N the last N blocks",
+    "unlock_text": "0 locked, -1 fully trainable, N the last N layers",
+    "image_size": "input size (224; 160/192 trade accuracy for speed)",
+    "freeze_bn": "keep BN statistics of unlocked blocks fixed (True)",
+    "prefix_dtype": "float32 | bfloat16 for the frozen convnet prefix",
+    "context_length": "max caption tokens (77)",
+    "loss": "clip | siglip: SigLIP's logit scale/bias init",
+    "init_logit_scale": "initial log logit scale",
+    "init_logit_bias": "initial logit bias (SigLIP)",
+    "semantic_prior": "None | imagenet: the frozen classifier's class probabilities, as text, added "
+    "to the image embedding",
+    "semantic_prior_scale": "initial, learnable weight of the semantic prior (30)",
+}
 _POOL_FOR_HEAD = {"linear": "mean", "mlp": "mean", "attn": "tokens", "multiscale": "multiscale"}
 
 
@@ -56,23 +69,12 @@ def imagenet_class_names() -> list[str]:
     return [line.split(",")[0].strip() for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    body = spec.split(":", 1)[1] if spec.startswith("towers:") else spec
-    if "+" not in body:
-        raise ValueError(
-            f"towers spec needs IMAGE+TEXT, got {spec!r} (e.g. towers:efficientnet-lite0+minilm-l6)"
-        )
-    if "+hf-text=" in body:
-        image, text = body.split("+hf-text=", 1)
-        text = "hf-text=" + text
-    else:
-        image, text = body.rsplit("+", 1)
-    return image, text
-
-
-def build_config(spec: str, **options: Any) -> ModelConfig:
+def build_config(spec: ModelSpec | str, **options: Any) -> ModelConfig:
+    spec = parse_spec(spec)
+    if spec.backend != "towers":
+        raise ValueError(f"not a towers spec: {spec}")
     opts = {**DEFAULTS, **options}
-    image, text = parse_spec(spec)
+    image, text = spec.image, spec.text
     opts["image_tower"], opts["text_tower"] = image, text
     loss = opts.pop("loss", "clip")
     scale = opts.pop("init_logit_scale", math.log(10) if loss == "siglip" else math.log(1 / 0.07))
@@ -91,7 +93,7 @@ def build_config(spec: str, **options: Any) -> ModelConfig:
         raise ValueError(f"unknown text tower {text!r}; choose from {', '.join(TEXT_TOWERS)}")
     return ModelConfig(
         backend="towers",
-        spec=f"towers:{image}+{text}",
+        spec=str(spec),
         embed_dim=int(opts["embed_dim"]),
         init_logit_scale=float(scale),
         init_logit_bias=None if bias is None else float(bias),
@@ -99,6 +101,10 @@ def build_config(spec: str, **options: Any) -> ModelConfig:
         context_length=int(opts["context_length"]),
         options=opts,
     )
+
+
+def build(config: ModelConfig, tokenizer: Tokenizer | None = None, pretrained: bool = True) -> TowersModel:
+    return TowersModel(config, tokenizer=tokenizer, pretrained=pretrained)
 
 
 class TowersModel(ClipModel):

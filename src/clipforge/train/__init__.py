@@ -10,7 +10,7 @@ Python API::
 """
 
 from clipforge.train.config import TrainConfig
-from clipforge.train.loop import build_model, fit, train
+from clipforge.train.loop import fit, train
 from clipforge.train.loss import ClipLoss, SigLipLoss
 
-__all__ = ["ClipLoss", "SigLipLoss", "TrainConfig", "build_model", "fit", "train"]
+__all__ = ["ClipLoss", "SigLipLoss", "TrainConfig", "fit", "train"]

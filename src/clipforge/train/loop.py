@@ -1,6 +1,6 @@
 """The training loop, composed of the plain parts beside it (torchtitan style).
 
-    build_model -> [FSDP2: shard the trainable towers] -> feature cache or streaming batches
+    load_model -> [FSDP2: shard the trainable towers] -> feature cache or streaming batches
     -> forward_backward (GradCache when accum > 1) -> average grads over ranks -> clip -> AdamW step
     -> log -> checkpoint every N steps -> save model
 
@@ -11,7 +11,6 @@ you already hold and returns it (the Python API the quickstart uses).
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
+from clipforge.models import load_model
 from clipforge.models.base import ClipModel
 from clipforge.train import checkpoint as ckpt
 from clipforge.train.cache import load_or_build_cache
@@ -54,17 +54,6 @@ log = logging.getLogger(__name__)
 
 SIGLIP_INIT_SCALE = math.log(10.0)
 SIGLIP_INIT_BIAS = -10.0
-
-
-def build_model(spec: str, options: dict[str, Any] | None = None) -> ClipModel:
-    """``load_model(spec, **options)``; ``py:module:function`` calls a factory of your own instead."""
-    options = dict(options or {})
-    if spec.startswith("py:"):
-        mod, _, fn = spec[3:].partition(":")
-        return getattr(importlib.import_module(mod), fn)(**options)
-    from clipforge.models import load_model
-
-    return load_model(spec, **options)
 
 
 def prepare_for_loss(model: ClipModel, loss: str) -> None:
@@ -105,7 +94,7 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def train(config: TrainConfig | dict | str | Path) -> dict[str, Any]:
     """Build ``config.model`` and train it; returns the result dict (also saved as OUTPUT/result.json)."""
     cfg = TrainConfig.from_any(config)
-    model = build_model(cfg.model, cfg.model_opts)
+    model = load_model(cfg.model, **cfg.model_opts)
     return run(model, cfg)
 
 
