@@ -71,16 +71,16 @@ def test_resume_skips_complete_parts(tmp_path, tiny_model, shard_dir, monkeypatc
     parts = sorted((out / "parts").glob("*.json"))
     assert len(parts) == 2
     parts[1].unlink()
-    import clipforge.index.embed as embed_mod
+    import clipforge.models.encode as encode_mod
 
     calls = []
-    real = embed_mod._batches
+    real = encode_mod.encode_shards
 
-    def spy(url, *a, **kw):
-        calls.append(url)
-        return real(url, *a, **kw)
+    def spy(model, shards, *a, **kw):
+        calls.append(shards[0])
+        return real(model, shards, *a, **kw)
 
-    monkeypatch.setattr(embed_mod, "_batches", spy)
+    monkeypatch.setattr(encode_mod, "encode_shards", spy)
     mf = build_index(str(shard_dir), tiny_model, out, _opts(), progress=False)
     assert len(calls) == 1 and calls[0].endswith("b-000001.tar")
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), first)

@@ -12,15 +12,11 @@ from typing import Any
 
 import torch
 
+from clipforge.runtime import rank_world
+
 
 def is_dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank_world() -> tuple[int, int]:
-    if is_dist():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def is_main() -> bool:
@@ -41,8 +37,17 @@ def init_from_env(backend: str = "gloo") -> bool:
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` in rank order (just ``[obj]`` outside torch.distributed)."""
+    """Every rank's ``obj`` in rank order (just ``[obj]`` outside torch.distributed).
+
+    Under torchrun's environment without a process group each rank would hold only its own slice:
+    that is an error (call :func:`init_from_env`), never silently partial results.
+    """
     if not is_dist():
+        if rank_world()[1] > 1:
+            raise RuntimeError(
+                "WORLD_SIZE > 1 but no torch.distributed process group: call "
+                "clipforge.evaluate.dist.init_from_env() before evaluating"
+            )
         return [obj]
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
@@ -52,3 +57,6 @@ def all_gather_object(obj: Any) -> list[Any]:
 def barrier() -> None:
     if is_dist():
         torch.distributed.barrier()
+
+
+__all__ = ["all_gather_object", "barrier", "init_from_env", "is_dist", "is_main", "rank_world"]

@@ -29,10 +29,10 @@ from clipforge.evaluate.zeroshot import (
     load_classnames,
     load_descriptions,
     load_templates,
-    model_fingerprint,
     plot_confusion,
     zeroshot_metrics,
 )
+from clipforge.models.encode import fingerprint as model_fingerprint
 
 log = logging.getLogger(__name__)
 TASKS = ("zeroshot", "probe", "retrieval")

@@ -21,6 +21,7 @@ import torch
 
 from clipforge.evaluate.dist import all_gather_object, is_main
 from clipforge.evaluate.embed import embed_texts
+from clipforge.models.encode import fingerprint as model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,6 @@ def load_descriptions(path: str | Path, classnames: list[str]) -> dict[str, list
 
 
 # -- class embeddings -----------------------------------------------------------------------------
-def model_fingerprint(model: Any) -> str:
-    """Identity of the model's weights: spec + sha256 over every parameter/buffer (fast, ~1 GB/s)."""
-    h = hashlib.sha256(str(getattr(getattr(model, "config", None), "spec", type(model).__name__)).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("CLIPFORGE_CACHE", Path.home() / ".cache" / "clipforge")) / "zeroshot"
 

@@ -25,8 +25,9 @@ from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
 from clipforge.index import ann
 from clipforge.index.embed import EmbedSettings, embed_shard
-from clipforge.index.encode import load_model_spec, model_fingerprint, normalize_rows
+from clipforge.index.encode import load_model_spec
 from clipforge.models.base import ClipModel
+from clipforge.models.encode import fingerprint, normalize_rows
 from clipforge.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def build_index(
     urls = expand_shards(shards)
     model_ref = model if isinstance(model, str) else model.config.spec
     m = load_model_spec(model)
-    settings = EmbedSettings(model_fingerprint(m), opt.thumb_size, opt.max_per_shard)
+    settings = EmbedSettings(fingerprint(m), opt.thumb_size, opt.max_per_shard)
     full_dim = int(m.config.embed_dim)
     if opt.dims is not None and not 0 < opt.dims <= full_dim:
         raise ValueError(f"--dims must be in 1..{full_dim} (the model's embedding size), got {opt.dims}")

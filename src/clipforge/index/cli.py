@@ -118,14 +118,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from clipforge.data.decode import SkipSample
-    from clipforge.index.encode import (
-        embed_images,
-        embed_texts,
-        load_image_query,
-        load_model_spec,
-        looks_like_image_ref,
-    )
+    from clipforge.index.encode import load_model_spec
+    from clipforge.index.query import load_image_query, looks_like_image_ref
     from clipforge.index.store import ClipIndex, FilterError
+    from clipforge.models.encode import embed_pil_images, embed_texts, fingerprint
     from clipforge.utils import emit_json, format_table, setup_torch_threads
 
     if not 1 <= args.k <= 10_000:
@@ -138,14 +134,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     model = load_model_spec(args.model or index.model_ref)
-    from clipforge.index.encode import model_fingerprint
-
-    if model_fingerprint(model) != index.manifest.get("model_fingerprint"):
+    if fingerprint(model) != index.manifest.get("model_fingerprint"):
         log.warning("model weights differ from the ones that built this index: scores will be meaningless")
     as_image = args.image or (not args.text and looks_like_image_ref(args.query))
     try:
         if as_image:
-            q = embed_images(model, [load_image_query(args.query)])
+            q = embed_pil_images(model, [load_image_query(args.query)])
         else:
             if not args.query.strip():
                 log.error("empty query text")

@@ -3,8 +3,8 @@
 A part is ``parts/<shard name>-<url hash>.{npy,parquet,json}``, each file written atomically and the
 JSON last, so a part whose JSON exists is complete. Rerunning a build skips complete parts made by
 the same model and settings: an interrupted build over many shards loses at most the shard it was on.
-Decoding goes through the data layer (``ShardDataset``, ``decode_sample``), so bad samples are skipped
-and counted, never fatal; a thumbnail JPEG of every image rides in the row, which is what the server
+Encoding is the one shard loop (:func:`clipforge.models.encode.encode_shards` over ``ShardDataset``),
+so bad samples are skipped and counted, never fatal; a thumbnail JPEG of every image rides in the row, which is what the server
 shows at ``/images/{key}`` (no second pass over the shards, and remote shards work too).
 """
 
@@ -15,21 +15,18 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from clipforge.data.dataset import ShardDataset, collate, record_bad
 from clipforge.data.decode import TEXT_EXTS, DecodeConfig, SkipSample, decode_sample, decode_text
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import shard_name
 from clipforge.data.transforms import ImageTransform
-from clipforge.index.encode import embed_pixels
+from clipforge.models import encode
 from clipforge.models.base import ClipModel
 from clipforge.utils import atomic_path, write_json
 
@@ -69,20 +66,22 @@ def _scalar(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool)) and not (isinstance(v, int) and abs(v) > 2**62)
 
 
-class IndexSamples(ShardDataset):
-    """ShardDataset whose per-sample map keeps what an index needs: pixels, thumbnail, caption, metadata.
+class IndexPrepare(encode.Prepare):
+    """Worker-side map on the raw sample: pixels, thumbnail, caption, label, metadata row.
 
     Captions and labels are optional here (a CIFAR shard has no caption, a web shard no label), unlike
     training where a missing caption is a skip.
     """
 
-    def __init__(self, url: str, transform: ImageTransform, thumb_size: int, **kw: Any) -> None:
-        super().__init__([url], decode=DecodeConfig(image=True, caption=False), split="sample", **kw)
-        self.url = url
-        self.transform = transform
-        self.thumb_size = thumb_size
+    raw = True
 
-    def _map(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def __init__(self, transform: ImageTransform, thumb_size: int, url: str) -> None:
+        super().__init__(transform)
+        self.decode_cfg = DecodeConfig(image=True, caption=False)
+        self.thumb_size = thumb_size
+        self.url = url
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         s = decode_sample(raw, self.decode_cfg)
         meta = s["meta"]
         caption = None
@@ -117,20 +116,11 @@ class IndexSamples(ShardDataset):
             if k not in RESERVED and _scalar(v):
                 row[k] = v
         return {
-            "pixels": self.transform(s["image"]),
+            "pixels": self.pixels(s["image"]),
+            "key": s["key"],
             "thumb": make_thumbnail(s["image"], self.thumb_size) if self.thumb_size > 0 else b"",
             "row": row,
         }
-
-
-def _batches(
-    url: str, model: ClipModel, settings: EmbedSettings, batch_size: int, workers: int
-) -> Iterator[dict[str, Any]]:
-    ds = IndexSamples(url, model.preprocess, settings.thumb_size)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, persistent_workers=False
-    )
-    yield from loader
 
 
 def embed_shard(
@@ -155,38 +145,30 @@ def embed_shard(
         log.info("part %s was made with other settings: rebuilding", stem)
     t0 = time.perf_counter()
     report = BadSampleReport()
-    embs: list[np.ndarray] = []
+    emb = encode.RowBuffer(np.float16)
     rows: list[dict[str, Any]] = []
     thumbs: list[bytes] = []
-    cap = settings.max_per_shard
-    with torch.inference_mode():
-        for batch in _batches(url, model, settings, batch_size, workers):
-            record_bad(batch, report)
-            if batch["size"] == 0:
-                continue
-            pixels, brow, bthumb = batch["pixels"], batch["row"], batch["thumb"]
-            if cap is not None:
-                room = cap - len(rows)
-                pixels, brow, bthumb = pixels[:room], brow[:room], bthumb[:room]
-            if len(brow):
-                embs.append(embed_pixels(model, pixels).astype(np.float16))
-                rows.extend(brow)
-                thumbs.extend(bthumb)
-                if progress is not None:
-                    progress.update(len(brow))
-            if cap is not None and len(rows) >= cap:
-                break
-    dim = int(model.config.embed_dim)
-    emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float16)
-    if emb.shape[1] != dim:
-        dim = int(emb.shape[1])
-    write_part(parts_dir, stem, emb, rows, thumbs)
+    batches = encode.encode_shards(
+        model, [url], prepare=IndexPrepare(model.preprocess, settings.thumb_size, url),
+        decode=DecodeConfig(image=True, caption=False), batch_size=batch_size, workers=workers,
+        split="sample", report=report, prefetch=2, limit=settings.max_per_shard,
+    )  # fmt: skip
+    for b in batches:
+        if not b.keys:
+            continue
+        emb.append(b.emb)  # float32 -> float16 on copy into the part's buffer
+        rows.extend(b.fields["row"])
+        thumbs.extend(b.fields["thumb"])
+        if progress is not None:
+            progress.update(len(b))
+    arr = emb.array(int(model.config.embed_dim))
+    write_part(parts_dir, stem, arr, rows, thumbs)
     rec = {
         "url": url,
         "shard": shard_name(url),
         "stem": stem,
         "count": len(rows),
-        "dim": dim,
+        "dim": int(arr.shape[1]),
         "bad": report.to_dict(),
         "seconds": round(time.perf_counter() - t0, 3),
         "settings": asdict(settings),
