@@ -80,7 +80,7 @@ def balance(
 @register_stage("balance", kind="global")
 def balance_stage(table: Any, emb: dict, ctx: Any, evalset: Any = None) -> dict[str, Any]:
     """MetaCLIP concept balancing: cap samples per concept at t, sample the rest."""
-    cfg: BalanceConfig = ctx.cached("balance_config", BalanceConfig)
+    cfg: BalanceConfig = ctx.config.balance
     if "caption" not in table.column_names:
         raise ValueError("balance needs captions in the score table")
     concepts = read_word_list(data_path(cfg.concepts, "concepts.txt"))

@@ -7,9 +7,20 @@ import logging
 import sys
 from typing import Any
 
+from clipforge.config import add_arguments
+from clipforge.curate.config import DEFAULT_STAGES, KEEP, CurateConfig
+
 log = logging.getLogger("clipforge.curate")
 
-DEFAULT_STAGES = "clip-score,text,image,dedup"
+# Flag names from before the config was generated from fields: aliases of the nested fields.
+LEGACY_FLAGS = [
+    ("--dup-threshold", "dedup.threshold", {"type": float}),
+    ("--eval-threshold", "dedup.eval_threshold", {"type": float}),
+    ("--phash-radius", "dedup.phash_radius", {"type": int}),
+    ("--keep", "dedup.keep", {"choices": list(KEEP)}),
+    ("--balance-t", "balance.t", {"type": int}),
+    ("--concepts", "balance.concepts", {}),
+]
 
 
 def register(subparsers: Any) -> None:
@@ -17,39 +28,36 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="curate_command", metavar="ACTION")
     sub.required = True
 
-    r = sub.add_parser("run", help="score shards into Parquet tables (resumable), then dedup/balance")
+    r = sub.add_parser(
+        "run",
+        help="score shards into Parquet tables (resumable), then dedup/balance",
+        description="Flags are generated from CurateConfig (curate/config.py); --config FILE.yaml gives "
+        "the same keys as a file, flags override it. Rerunning into the same --output resumes (same "
+        "settings required; stages may be added); --overwrite starts over.",
+    )
     r.add_argument("--data", nargs="+", required=True, help="shard specs (paths, globs, brace ranges, URLs)")
     r.add_argument("--output", required=True, help="output dir for score tables")
+    r.add_argument("--config", default=None, help="YAML file with CurateConfig keys (flags override it)")
     r.add_argument(
         "--stages",
-        default=DEFAULT_STAGES,
-        help=f"comma list of clip-score,text,image,safety,dedup,balance (default {DEFAULT_STAGES})",
+        nargs="+",
+        default=argparse.SUPPRESS,
+        help=f"comma list of clip-score,text,image,safety,dedup,balance (default {','.join(DEFAULT_STAGES)})",
     )
-    r.add_argument("--model", default=None, help="model spec or saved dir (clip-score, safety)")
+    add_arguments(r, CurateConfig, skip={"stages"})
+    for old, dest, kw in LEGACY_FLAGS:  # today's short names keep working
+        r.add_argument(
+            old, dest=dest, default=argparse.SUPPRESS, help=f"same as --{dest.replace('_', '-')}", **kw
+        )
+    r.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="sets --dedup.seed and --balance.seed")
     r.add_argument(
         "--engine", choices=["local", "ray"], default="local", help="local thread pool or Ray Data"
     )
     r.add_argument("--workers", type=int, default=1, help="shards in parallel (local threads / Ray CPUs)")
     r.add_argument("--ray-address", default=None, help="connect to a Ray cluster instead of starting one")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--image-size", type=int, default=None, help="score at this input size (cheaper on CPU)")
-    r.add_argument("--draft-size", type=int, default=None, help="JPEG DCT-domain downscale at decode")
     r.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    r.add_argument("--lexicon", default=None, help="visual noun lexicon file (default: shipped)")
-    r.add_argument("--safety-prompts", default=None, help="safety prompt JSON (default: shipped)")
     r.add_argument("--eval-data", nargs="+", default=None, help="eval shards to dedup against (dedup stage)")
-    r.add_argument("--dup-threshold", type=float, default=0.95, help="SemDeDup cosine threshold")
-    r.add_argument("--eval-threshold", type=float, default=0.92, help="eval-set duplicate cosine threshold")
-    r.add_argument("--phash-radius", type=int, default=10, help="near-duplicate pHash Hamming radius (of 64)")
-    r.add_argument(
-        "--keep",
-        choices=["clip-score", "centroid"],
-        default="clip-score",
-        help="which member of a duplicate group to keep",
-    )
-    r.add_argument("--balance-t", type=int, default=20_000, help="MetaCLIP per-concept cap t")
-    r.add_argument("--concepts", default=None, help="concept list file for balance (default: shipped)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     r.set_defaults(func=cmd_run)
 
@@ -87,33 +95,28 @@ def _fail(args: argparse.Namespace, msg: str) -> int:
     return 2
 
 
+def config_from_args(args: argparse.Namespace) -> CurateConfig:
+    """--config FILE (if any), overridden by the flags given; --stages takes commas or spaces."""
+    from clipforge.config import from_args, load_file
+
+    given = vars(args)
+    if "stages" in given:
+        given["stages"] = [s.strip() for item in given["stages"] for s in item.split(",") if s.strip()]
+    if "seed" in given:
+        for dest in ("dedup.seed", "balance.seed"):
+            given.setdefault(dest, given["seed"])
+    base = load_file(args.config) if args.config else None
+    return from_args(CurateConfig, args, base=base)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from clipforge.curate.balance import BalanceConfig
-    from clipforge.curate.dedup import DedupConfig
+    from clipforge.config import ConfigError
     from clipforge.curate.engine import run_curation
-    from clipforge.curate.stages import CurateConfig
-    from clipforge.utils import emit_json, format_table, setup_torch_threads
+    from clipforge.utils import OutputExistsError, emit_json, format_table, setup_torch_threads
 
     setup_torch_threads(args.threads)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    cfg = CurateConfig(
-        stages=stages,
-        model=args.model,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        draft_size=args.draft_size,
-        lexicon=args.lexicon,
-        safety_prompts=args.safety_prompts,
-    )
-    dedup = DedupConfig(
-        threshold=args.dup_threshold,
-        eval_threshold=args.eval_threshold,
-        phash_radius=args.phash_radius,
-        keep=args.keep,
-        seed=args.seed,
-    )
-    balance = BalanceConfig(t=args.balance_t, concepts=args.concepts, seed=args.seed)
     try:
+        cfg = config_from_args(args)
         summary = run_curation(
             args.data,
             args.output,
@@ -121,12 +124,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             engine=args.engine,
             workers=args.workers,
             eval_data=args.eval_data,
-            dedup=dedup,
-            balance=balance,
             ray_address=args.ray_address,
             progress=True,
+            overwrite=args.overwrite,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, OutputExistsError) as e:
         return _fail(args, str(e))
     if args.json:
         emit_json(summary)

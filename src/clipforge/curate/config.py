@@ -1,52 +1,129 @@
-"""The knobs of a curation run, as one typed config (imports nothing heavy: the CLI builds flags from it)."""
+"""The knobs of a curation run as one typed, nested config: the single source of truth.
+
+Why here and light: ``curate/cli.py`` generates its flags from these fields (``--dedup.threshold``),
+a run writes the full config to ``OUT/config.yaml`` (and ``manifest.json``) and a resume is checked
+against it, so no setting rides on the side (dedup/balance used to live in ``ctx._cache`` and never
+reached the manifest). Loading is strict (:func:`clipforge.config.from_dict`): an unknown key fails
+with a did-you-mean. This module imports no numpy/torch: ``clipforge --help`` builds flags from it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from clipforge.config import ConfigError, from_dict, to_dict
+
+DEFAULT_STAGES = ["clip-score", "text", "image", "dedup"]
+KEEP = ("clip-score", "centroid")
+
+
+def _h(text: str, **kw: Any) -> dict[str, Any]:
+    return {"help": text, **kw}
+
+
+def _check_numbers(obj: Any, where: str) -> None:
+    """Numeric fields hold numbers (a YAML typo like ``t: 2O000`` fails here, not deep in a stage)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v, tp = getattr(obj, f.name), hints[f.name]
+        want = int if tp in (int, int | None) else float if tp in (float, float | None) else None
+        if want is None or (v is None and tp != want):
+            continue
+        ok = isinstance(v, int) if want is int else isinstance(v, (int, float))
+        if not ok or isinstance(v, bool):
+            raise ConfigError(f"{where}{f.name} must be {want.__name__}, got {v!r}")
+
 
 @dataclass
 class DedupConfig:
+    """Settings of the ``dedup`` stage (exact, pHash, SemDeDup and eval-set duplicates)."""
+
     # of 64 bits: imagededup's pHash default. Corrupted-flickr8k proof: near-copy (2-6% crop, rescale,
     # JPEG 60-80) recall 0.82 at 10 vs 0.63 at 8; clean images with a neighbour that close: 0.4% vs 0.13%.
-    phash_radius: int = 10
-    phash_k: int = 16
-    threshold: float = 0.95  # semantic duplicate cosine
-    k: int = 8  # neighbours searched per sample
-    nprobe: int = 8
-    nlist: int | None = None  # k-means clusters; None = ~4 sqrt(N)
-    exact_search_max: int = 50_000
-    keep: str = "clip-score"  # or "centroid"
-    eval_threshold: float = 0.92
-    seed: int = 0
-    chunk: int = 65_536  # query rows per search call (bounds the float32 working copy)
+    phash_radius: int = field(default=10, metadata=_h("near-duplicate pHash Hamming radius (of 64 bits)"))
+    phash_k: int = field(default=16, metadata=_h("pHash neighbours searched per sample"))
+    threshold: float = field(default=0.95, metadata=_h("SemDeDup cosine threshold"))
+    k: int = field(default=8, metadata=_h("semantic neighbours searched per sample"))
+    nprobe: int = field(default=8, metadata=_h("k-means clusters probed per search (large sets)"))
+    nlist: int | None = field(default=None, metadata=_h("k-means clusters (default ~4 sqrt(N))"))
+    exact_search_max: int = field(default=50_000, metadata=_h("exact search up to this many rows"))
+    keep: str = field(
+        default="clip-score", metadata=_h("which member of a duplicate group to keep", choices=list(KEEP))
+    )
+    eval_threshold: float = field(default=0.92, metadata=_h("eval-set duplicate cosine threshold"))
+    seed: int = field(default=0, metadata=_h("k-means seed"))
+    chunk: int = field(default=65_536, metadata=_h("query rows per search call (bounds memory)"))
+
+    def validate(self) -> None:
+        _check_numbers(self, "dedup.")
+        if self.keep not in KEEP:
+            raise ConfigError(f"dedup.keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
+        if not 0 <= self.phash_radius <= 64:
+            raise ConfigError(f"dedup.phash_radius must be in [0, 64], got {self.phash_radius}")
+        for name in ("threshold", "eval_threshold"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"dedup.{name} is a cosine in [-1, 1], got {getattr(self, name)}")
+        for name in ("phash_k", "k", "nprobe", "exact_search_max", "chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"dedup.{name} must be >= 1, got {getattr(self, name)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ConfigError(f"dedup.nlist must be >= 1, got {self.nlist}")
 
 
 @dataclass
 class BalanceConfig:
-    t: int = 20_000
-    concepts: str | None = None  # file with one concept per line; None = shipped list
-    unmatched_prob: float = 0.0
-    seed: int = 0
+    """Settings of the ``balance`` stage (MetaCLIP concept balancing)."""
+
+    t: int = field(default=20_000, metadata=_h("MetaCLIP per-concept cap t"))
+    concepts: str | None = field(default=None, metadata=_h("concept list file (default: shipped)"))
+    unmatched_prob: float = field(default=0.0, metadata=_h("keep probability of captions with no concept"))
+    seed: int = field(default=0, metadata=_h("seed of the keep draw"))
+
+    def validate(self) -> None:
+        _check_numbers(self, "balance.")
+        if self.t < 1:
+            raise ConfigError(f"balance.t must be >= 1, got {self.t}")
+        if not 0.0 <= self.unmatched_prob <= 1.0:
+            raise ConfigError(f"balance.unmatched_prob must be in [0, 1], got {self.unmatched_prob}")
 
 
 @dataclass
 class CurateConfig:
-    """Knobs of a curation run (saved into the run's manifest so a resume uses the same ones)."""
+    """Knobs of a curation run (written to ``OUT/config.yaml``; a resume must use the same ones)."""
 
-    stages: list[str] = field(default_factory=lambda: ["text", "image"])
-    model: str | None = None  # clipforge model spec or saved dir; needed by clip-score / safety
-    batch_size: int = 64
-    image_size: int | None = None  # model input size override (cheaper scoring); None = model's own
-    draft_size: int | None = None  # JPEG DCT-domain downscale at decode (see data.decode)
-    lexicon: str | None = None  # visual noun lexicon; None = shipped
-    safety_prompts: str | None = None  # safety prompt JSON; None = shipped
-    langid_min_chars: int = 1
+    stages: list[str] = field(
+        default_factory=lambda: list(DEFAULT_STAGES),
+        metadata=_h("stages: clip-score,text,image,safety,dedup,balance"),
+    )
+    model: str | None = field(default=None, metadata=_h("model spec or saved dir (clip-score, safety)"))
+    batch_size: int = field(default=64, metadata=_h("samples per stage call"))
+    image_size: int | None = field(default=None, metadata=_h("score at this input size (cheaper on CPU)"))
+    draft_size: int | None = field(default=None, metadata=_h("JPEG DCT-domain downscale at decode"))
+    lexicon: str | None = field(default=None, metadata=_h("visual noun lexicon file (default: shipped)"))
+    safety_prompts: str | None = field(default=None, metadata=_h("safety prompt JSON (default: shipped)"))
+    langid_min_chars: int = field(default=1, metadata=_h("shortest caption given a language id"))
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+    def validate(self) -> None:
+        if not isinstance(self.stages, list) or not all(isinstance(s, str) for s in self.stages):
+            raise ConfigError(f"stages must be a list of names, got {self.stages!r}")
+        _check_numbers(self, "")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("image_size", "draft_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CurateConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        """Strict: an unknown key (at any depth) raises ConfigError with a did-you-mean."""
+        return from_dict(cls, d)

@@ -237,7 +237,7 @@ def dedup_stage(
     table: Any, emb: dict[str, np.ndarray], ctx: Any, evalset: dict[str, Any] | None = None
 ) -> dict:
     """Exact (sha256), near (pHash) and semantic (SemDeDup) duplicates; eval-set duplicates if given."""
-    cfg: DedupConfig = ctx.cached("dedup_config", DedupConfig)
+    cfg: DedupConfig = ctx.config.dedup
     cols = table.column_names
     keys = table.column("key").to_pylist()
     n = len(keys)

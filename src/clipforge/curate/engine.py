@@ -2,7 +2,8 @@
 
 Output layout of ``clipforge curate run --output OUT``::
 
-    OUT/manifest.json               inputs, stages, config, per-shard status, bad-sample counts
+    OUT/config.yaml                 the full config (written first; a resume is checked against it)
+    OUT/manifest.json               inputs, the full config, bad samples by reason and key, summary
     OUT/shards/STEM.parquet ...     per input shard: score table + embeddings (see curate/shard.py)
     OUT/global/dedup.parquet ...    global-stage columns (key + columns) and their stats JSON
     OUT/scores.parquet              everything joined: the table filters and reports read
@@ -14,7 +15,7 @@ worker plus the small per-shard columns.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import threading
 import time
@@ -26,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipforge.curate.config import CurateConfig
+from clipforge.config import check_run_config, from_dict, write_run_config
+from clipforge.curate.config import BalanceConfig, CurateConfig, DedupConfig
 from clipforge.curate.plan import resolve_stages
 from clipforge.curate.registry import Context, Stage
 from clipforge.curate.shard import (  # noqa: F401  (iter_batches, process_shard: importable from here too)
@@ -39,7 +41,7 @@ from clipforge.curate.shard import (  # noqa: F401  (iter_batches, process_shard
 )
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
-from clipforge.utils import atomic_path, write_json
+from clipforge.utils import atomic_path, prepare_output_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +145,7 @@ def run_global(
     return table, stats
 
 
-def score_evalset(
-    eval_specs: list[str], ctx: Context, out_dir: Path, engine: str, workers: int
-) -> dict[str, Any]:
+def score_evalset(eval_specs: list[str], ctx: Context, out_dir: Path, workers: int) -> dict[str, Any]:
     """Image hashes and embeddings of the eval set (scored and cached like any shard set)."""
     urls = expand_shards(eval_specs)
     names = ["image"] + (["clip-score"] if ctx.config.model or ctx._model is not None else [])
@@ -160,6 +160,55 @@ def score_evalset(
     }
 
 
+RUN_CONFIG = "config.yaml"
+# Resuming may add stages (only the missing ones run) and change the batch size (no value depends on
+# it); any other difference (model, sizes, dedup/balance settings...) would mix two runs: refused.
+RESUME_MAY_CHANGE = ("stages", "batch_size")
+
+
+def open_run_dir(out_dir: Path, config: CurateConfig, overwrite: bool = False) -> None:
+    """The output-dir rule for ``curate run``: a new dir, a resume of the same config, or --overwrite.
+
+    A dir holding an earlier ``curate run`` (its config.yaml, manifest.json or shards/) is resumed
+    after :func:`~clipforge.config.check_run_config` finds the same settings; any other non-empty dir
+    is refused (:class:`~clipforge.utils.OutputExistsError`) so scores never land among foreign files.
+    """
+    is_run = any((out_dir / n).exists() for n in (RUN_CONFIG, "manifest.json", "shards"))
+    prepare_output_dir(out_dir, overwrite=overwrite, resume=is_run)
+    check_run_config(out_dir / RUN_CONFIG, config, ignore=RESUME_MAY_CHANGE)
+    write_run_config(out_dir / RUN_CONFIG, config)
+
+
+def score_shards(
+    urls: list[str],
+    stages: list[Stage],
+    ctx: Context,
+    out_dir: Path,
+    *,
+    engine: str,
+    workers: int,
+    model: Any,
+    ray_address: str | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """The sample stages over every shard, on the chosen engine (same per-shard files either way)."""
+    if engine == "local":
+        return run_local(urls, stages, ctx, out_dir, workers, progress)
+    if engine == "ray":
+        from clipforge.curate.ray_engine import run_ray
+
+        return run_ray(urls, stages, ctx.config, out_dir, workers=workers, model=model, address=ray_address)
+    raise ValueError(f"unknown engine {engine!r} (local | ray)")
+
+
+def merge_bad(results: list[dict[str, Any]]) -> BadSampleReport:
+    bad = BadSampleReport()
+    for r in results:
+        if r.get("bad"):
+            bad.merge(r["bad"] if "counts" in r["bad"] else {"counts": r["bad"]})
+    return bad
+
+
 def run_curation(
     data: list[str] | str,
     out_dir: str | Path,
@@ -169,13 +218,21 @@ def run_curation(
     workers: int = 1,
     model: Any = None,
     eval_data: list[str] | None = None,
-    dedup: Any = None,
-    balance: Any = None,
+    dedup: DedupConfig | dict | None = None,
+    balance: BalanceConfig | dict | None = None,
     ray_address: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run a curation recipe end to end; returns the summary that ``--json`` prints."""
+    """Run a curation recipe end to end; returns the summary that ``--json`` prints.
+
+    ``dedup``/``balance`` are kept for old callers: they replace ``config.dedup``/``config.balance``.
+    """
     out_dir = Path(out_dir)
+    if dedup is not None:
+        config = dataclasses.replace(config, dedup=from_dict(DedupConfig, dedup))
+    if balance is not None:
+        config = dataclasses.replace(config, balance=from_dict(BalanceConfig, balance))
     urls = expand_shards(data)
     stems = [shard_stem(u) for u in urls]
     if len(set(stems)) != len(stems):
@@ -183,44 +240,27 @@ def run_curation(
     stages = resolve_stages(config.stages)
     sample_stages = [s for s in stages if s.kind == "sample"]
     global_stages = [s for s in stages if s.kind == "global"]
+    open_run_dir(out_dir, config, overwrite)
     ctx = _LockedContext(config, model)
-    if dedup is not None:
-        ctx._cache["dedup_config"] = dedup
-    if balance is not None:
-        ctx._cache["balance_config"] = balance
-    manifest_path = out_dir / "manifest.json"
-    old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if (
-        old
-        and old.get("config", {}).get("model") not in (None, config.model)
-        and "clip-score" in config.stages
-    ):
-        log.warning(
-            "output dir was scored with model %s, now %s: existing shards keep their scores",
-            old["config"]["model"],
-            config.model,
-        )
     t0 = time.perf_counter()
-    if engine == "local":
-        results = run_local(urls, sample_stages, ctx, out_dir, workers, progress)
-    elif engine == "ray":
-        from clipforge.curate.ray_engine import run_ray
-
-        results = run_ray(
-            urls, sample_stages, config, out_dir, workers=workers, model=model, address=ray_address
-        )
-    else:
-        raise ValueError(f"unknown engine {engine!r} (local | ray)")
+    results = score_shards(
+        urls,
+        sample_stages,
+        ctx,
+        out_dir,
+        engine=engine,
+        workers=workers,
+        model=model,
+        ray_address=ray_address,
+        progress=progress,
+    )
     t_sample = time.perf_counter() - t0
-    bad = BadSampleReport()
-    for r in results:
-        if r.get("bad"):
-            bad.merge(r["bad"] if "counts" in r["bad"] else {"counts": r["bad"]})
+    bad = merge_bad(results)
     table, embs = load_scores(out_dir, urls)
     check_unique_keys(table)
     evalset = None
     if eval_data and any(s.name == "dedup" for s in global_stages):
-        evalset = score_evalset(eval_data, ctx, out_dir, engine, workers)
+        evalset = score_evalset(eval_data, ctx, out_dir, workers)
     t1 = time.perf_counter()
     table, gstats = run_global(global_stages, table, embs, ctx, out_dir, evalset)
     t_global = time.perf_counter() - t1
@@ -242,12 +282,13 @@ def run_curation(
         "timing": {k: round(v, 3) for k, v in ctx.timing.items()},
     }
     write_json(
-        manifest_path,
+        out_dir / "manifest.json",
         {
             "data": [str(d) for d in ([data] if isinstance(data, str) else data)],
             "urls": urls,
             "eval_data": eval_data,
             "config": config.to_dict(),
+            "bad_samples": bad.to_dict(),
             "summary": summary,
         },
     )
