@@ -216,7 +216,9 @@ def test_url_ingest_exact_counts_and_retry(tmp_path: Path, image_server, capsys)
     table.write_text("url,caption\n" + "".join(f"{base}{p},caption for {p}\n" for p in paths))
     out = tmp_path / "out"
     cfg = _cfg(
-        out, workers=8, fetch=FetchConfig(timeout=1.0, retries=1, backoff=0.05, per_host=2)
+        out,
+        workers=8,
+        fetch=FetchConfig(timeout=1.0, retries=1, backoff=0.05, per_host=2, allow_private=True),
     )  # 1 s: robust on a loaded machine
     stats = ingest([str(table)], cfg, progress=False)
     # good x6 + otherbot (opt-out scoped to another agent) + flaky (503 then 200 on retry)
@@ -244,6 +246,7 @@ def test_url_ingest_exact_counts_and_retry(tmp_path: Path, image_server, capsys)
             str(out),
             "--timeout",
             "2",
+            "--allow-private-urls",
             "--json",
         ]
     )

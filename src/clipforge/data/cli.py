@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ing.add_argument("--backoff", type=float, default=0.5, help="first retry delay (s), doubled each retry")
     ing.add_argument("--per-host", type=int, default=4, help="max concurrent requests per host")
     ing.add_argument("--host-delay", type=float, default=0.0, help="min seconds between requests to a host")
+    ing.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let URL cells reach loopback/private/link-local addresses (refused by default: a shared "
+        "table must not make ingest read internal services)",
+    )
     ing.add_argument("--json", action="store_true", help="print one JSON object (stats) on stdout")
     ing.set_defaults(func=cmd_ingest)
 
@@ -85,6 +91,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             backoff=args.backoff,
             per_host=args.per_host,
             host_delay=args.host_delay,
+            allow_private=args.allow_private_urls,
         ),
     )
     try:
