@@ -2,7 +2,8 @@
 
 This is the LAION/DataComp "CLIP score" filter signal. The image and text embeddings are kept as
 float16 ``.npy`` files beside the score table (columns ``__emb_image__``/``__emb_text__``) so dedup,
-eval-set dedup and safety reuse them instead of re-running the model.
+eval-set dedup and safety reuse them instead of re-running the model. The model work is the one
+encode layer (:mod:`clipforge.models.encode`); this stage keeps only the NaN rows for missing inputs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from clipforge.curate.stages import Batch, Columns, Context, batch_images, register_stage
+from clipforge.models import encode
 
 
 def model_transform(ctx: Context):
@@ -30,7 +32,6 @@ def model_transform(ctx: Context):
     return ctx.cached("transform", build)
 
 
-@torch.inference_mode()
 def embed_images(batch: Batch, ctx: Context) -> np.ndarray:
     """[B, D] float32 unit image embeddings; NaN rows where the image is missing or undecodable."""
     if "__emb_image__" in batch:
@@ -45,7 +46,7 @@ def embed_images(batch: Batch, ctx: Context) -> np.ndarray:
     dim = int(model.config.embed_dim)
     out = np.full((len(imgs), dim), np.nan, dtype=np.float32)
     if ok:
-        emb = model.encode_image(torch.stack(pixels)).float().cpu().numpy()
+        emb = encode.embed_pixels(model, torch.stack(pixels))
         out[ok] = emb
         dim = emb.shape[1]
     batch["__emb_image__"] = out
@@ -54,7 +55,6 @@ def embed_images(batch: Batch, ctx: Context) -> np.ndarray:
     return out
 
 
-@torch.inference_mode()
 def embed_texts(batch: Batch, ctx: Context) -> np.ndarray:
     """[B, D] float32 unit caption embeddings; NaN rows where the caption is missing."""
     if "__emb_text__" in batch:
@@ -65,7 +65,7 @@ def embed_texts(batch: Batch, ctx: Context) -> np.ndarray:
     model = ctx.model
     out = np.full((len(caps), int(model.config.embed_dim)), np.nan, dtype=np.float32)
     if ok:
-        emb = model.encode_text(model.tokenize([caps[i] for i in ok])).float().cpu().numpy()
+        emb = encode.embed_texts(model, [caps[i] for i in ok], batch_size=len(ok))  # one batch
         if emb.shape[1] != out.shape[1]:
             out = np.full((len(caps), emb.shape[1]), np.nan, dtype=np.float32)
         out[ok] = emb

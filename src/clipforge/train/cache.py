@@ -25,14 +25,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clipforge.data.dataset import ShardDataset, collate
 from clipforge.data.decode import DecodeConfig
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import shard_name
 from clipforge.data.transforms import ImageTransform, PreprocessConfig
+from clipforge.models import encode
 from clipforge.models.base import ClipModel
 from clipforge.utils import atomic_path
 
@@ -41,28 +40,11 @@ CACHE_VERSION = 1
 
 
 def fingerprint(model: ClipModel, text: bool) -> str:
-    """Hash of what determines the cached features: spec, options, frozen weights, preprocessing."""
-    h = hashlib.sha256()
-    cfg = model.config
-    meta = {
-        "v": CACHE_VERSION,
-        "spec": cfg.spec,
-        "backend": cfg.backend,
-        "options": cfg.options,
-        "preprocess": PreprocessConfig.from_dict(cfg.preprocess).hash(),
-        "context_length": cfg.context_length,
-        "text": text,
-        "class": type(model).__qualname__,
-    }
-    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
-        if not p.requires_grad:  # the frozen prefix: its weights ARE the cache's input
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    for name, b in sorted(model.named_buffers(), key=lambda x: x[0]):
-        h.update(name.encode())
-        h.update(b.detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Cache key: the one model identity over the frozen weights + config (which holds spec, options,
+    preprocessing and context length; :func:`clipforge.models.encode.fingerprint`), the cache format
+    version and whether text features are cached too."""
+    meta = {"v": CACHE_VERSION, "text": text, "model": encode.fingerprint(model, frozen_only=True)}
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -115,19 +97,15 @@ def _to_compute(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
-class _CacheMap:
+class _CachePrepare(encode.Prepare):
     """Worker-side: decoded sample -> eval-preprocessed pixels + all captions (main caption first)."""
 
-    def __init__(self, preprocess: dict, need_pixels: bool):
-        self.tf = ImageTransform(PreprocessConfig.from_dict(preprocess), train=False)
-        self.need_pixels = need_pixels
+    def __init__(self, preprocess: dict) -> None:
+        super().__init__(ImageTransform(PreprocessConfig.from_dict(preprocess), train=False))
 
     def __call__(self, s: dict[str, Any]) -> dict[str, Any]:
         caps = [s["caption"]] + [c for c in s["captions"] if c != s["caption"]]
-        out = {"key": s["key"], "shard": s["shard"], "captions": caps}
-        if self.need_pixels:
-            out["pixels"] = self.tf(s["image"])
-        return out
+        return {"pixels": self.pixels(s["image"]), "key": s["key"], "shard": s["shard"], "captions": caps}
 
 
 def _shard_file(root: Path, url: str) -> Path:
@@ -158,12 +136,13 @@ def _load_shard(path: Path) -> dict[str, Any]:
 @torch.inference_mode()
 def _encode_texts(model: ClipModel, captions: list[str], batch: int, device: torch.device, progress: bool):
     """text_features of every caption, in input order; batches sorted by length to cut padding."""
-    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+    order = encode.length_sorted(captions)
     parts: list[dict[str, torch.Tensor]] = []
-    for s in tqdm(range(0, len(order), batch), desc="cache text", disable=not progress, leave=False):
-        idx = order[s : s + batch]
-        toks = {k: v.to(device) for k, v in model.tokenize([captions[i] for i in idx]).items()}
-        parts.append({k: v.cpu() for k, v in model.text_features(toks).items()})
+    with encode.eval_mode(model):
+        for s in tqdm(range(0, len(order), batch), desc="cache text", disable=not progress, leave=False):
+            idx = order[s : s + batch]
+            toks = {k: v.to(device) for k, v in model.tokenize([captions[i] for i in idx]).items()}
+            parts.append({k: v.cpu() for k, v in model.text_features(toks).items()})
     if not parts:
         return {}
     sorted_feats = {k: cat_padded([p[k] for p in parts]) for k in parts[0]}
@@ -172,7 +151,6 @@ def _encode_texts(model: ClipModel, captions: list[str], batch: int, device: tor
     return {k: v[inv] for k, v in sorted_feats.items()}
 
 
-@torch.inference_mode()
 def compute_shards(
     model: ClipModel,
     urls: list[str],
@@ -183,34 +161,31 @@ def compute_shards(
     device: torch.device,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """One pass over ``urls``: frozen image features, all captions (and their text features)."""
-    report = BadSampleReport()
-    ds = ShardDataset(
-        urls,
-        _CacheMap(model.config.preprocess, need_pixels=True),
-        decode=DecodeConfig(image=True, caption=True),
-        epochs=1,
-        rank=0,
-        world_size=1,
-        report=report,
-    )
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    """One pass over ``urls`` (the one shard loop, frozen prefix only): image features, all captions
+    (and their text features). The model runs on its own device (``device`` moves the text tokens)."""
     per_shard: dict[str, dict[str, Any]] = {}
     by_name = {shard_name(u): u for u in urls}
     bad_by_shard: dict[str, BadSampleReport] = {}
-    model.eval()
-    for b in tqdm(loader, desc="cache images", unit="batch", disable=not progress):
-        for k, r, d in b.get("__bad__", []):  # shard-level records name their shard; others go to the first
+    batches = encode.encode_shards(
+        model, urls, prepare=_CachePrepare(model.config.preprocess),
+        decode=DecodeConfig(image=True, caption=True), batch_size=batch_size, workers=workers,
+        features=True, prefetch=2,
+    )  # fmt: skip
+    for b in tqdm(batches, desc="cache images", unit="batch", disable=not progress):
+        for k, r, d in b.bad:  # shard-level records name their shard; others go to the first
             url = by_name.get(k.split(":")[0].split("/")[0], urls[0])
             bad_by_shard.setdefault(url, BadSampleReport()).add(k, r, d)
-        if not b["size"]:
+        if not b.keys:
             continue
-        feats = model.image_features(b["pixels"].to(device))
-        for i, key in enumerate(b["key"]):
-            sh = per_shard.setdefault(by_name[b["shard"][i]], {"keys": [], "captions": [], "image": []})
-            sh["keys"].append(key)
-            sh["captions"].append(b["captions"][i])
-            sh["image"].append({k: v[i : i + 1].cpu() for k, v in feats.items()})
+        rows_of: dict[str, list[int]] = {}
+        for i, name in enumerate(b.fields["shard"]):
+            rows_of.setdefault(by_name[name], []).append(i)
+        for url, rows in rows_of.items():  # one slice per (batch, shard), not one tensor per sample
+            sh = per_shard.setdefault(url, {"keys": [], "captions": [], "image": []})
+            sel = torch.tensor(rows)
+            sh["keys"].extend(b.keys[i] for i in rows)
+            sh["captions"].extend(b.fields["captions"][i] for i in rows)
+            sh["image"].append({k: v if len(rows) == len(b) else v[sel] for k, v in b.features.items()})
     out: dict[str, dict[str, Any]] = {}
     for url in urls:
         sh = per_shard.get(url, {"keys": [], "captions": [], "image": []})

@@ -14,7 +14,6 @@ inputs (``{"pixels"}`` / tokens) or cached frozen-prefix features.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,13 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.models.base import ClipModel, Features
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast where asked (CPU and CUDA both support bf16 autocast); fp32 is a no-op context."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from clipforge.models.encode import autocast
 
 
 def embed_images(model: ClipModel, feats: Features, cached: bool) -> torch.Tensor:
@@ -97,7 +90,7 @@ def forward_backward(
     ic, tc = bool(batch.get("image_cached")), bool(batch.get("text_cached"))
     ids = (batch.get("img_ids"), batch.get("txt_ids"))
     if accum <= 1:
-        with autocast(device, precision):
+        with autocast(precision, device):
             img = embed_images(model, batch["image"], ic)
             txt = embed_texts(model, batch["text"], tc)
         scale, bias = scale_and_bias(model)
@@ -111,11 +104,11 @@ def forward_backward(
     with torch.no_grad():  # pass 1: embeddings only, no activations kept
         for part in img_parts:
             img_rng.append(_rng_state())
-            with autocast(device, precision):
+            with autocast(precision, device):
                 img_embs.append(embed_images(model, part, ic).float())
         for part in txt_parts:
             txt_rng.append(_rng_state())
-            with autocast(device, precision):
+            with autocast(precision, device):
                 txt_embs.append(embed_texts(model, part, tc).float())
     img_all = torch.cat(img_embs).requires_grad_(True)
     txt_all = torch.cat(txt_embs).requires_grad_(True)
@@ -127,12 +120,12 @@ def forward_backward(
     txt_grads = torch.split(txt_all.grad, [e.shape[0] for e in txt_embs])
     for part, st, g in zip(img_parts, img_rng, img_grads):  # pass 3: re-forward with grad
         _set_rng_state(st)
-        with autocast(device, precision):
+        with autocast(precision, device):
             emb = embed_images(model, part, ic)
         (emb.float() * g).sum().backward()
     for part, st, g in zip(txt_parts, txt_rng, txt_grads):
         _set_rng_state(st)
-        with autocast(device, precision):
+        with autocast(precision, device):
             emb = embed_texts(model, part, tc)
         (emb.float() * g).sum().backward()
     _set_rng_state(after)
