@@ -161,6 +161,7 @@ def score_evalset(eval_specs: list[str], ctx: Context, out_dir: Path, workers: i
 
 
 RUN_CONFIG = "config.yaml"
+MODEL_STAGES = "clip-score/safety"
 # Resuming may add stages (only the missing ones run) and change the batch size (no value depends on
 # it); any other difference (model, sizes, dedup/balance settings...) would mix two runs: refused.
 RESUME_MAY_CHANGE = ("stages", "batch_size")
@@ -177,6 +178,15 @@ def open_run_dir(out_dir: Path, config: CurateConfig, overwrite: bool = False) -
     prepare_output_dir(out_dir, overwrite=overwrite, resume=is_run)
     check_run_config(out_dir / RUN_CONFIG, config, ignore=RESUME_MAY_CHANGE)
     write_run_config(out_dir / RUN_CONFIG, config)
+
+
+def check_model_spec(spec: str | None) -> None:
+    """Parse ``spec`` with the models package's one parser (ValueError/FileNotFoundError if unusable)."""
+    from clipforge.models.spec import SPEC_HELP, parse_spec
+
+    if not spec:
+        raise ValueError(f"stages {MODEL_STAGES} need a model: pass --model SPEC ({SPEC_HELP})")
+    parse_spec(spec)
 
 
 def score_shards(
@@ -238,6 +248,8 @@ def run_curation(
     if len(set(stems)) != len(stems):
         raise ValueError("two input shards have the same file name; score tables are named after shards")
     stages = resolve_stages(config.stages)
+    if model is None and any(s.needs_model for s in stages):
+        check_model_spec(config.model)  # a typo fails now, not after the model-free stages ran
     sample_stages = [s for s in stages if s.kind == "sample"]
     global_stages = [s for s in stages if s.kind == "global"]
     open_run_dir(out_dir, config, overwrite)

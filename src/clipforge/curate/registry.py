@@ -39,12 +39,11 @@ class Context:
     @property
     def model(self) -> Any:
         if self._model is None:
-            if not self.config.model:
-                raise ValueError(
-                    "this stage needs a model: pass --model SPEC (e.g. towers:efficientnet-lite0+minilm-l6)"
-                )
-            from clipforge.models import load_model
+            from clipforge.models import load_model  # the one spec parser and backend table
+            from clipforge.models.spec import SPEC_HELP
 
+            if not self.config.model:
+                raise ValueError(f"this stage needs a model: pass --model SPEC ({SPEC_HELP})")
             self._model = load_model(self.config.model).eval()
         return self._model
 

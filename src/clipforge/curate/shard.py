@@ -17,6 +17,7 @@ only the missing ones (the existing columns are passed in, nothing is rescored).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.curate.registry import Batch, Context, Stage
-from clipforge.data.decode import IMAGE_EXTS, TEXT_EXTS, SkipSample, decode_text
+from clipforge.data.decode import IMAGE_EXTS
+from clipforge.data.fields import sample_fields
 from clipforge.data.reader import iter_tar_samples
 from clipforge.data.report import BadSampleReport
-from clipforge.data.shards import shard_name
+from clipforge.data.shards import is_remote, shard_name
 from clipforge.utils import atomic_path
 
 META_KEY = b"clipforge.curate"
@@ -79,34 +81,22 @@ def to_table(cols: dict[str, list]) -> pa.Table:
 
 
 # -- reading a shard as columnar batches ---------------------------------------------------------
-def raw_caption(sample: dict[str, Any]) -> bytes | None:
-    raw = next((sample[e] for e in TEXT_EXTS if e in sample), None)
-    if raw is None and "json" in sample:
-        try:
-            caps = json.loads(sample["json"].decode("utf-8")).get("captions")
-            if isinstance(caps, list) and caps:
-                raw = str(caps[0]).encode("utf-8")
-        except Exception:
-            pass
-    return raw
-
-
 def iter_batches(url: str, batch_size: int, report: BadSampleReport) -> Iterator[Batch]:
     """Columnar batches of one shard in file order. Every key gets a row, even with a bad part."""
     batch: Batch = _empty_batch()
     for s in iter_tar_samples(url, report):
         ext = next((e for e in IMAGE_EXTS if e in s), None)
-        try:
-            caption, err = decode_text(raw_caption(s)), None
-        except SkipSample as e:
-            caption, err = None, e.reason
+        fields = sample_fields(s, label=False)  # the one caption rule (clipforge.data.fields)
+        for e in fields.errors.values():  # a bad KEY.json or caption: reported by key, the row stays
             report.add(s["__key__"], e.reason, e.detail)
+        err = fields.errors.get("caption")
+        caption = fields.caption
         batch["key"].append(s["__key__"])
         batch["shard"].append(s["__shard__"])
         batch["image_bytes"].append(s[ext] if ext else None)
         batch["image_ext"].append(ext)
         batch["caption"].append(caption)
-        batch["caption_error"].append(err)
+        batch["caption_error"].append(err.reason if err else None)
         if len(batch["key"]) >= batch_size:
             yield batch
             batch = _empty_batch()
@@ -125,31 +115,57 @@ def shard_paths(out_dir: Path, url: str) -> dict[str, Path]:
     return {"table": d / f"{stem}.parquet", "image": d / f"{stem}.image.npy", "text": d / f"{stem}.text.npy"}
 
 
-def stages_done(table_path: Path) -> list[str] | None:
-    """The stages a finished shard table holds, or None when there is no (readable) table."""
+def stages_done(
+    table_path: Path, url: str | None = None, report: BadSampleReport | None = None
+) -> list[str] | None:
+    """The stages a finished shard table holds; None when there is none to resume from.
+
+    A table that cannot be read, or that was scored from another shard of the same file name, is not
+    resumed (the shard is scored again) and is recorded in ``report`` under its file name, never
+    ignored silently.
+    """
     if not table_path.exists():
         return None
     try:
-        meta = pq.read_schema(table_path).metadata or {}
-        return list(json.loads(meta[META_KEY])["stages"])
-    except Exception:
+        meta = json.loads((pq.read_schema(table_path).metadata or {})[META_KEY])
+        stages, was = list(meta["stages"]), meta.get("url")
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        if report is not None:
+            report.add(table_path.name, "unreadable_score_table", f"{type(e).__name__}: {str(e)[:200]}")
         return None
+    if url is not None and was is not None and not same_shard(was, url):
+        if report is not None:
+            report.add(table_path.name, "stale_score_table", f"scored from {was[:200]}, now {url[:200]}")
+        return None
+    return stages
+
+
+def same_shard(a: str, b: str) -> bool:
+    """Two specs of one shard (a relative and an absolute path of one local file are the same)."""
+    if a == b:
+        return True
+    if is_remote(a) or is_remote(b):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def process_shard(url: str, stages: list[Stage], ctx: Context, out_dir: Path) -> dict[str, Any]:
     """Score one shard with the sample stages it still lacks; write its table (+ embeddings) atomically."""
     paths = shard_paths(out_dir, url)
-    done = stages_done(paths["table"]) or []
+    report = BadSampleReport()
+    done = stages_done(paths["table"], url, report) or []
     todo = [s for s in stages if s.name not in done]
     if not todo:
         return {"url": url, "status": "done", "rows": pq.read_metadata(paths["table"]).num_rows, "bad": {}}
     old = pq.read_table(paths["table"]) if done else None
+    if old is None:  # scoring from scratch: embeddings of an earlier table must not outlive it
+        for n in ("image", "text"):
+            paths[n].unlink(missing_ok=True)
     old_emb = {
         n: np.load(paths[n], mmap_mode="r")
         for n in ("image", "text")
         if old is not None and paths[n].exists()
     }
-    report = BadSampleReport()
     cols: dict[str, list] = {}
     embs: dict[str, list[np.ndarray]] = {}
     t0 = time.perf_counter()
