@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipforge.data.decode import TEXT_EXTS, DecodeConfig, SkipSample, decode_sample, decode_text
+from clipforge.data.decode import DecodeConfig, decode_sample
+from clipforge.data.fields import FieldError, resolve_caption, resolve_captions, resolve_label
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import shard_name
 from clipforge.data.transforms import ImageTransform
@@ -82,28 +83,17 @@ class IndexPrepare(encode.Prepare):
         self.url = url
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
-        s = decode_sample(raw, self.decode_cfg)
+        s = decode_sample(raw, self.decode_cfg)  # image + KEY.json (a bad one is a counted skip)
         meta = s["meta"]
-        caption = None
-        txt = next((raw[e] for e in TEXT_EXTS if e in raw), None)
-        if txt is not None:
-            try:
-                caption = decode_text(txt, self.decode_cfg.max_caption_chars)
-            except SkipSample:
-                caption = None
-        caps = [c for c in meta.get("captions", []) if isinstance(c, str) and c.strip()]
-        if caption is None and caps:
-            caption = caps[0].strip()
-        if caption is None and isinstance(meta.get("caption"), str):
-            caption = meta["caption"].strip() or None
-        label = None
-        if "cls" in raw:
-            try:
-                label = int(raw["cls"].decode().strip())
-            except Exception:
-                label = None
-        if label is None and isinstance(meta.get("label"), int):
-            label = int(meta["label"])
+        try:  # caption and label are optional in an index: the one rule of clipforge.data.fields
+            caption: str | None = resolve_caption(raw, meta, self.decode_cfg.max_caption_chars)
+        except FieldError:
+            caption = None
+        caps = resolve_captions(meta, None, self.decode_cfg.max_caption_chars)  # KEY.json's list only
+        try:
+            label: int | None = resolve_label(raw, meta)
+        except FieldError:
+            label = None
         row: dict[str, Any] = {
             "key": s["key"],
             "shard": s["shard"],
