@@ -75,3 +75,27 @@ def test_failures_are_isolated():
         return ok, await b.submit(5)  # still serving after a failed batch
 
     assert _run(go()) == (3, 5)
+
+
+def test_one_bad_item_fails_alone_in_its_batch():
+    """A batch fn that raises for a poisoned batch: the bad item gets the error, the rest their results."""
+    sizes: list[int] = []
+
+    def fn(items):
+        sizes.append(len(items))
+        if "poison" in items:
+            raise OverflowError("Python int too large to convert to C long")
+        return [x.upper() for x in items]
+
+    async def go():
+        b = MicroBatcher(fn, ThreadPoolExecutor(1), max_batch=16, max_wait_ms=50)
+        items = [f"q{i}" for i in range(15)]
+        items.insert(7, "poison")
+        out = await asyncio.gather(*(b.submit(x) for x in items), return_exceptions=True)
+        await b.close()
+        return items, out
+
+    items, out = _run(go())
+    assert isinstance(out[7], OverflowError)
+    assert [o for i, o in enumerate(out) if i != 7] == [x.upper() for x in items if x != "poison"]
+    assert sizes[0] == 16 and len(sizes) <= 1 + 2 * 4 + 1  # one batch, then about 2*log2(16) retries

@@ -39,6 +39,7 @@ class ServeConfig:
     max_templates: int = _f(16, "prompt templates per /classify request")
     max_template_chars: int = _f(200, "characters per prompt template")
     max_prompts: int = _f(4096, "labels x templates per /classify request (prompts encoded)")
+    max_filter_values: int = _f(1000, "values per /search filter column")
     api_key: str | None = _f(None, "require X-API-Key or Bearer (env CLIPFORGE_API_KEY)")
     cors_origins: list[str] = _f([], "allowed CORS origin (repeatable, or *)")
     allow_image_urls: bool = _f(False, "let clients send image URLs for the server to fetch")
@@ -60,7 +61,14 @@ class ServeConfig:
         if self.precision not in PRECISIONS:
             raise C.ConfigError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
         positive = ("max_batch", "max_upload_bytes", "max_image_pixels", "max_texts", "max_text_chars")
-        positive += ("max_k", "max_labels", "max_templates", "max_template_chars", "max_prompts")
+        positive += (
+            "max_k",
+            "max_labels",
+            "max_templates",
+            "max_template_chars",
+            "max_prompts",
+            "max_filter_values",
+        )
         positive += ("decode_threads", "fetch_threads")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

@@ -36,41 +36,73 @@ def builtin_label_sets() -> dict[str, Path]:
     return sets
 
 
+def _json_list(s: str, what: str) -> list[str]:
+    """A JSON list of strings (depth and type checked: a hostile body gets a ValueError, not a crash)."""
+    import json
+
+    try:
+        vals = json.loads(s)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{what}: invalid JSON list ({getattr(e, 'msg', 'nested too deeply')})") from None
+    if not isinstance(vals, list) or not all(isinstance(v, str) for v in vals):
+        raise ValueError(f"{what}: JSON must be a list of strings")
+    return vals
+
+
 def parse_label_list(text: str) -> list[str]:
     """'cat, dog' or 'cat\\ndog' or a JSON list -> labels (stripped, order kept, duplicates dropped)."""
-    import json
-
     s = text.strip()
     if s.startswith("["):
-        try:
-            vals = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"labels: invalid JSON list ({e.msg})") from None
-        if not isinstance(vals, list) or not all(isinstance(v, str) for v in vals):
-            raise ValueError("labels: JSON must be a list of strings")
+        vals = _json_list(s, "labels")
     else:
-        sep = "\n" if "\n" in s else ","
-        vals = s.split(sep)
-    out: list[str] = []
-    for v in vals:
-        v = v.strip()
-        if v and v not in out:
-            out.append(v)
-    return out
+        vals = s.split("\n" if "\n" in s else ",")
+    return list(dict.fromkeys(v.strip() for v in vals if v.strip()))
 
 
-def parse_templates(text: str | None) -> tuple[str, ...]:
-    """Templates as a JSON list or newline-separated; each must contain ``{}`` exactly once."""
-    import json
+def split_template(template: str) -> tuple[str, str]:
+    """``"a photo of a {}."`` -> ``("a photo of a ", ".")``; ValueError unless the template has exactly
+    one bare ``{}`` (``{{`` and ``}}`` are literal braces): no index, name, attribute, conversion or
+    format spec, since ``str.format`` on a client's template can pad to gigabytes or read attributes."""
+    import string
 
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"template {template[:80]!r}: {e}") from None
+    fields = [(name, spec, conv) for _, name, spec, conv in parts if name is not None]
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        raise ValueError(
+            f"template {template[:80]!r} must contain exactly one bare '{{}}' (no name, index, "
+            "conversion or format spec; write '{{' and '}}' for literal braces)"
+        )
+    at = next(i for i, p in enumerate(parts) if p[1] is not None)
+    prefix = "".join(p[0] for p in parts[: at + 1])
+    return prefix, "".join(p[0] for p in parts[at + 1 :])
+
+
+def fill_template(template: str, label: str) -> str:
+    """The prompt for ``label``: what ``template.format(label)`` gives for a valid template, built by
+    concatenation so a template is never interpreted beyond its one placeholder."""
+    prefix, suffix = split_template(template)
+    return prefix + label + suffix
+
+
+def parse_templates(
+    text: str | None, max_count: int | None = None, max_chars: int | None = None
+) -> tuple[str, ...]:
+    """Templates as a JSON list or newline-separated, each checked by :func:`split_template`; count and
+    length capped before any is parsed. None/blank -> DEFAULT_TEMPLATES."""
     if text is None or not text.strip():
         return DEFAULT_TEMPLATES
     s = text.strip()
-    vals = json.loads(s) if s.startswith("[") else s.splitlines()
-    out = tuple(v.strip() for v in vals if isinstance(v, str) and v.strip())
+    vals = _json_list(s, "templates") if s.startswith("[") else s.splitlines()
+    out = tuple(v.strip() for v in vals if v.strip())
     if not out:
         raise ValueError("templates: none given")
+    if max_count is not None and len(out) > max_count:
+        raise ValueError(f"{len(out)} templates > limit {max_count}")
     for t in out:
-        if t.count("{}") != 1:
-            raise ValueError(f"template {t!r} must contain '{{}}' exactly once")
+        if max_chars is not None and len(t) > max_chars:
+            raise ValueError(f"template of {len(t)} chars > limit {max_chars}")
+        split_template(t)
     return out

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 
 from clipforge.serve.errors import PayloadTooLarge, error_response
 
+KEY_OK = "clipforge.api_key_ok"  # scope entry set by ApiKeyGuard
 OPEN_PATHS = {"/", "/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico"}
 
 
@@ -25,7 +26,9 @@ def _declared_length(scope: dict) -> int | None:
 
 
 class BodyLimit:
-    """Refuse bodies over ``limit`` bytes by Content-Length, and cut streams that lie."""
+    """Refuse bodies over ``limit`` bytes: by Content-Length before reading, and while streaming for
+    chunked bodies or ones that lie. The 413 wins over whatever the app answers once the limit is hit
+    (a JSON endpoint would otherwise report the cut body as a 400 parse error)."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -33,22 +36,43 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_big = error_response(413, "payload_too_large", f"request body over {self.limit} bytes")
         declared = _declared_length(scope)
         if declared is not None and declared > self.limit:
-            resp = error_response(413, "payload_too_large", f"request body over {self.limit} bytes")
-            return await resp(scope, receive, send)
-        seen = 0
+            return await too_big(scope, receive, send)
+        cut = _StreamCut(self.limit, receive, send)
+        try:
+            await self.app(scope, cut.receive, cut.send)
+        except Exception:
+            if not cut.over:
+                raise
+        if cut.over and not cut.replied:
+            cut.replied = True
+            await too_big(scope, receive, send)
 
-        async def limited() -> dict:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise PayloadTooLarge(f"request body over {self.limit} bytes")
-            return msg
 
-        await self.app(scope, limited, send)
+class _StreamCut:
+    """receive/send wrappers for one request: count body bytes, and once over the limit swap the app's
+    response for nothing (BodyLimit then sends the 413)."""
+
+    def __init__(self, limit: int, receive: Any, send: Any) -> None:
+        self.limit, self._receive, self._send = limit, receive, send
+        self.seen, self.over, self.started, self.replied = 0, False, False, False
+
+    async def receive(self) -> dict:
+        msg = await self._receive()
+        if msg["type"] == "http.request":
+            self.seen += len(msg.get("body", b""))
+            if self.seen > self.limit:
+                self.over = True
+                raise PayloadTooLarge(f"request body over {self.limit} bytes")
+        return msg
+
+    async def send(self, msg: dict) -> None:
+        if self.over and not self.started:
+            return  # the app's answer to a cut body is replaced by the 413
+        self.started = True
+        await self._send(msg)
 
 
 def _given_key(scope: dict) -> bytes:
@@ -64,13 +88,17 @@ def _given_key(scope: dict) -> bytes:
 
 
 class ApiKeyGuard:
-    """Every path but OPEN_PATHS needs the key."""
+    """Every path but OPEN_PATHS needs the key; on an open path, ``scope[KEY_OK]`` tells the handler
+    whether the key was given (``/health`` shows server paths only then)."""
 
     def __init__(self, app: Any, key: str) -> None:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] in OPEN_PATHS:
+            scope[KEY_OK] = hmac.compare_digest(_given_key(scope), self.key)
             return await self.app(scope, receive, send)
         if not hmac.compare_digest(_given_key(scope), self.key):
             resp = error_response(401, "unauthorized", "missing or wrong API key (X-API-Key header)")

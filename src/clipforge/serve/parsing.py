@@ -6,6 +6,7 @@ so the limits hold while streaming; these functions turn what they read into che
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,12 +193,21 @@ def _check_labels(labels: list[str], cfg: ServeConfig) -> None:
 def _templates(form: Any, cfg: ServeConfig) -> tuple[str, ...]:
     raw = form.get("templates")
     try:
-        templates = parse_templates(raw if isinstance(raw, str) else None)
-    except (ValueError, json.JSONDecodeError) as e:
+        return parse_templates(
+            raw if isinstance(raw, str) else None, cfg.max_templates, cfg.max_template_chars
+        )
+    except ValueError as e:
         raise ApiError(400, "bad_templates", str(e)) from None
-    if len(templates) > cfg.max_templates:
-        raise ApiError(400, "bad_templates", f"{len(templates)} templates > limit {cfg.max_templates}")
-    return templates
+
+
+def _check_prompts(labels: list[str], templates: tuple[str, ...], cfg: ServeConfig) -> None:
+    n = len(labels) * len(templates)
+    if n > cfg.max_prompts:
+        raise ApiError(
+            400,
+            "too_many_prompts",
+            f"{len(labels)} labels x {len(templates)} templates = {n} prompts > limit {cfg.max_prompts}",
+        )
 
 
 def classify_args(form: Any, service: ClipService) -> ClassifyArgs:
@@ -205,6 +215,7 @@ def classify_args(form: Any, service: ClipService) -> ClassifyArgs:
     labels, source = _labels(form, service)
     _check_labels(labels, service.cfg)
     templates = _templates(form, service.cfg)
+    _check_prompts(labels, templates, service.cfg)
     top_k = form.get("top_k")
     top_k = len(labels) if top_k in (None, "") else check_k(top_k, service.cfg.max_k)
     return ClassifyArgs(labels, source, templates, min(top_k, len(labels)))
@@ -241,7 +252,7 @@ async def search_from_json(request: Request, service: ClipService) -> SearchQuer
 def _form_filters(raw: Any) -> Any:
     try:
         return json.loads(raw) if isinstance(raw, str) and raw.strip() else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise ApiError(400, "bad_filters", "filters must be a JSON object") from None
 
 
@@ -257,6 +268,33 @@ async def search_from_form(request: Request, service: ClipService) -> SearchQuer
     return SearchQuery("image", None, vec, k, filters)
 
 
-def check_filters(filters: Any) -> None:
-    if filters is not None and not isinstance(filters, dict):
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _bad_filter_value(v: Any, cfg: ServeConfig) -> str | None:
+    """Why ``v`` cannot be a filter value (None when it can): what any column type could hold."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return None if INT64[0] <= v <= INT64[1] else "an integer outside the 64-bit range"
+    if isinstance(v, float):
+        return None if math.isfinite(v) else "a non-finite number"
+    if isinstance(v, str):
+        return None if len(v) <= cfg.max_text_chars else f"a string over {cfg.max_text_chars} chars"
+    return f"a {type(v).__name__} (use a string, number or boolean)"
+
+
+def check_filters(filters: Any, cfg: ServeConfig) -> None:
+    """``{column: scalar | [scalars]}`` with values any column could hold, else 400 bad_filters (the
+    index checks the column names and types; values it could not even convert never reach it)."""
+    if filters is None:
+        return
+    if not isinstance(filters, dict):
         raise ApiError(400, "bad_filters", "filters must be a JSON object of column -> value(s)")
+    for col, want in filters.items():
+        values = want if isinstance(want, list) else [want]
+        if not values or len(values) > cfg.max_filter_values:
+            raise ApiError(400, "bad_filters", f"filter {col!r}: give 1..{cfg.max_filter_values} values")
+        for v in values:
+            if (why := _bad_filter_value(v, cfg)) is not None:
+                raise ApiError(400, "bad_filters", f"filter {col!r}: value is {why}")

@@ -23,6 +23,8 @@ from fastapi.responses import HTMLResponse, Response
 
 from clipforge.serve import parsing as P
 from clipforge.serve.errors import ApiError
+from clipforge.serve.health import health_payload
+from clipforge.serve.middleware import KEY_OK
 from clipforge.serve.service import ClipService
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -58,20 +60,8 @@ async def page() -> HTMLResponse:
 
 
 @router.get("/health")
-async def health(service: Service) -> dict[str, Any]:
-    cfg = service.cfg
-    return {
-        "status": "ok",
-        "model": service.model.config.spec,
-        "embed_dim": service.model.config.embed_dim,
-        "index": service.index.describe() if service.index is not None else None,
-        "model_matches_index": service.model_matches_index,
-        "precision": {"text": service.precision, "image": service.image_precision},
-        "batching": {"enabled": cfg.batching, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms},
-        "stats": service.stats(),
-        "api_key_required": bool(cfg.api_key),
-        "uptime_s": round(time.time() - service.started, 1),
-    }
+async def health(request: Request, service: Service) -> dict[str, Any]:
+    return health_payload(service, full=request.scope.get(KEY_OK, False))
 
 
 @router.get("/label_sets")
@@ -124,7 +114,7 @@ async def search(request: Request, service: Service) -> dict[str, Any]:
     P.need_index(service)
     t = time.perf_counter()
     q = await (P.search_from_json if P.is_json(request) else P.search_from_form)(request, service)
-    P.check_filters(q.filters)
+    P.check_filters(q.filters, service.cfg)
     hits = await service.search(text=q.text, vector=q.vector, k=q.k, filters=q.filters)
     if isinstance(hits, Exception):
         raise hits

@@ -33,7 +33,7 @@ from clipforge.index.store import ClipIndex, Hit
 from clipforge.models.base import ClipModel
 from clipforge.serve.batcher import MicroBatcher
 from clipforge.serve.config import ServeConfig
-from clipforge.serve.labels import DEFAULT_TEMPLATES, builtin_label_sets, read_labels
+from clipforge.serve.labels import DEFAULT_TEMPLATES, builtin_label_sets, fill_template, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class ClipService:
             if it.filters:
                 try:
                     out[i] = self.index.search(vecs[i][None], it.k, it.filters)[0]
-                except ValueError as e:  # FilterError: only this request fails
+                except Exception as e:  # a bad filter fails only its own request
                     out[i] = e
         return out
 
@@ -190,7 +190,7 @@ class ClipService:
 
     async def _compute_labels(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        prompts = [t.format(lab) for lab in labels for t in templates]
+        prompts = [fill_template(t, lab) for lab in labels for t in templates]
         parts = []
         for i in range(0, len(prompts), 256):  # chunks: other requests interleave on the model thread
             parts.append(
