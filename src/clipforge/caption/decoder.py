@@ -119,13 +119,13 @@ class CaptionDecoder(nn.Module):
             nn.Linear(cfg.cond_dim, w * max(p // 2, 1)), nn.GELU(), nn.Linear(w * max(p // 2, 1), w * p)
         )
         self.tok_emb = nn.Embedding(cfg.vocab_size, w)
-        self.pos_emb = nn.Parameter(torch.zeros(p + cfg.max_len, w))
+        self.pos_embed = nn.Parameter(torch.zeros(p + cfg.max_len, w))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(w)
         self.lm_head = nn.Linear(w, cfg.vocab_size, bias=False)
         self.apply(self._init)
-        nn.init.normal_(self.pos_emb, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
         for n, prm in self.named_parameters():  # GPT-2: scale residual projections by depth
             if n.endswith("proj.weight") or n.endswith("mlp.2.weight"):
                 nn.init.normal_(prm, std=0.02 / math.sqrt(2 * cfg.layers))
@@ -148,7 +148,7 @@ class CaptionDecoder(nn.Module):
         return z.view(cond.shape[0], self.cfg.prefix_len, self.cfg.width)
 
     def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        x = self.drop(x + self.pos_emb[start : start + x.shape[1]])
+        x = self.drop(x + self.pos_embed[start : start + x.shape[1]])
         for i, blk in enumerate(self.blocks):
             x = blk(x, cache, i, start)
         return self.lm_head(self.ln_f(x))
@@ -170,7 +170,7 @@ class CaptionDecoder(nn.Module):
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row [B] -> logits of the next [B, V]; the cache grows by one position."""
         pos = cache.length
-        if pos >= self.pos_emb.shape[0]:
+        if pos >= self.pos_embed.shape[0]:
             raise ValueError(f"decoding past max_len {self.cfg.max_len}")
         return self._run(self.tok_emb(tokens.view(-1, 1)), pos, cache)[:, -1]
 

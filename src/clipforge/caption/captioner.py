@@ -1,0 +1,110 @@
+"""A saved captioner: decoder + vocabulary + which encoder (and condition) it reads, in one directory.
+
+    DIR/config.json        decoder shape, mode, encoder spec + fingerprint, condition kind, DeCap setting
+    DIR/model.safetensors  decoder weights
+    DIR/vocab.json         the caption vocabulary (tokenizers JSON)
+    DIR/memory.safetensors text-only captioners: training text embeddings for DeCap's projection
+
+The encoder's fingerprint (``models/encode.fingerprint``; frozen weights only for ``features``) is
+checked when the encoder is loaded back, so a captioner is never fed vectors from another model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from clipforge.caption.decoder import CaptionDecoder, load_decoder, save_decoder
+from clipforge.caption.decoding import DecodeOptions, SpecialIds, generate
+from clipforge.caption.vocab import CaptionVocab
+
+
+def encoder_fingerprint(model: Any, kind: str) -> str:
+    from clipforge.models.encode import fingerprint
+
+    return fingerprint(model, frozen_only=kind == "features")
+
+
+class Captioner:
+    """Decoder + vocabulary + the encoder settings; ``caption(cond)`` -> strings."""
+
+    def __init__(
+        self,
+        decoder: CaptionDecoder,
+        vocab: CaptionVocab,
+        meta: dict[str, Any],
+        memory: torch.Tensor | None = None,
+    ) -> None:
+        self.decoder, self.vocab, self.meta, self.memory = decoder, vocab, meta, memory
+
+    @property
+    def ids(self) -> SpecialIds:
+        v = self.vocab
+        return SpecialIds(bos=v.bos_id, eos=v.eos_id, pad=v.pad_id, unk=v.unk_id)
+
+    @property
+    def condition(self) -> str:
+        return self.meta["encoder"]["condition"]
+
+    @property
+    def mode(self) -> str:
+        return self.meta.get("mode", "paired")
+
+    def save(self, directory: str | Path) -> Path:
+        files = {"vocab.json": self.vocab.save}
+        if self.memory is not None:
+            files["memory.safetensors"] = lambda p: save_file({"memory": self.memory.contiguous()}, str(p))
+        return save_decoder(directory, self.decoder, self.meta, files)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Captioner:
+        directory = Path(directory)
+        decoder, meta = load_decoder(directory)
+        if "encoder" not in meta:
+            raise ValueError(f"{directory}/config.json has no encoder section: not a captioner dir")
+        vocab = CaptionVocab.load(directory / "vocab.json")
+        mem_path = directory / "memory.safetensors"
+        memory = load_file(str(mem_path))["memory"] if mem_path.is_file() else None
+        return cls(decoder, vocab, meta, memory)
+
+    def load_encoder(self) -> Any:
+        """The CLIP model whose vectors this captioner reads, checked by fingerprint."""
+        from clipforge.models import load_model
+
+        enc = self.meta["encoder"]
+        model = load_model(enc["model"], **(enc.get("model_opts") or {}))
+        got = encoder_fingerprint(model, enc["condition"])
+        if enc.get("fingerprint") and got != enc["fingerprint"]:
+            raise ValueError(
+                f"encoder {enc['model']} has fingerprint {got}, but the captioner was trained on "
+                f"{enc['fingerprint']}: its weights changed, the captions would be meaningless"
+            )
+        return model
+
+    def project(self, cond: torch.Tensor, temperature: float | None) -> torch.Tensor:
+        """DeCap: replace an image embedding by the softmax(sim / T)-weighted mix of training text
+        embeddings (lands it in the text distribution the decoder learned). ``None``/0: unchanged."""
+        if not temperature or self.memory is None:
+            return cond
+        cond = F.normalize(cond.float(), dim=-1)
+        mem = self.memory.float()
+        out = []
+        for s in range(0, cond.shape[0], 256):
+            w = (cond[s : s + 256] @ mem.T / temperature).softmax(-1)
+            out.append(F.normalize(w @ mem, dim=-1))
+        return torch.cat(out)
+
+    def caption(
+        self, cond: torch.Tensor, opts: DecodeOptions, decap_temperature: float | None = None
+    ) -> tuple[list[str], list[float]]:
+        """Condition vectors [N, C] -> (captions, decoder scores)."""
+        if self.mode == "text-only":
+            t = self.meta.get("decap_temperature") if decap_temperature is None else decap_temperature
+            cond = self.project(cond, t)
+            cond = F.normalize(cond.float(), dim=-1)
+        seqs, scores = generate(self.decoder, cond.float(), opts, self.ids)
+        return [self.vocab.decode(s) for s in seqs], scores
