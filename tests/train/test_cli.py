@@ -46,7 +46,7 @@ def test_flags_override_yaml(tmp_path):
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="exactly one of steps or epochs"):
         TrainConfig.from_any({"data": ["x.tar"]})
-    with pytest.raises(ValueError, match="unknown train config keys"):
+    with pytest.raises(ValueError, match=r"unknown train config key .lrr. \(did you mean .lr.\?\)"):
         TrainConfig.from_any({"data": ["x.tar"], "steps": 1, "lrr": 1})
 
 

@@ -12,16 +12,18 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+HOOKS_SCRIPT = Path(__file__).resolve().parent / "train_with_hooks.py"
+
 
 def _train(out: Path, shards: list[str], env: dict, extra: list[str], kill_at: int = 0, resume: bool = False):
-    env = dict(env, CLIPFORGE_DEBUG_KEYS=str(out / "keys.jsonl"))
-    if kill_at:
-        env["CLIPFORGE_DEBUG_KILL_AT_STEP"] = str(kill_at)
     cmd = [
         sys.executable,
-        "-m",
-        "clipforge.cli",
-        "train",
+        str(HOOKS_SCRIPT),
+        "--keys-log",
+        str(out / "keys.jsonl"),
+        "--kill-at",
+        str(kill_at),
+        "--",
         "--model",
         "py:tiny_model:make_tiny",
         "--data",

@@ -71,7 +71,7 @@ def save_model(model: ClipModel, directory: str | Path, trainable_only: bool = F
             tok.save(tmp / "tokenizer")
         old = None
         if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}.tmp"  # a stale one is cleaned
             os.replace(directory, old)
         os.replace(tmp, directory)
         if old is not None:

@@ -177,7 +177,7 @@ def save_checkpoint(
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", suffix=".tmp", dir=root))  # cleaned if killed
     try:
         if full is None:
             save_model(model, str(tmp / "model.safetensors"))

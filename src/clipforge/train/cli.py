@@ -1,139 +1,77 @@
-"""``clipforge train``: flags (or --config YAML, flags win) -> TrainConfig -> train -> table / JSON."""
+"""``clipforge train``: --config YAML + flags generated from TrainConfig's fields -> train -> table / JSON.
+
+Every TrainConfig field is a flag (``--batch-size``, ``--model-opt K=V``, ``--no-progress``...; help
+from the field metadata). ``--resume`` without ``--data`` continues the run in ``--output`` from its
+own config.yaml (flags still override it); its shard list is data read back from a file, so it goes
+through :func:`clipforge.data.shards.shards_from_file` (no ``pipe:`` command from it).
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-# flag -> TrainConfig field, for flags whose default must not override a YAML value
-_FIELDS = {
-    "model": "model",
-    "data": "data",
-    "output": "output",
-    "steps": "steps",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "wd": "wd",
-    "warmup": "warmup",
-    "loss": "loss",
-    "accum": "accum",
-    "precision": "precision",
-    "workers": "workers",
-    "save_every": "save_every",
-    "seed": "seed",
-    "grad_clip": "grad_clip",
-    "device": "device",
-    "cache": "cache",
-    "cache_dir": "cache_dir",
-    "threads": "threads",
-    "multi_positive": "multi_positive",
-    "shuffle_buffer": "shuffle_buffer",
-}
+from clipforge.config import add_arguments, from_args, load_file
 
-
-def _value(s: str) -> Any:
-    """'1' -> 1, '0.5' -> 0.5, 'true' -> True, else the string."""
-    low = s.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return s
+# today's flag names that are not the field's name
+RENAME = {"model_opts": "model-opt"}
+HAND_MADE = ("multi_positive",)  # --multi-positive with no value means 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from clipforge.train.config import TrainConfig
+
     p = subparsers.add_parser(
         "train",
         help="train a CLIP/SigLIP model on shards (DDP under torchrun, exact resume)",
         description="Train a CLIP-family model on webdataset shards. Run under torchrun for data parallel.",
     )
     p.add_argument("--config", help="YAML file of TrainConfig fields (command-line flags override it)")
+    add_arguments(p, TrainConfig, skip=HAND_MADE, rename=RENAME)
     p.add_argument(
-        "--model", help="model spec or saved dir: towers:IMG+TXT, hf:PATH, scratch:NAME, py:mod:fn"
+        "--multi-positive",
+        dest="multi_positive",
+        type=int,
+        nargs="?",
+        const=2,
+        default=argparse.SUPPRESS,
+        help=TrainConfig.__dataclass_fields__["multi_positive"].metadata["help"] + " (no value: 2)",
     )
-    p.add_argument(
-        "--model-opt", action="append", default=[], metavar="K=V", help="kwarg for load_model (repeat)"
-    )
-    p.add_argument("--data", nargs="+", help="shard specs: paths, globs, brace ranges, dirs, urls")
-    p.add_argument("--output", help="run directory (checkpoints, metrics, final model)")
-    n = p.add_mutually_exclusive_group()
-    n.add_argument("--epochs", type=float, help="passes over the data (steps = epochs * samples // batch)")
-    n.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch size (all ranks and micro-batches)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--wd", type=float, help="decoupled weight decay (not on norms/biases/scale)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps before cosine decay")
-    p.add_argument("--loss", choices=["clip", "siglip"])
-    p.add_argument(
-        "--multi-positive", type=int, nargs="?", const=2, help="K captions per image, all positives"
-    )
-    p.add_argument("--accum", type=int, help="GradCache micro-batches per step (same contrastive batch)")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
-    p.add_argument("--grad-clip", type=float, help="max global grad norm (0 = off)")
-    p.add_argument("--grad-checkpointing", action="store_true", default=None, help="if the model supports it")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the embedding steps")
-    p.add_argument(
-        "--fsdp",
-        action="store_true",
-        default=None,
-        help="under torchrun: shard the trainable towers with FSDP2 (heads stay replicated)",
-    )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=int, help="DataLoader workers per rank")
-    p.add_argument("--shuffle-buffer", type=int, help="streaming shuffle buffer (samples)")
-    p.add_argument("--cache", choices=["auto", "off"], help="cache locked-tower features (auto)")
-    p.add_argument("--cache-dir", help="feature cache root (default: beside OUTPUT)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (and always at the end)")
-    p.add_argument(
-        "--resume", action="store_true", default=None, help="continue from OUTPUT's latest checkpoint"
-    )
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     p.set_defaults(func=run_cli)
+
+
+def saved_run_config(output: str | Path) -> dict[str, Any]:
+    """OUTPUT/config.yaml as a base for ``--resume``; its shard list is refused if it names a command."""
+    from clipforge.data.shards import shards_from_file
+
+    path = Path(output) / "config.yaml"
+    d = load_file(path)
+    d["data"] = shards_from_file(d.get("data") or [], source=str(path), expand=False)
+    return d
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
     from clipforge.train.config import TrainConfig
 
-    d: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            d.update(yaml.safe_load(f) or {})
-    for flag, fld in _FIELDS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            d[fld] = v
-    if args.steps is not None:
-        d.pop("epochs", None)
-    if args.epochs is not None:
-        d.pop("steps", None)
-    if args.grad_clip is not None and args.grad_clip <= 0:
-        d["grad_clip"] = None
-    for flag in ("grad_checkpointing", "compile", "resume", "fsdp"):
-        if getattr(args, flag):
-            d[flag] = True
-    if args.no_progress:
-        d["progress"] = False
-    if args.model_opt:
-        opts = dict(d.get("model_opts") or {})
-        for kv in args.model_opt:
-            k, sep, v = kv.partition("=")
-            if not sep:
-                raise SystemExit(f"--model-opt expects KEY=VALUE, got {kv!r}")
-            opts[k] = _value(v)
-        d["model_opts"] = opts
-    return TrainConfig.from_any(d)
+    given = vars(args)
+    base: dict[str, Any] = load_file(args.config) if getattr(args, "config", None) else {}
+    output = given.get("output", base.get("output"))
+    if given.get("resume") and "data" not in given and "data" not in base and output:
+        if (Path(output) / "config.yaml").is_file():
+            base = {**saved_run_config(output), **base}
+    for length, other in (("steps", "epochs"), ("epochs", "steps")):
+        if length in given and other not in given:  # --steps replaces a file's epochs (and vice versa)
+            base.pop(other, None)
+    return from_args(TrainConfig, args, base=base)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace, hooks: Any = None) -> int:
+    """``hooks``: :class:`~clipforge.train.hooks.TrainHooks` (tests/train/train_with_hooks.py passes them)."""
+    from clipforge.config import ConfigError
+    from clipforge.data.shards import ShardSpecError
+    from clipforge.runtime import rank_world
     from clipforge.train.loop import train
     from clipforge.utils import emit_json, format_table
 
@@ -141,10 +79,11 @@ def run_cli(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"clipforge train: {e}") from None
-    result = train(cfg)
-    import os
-
-    if int(os.environ.get("RANK", 0)) != 0:
+    try:
+        result = train(cfg, hooks)
+    except (ConfigError, ShardSpecError) as e:  # a model option, a resumed config, a refused shard spec
+        raise SystemExit(f"clipforge train: {e}") from None
+    if rank_world()[0] != 0:
         return 0
     if args.json:
         emit_json(result)

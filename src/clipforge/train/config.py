@@ -1,103 +1,139 @@
-"""TrainConfig: every knob of a run in one dataclass, from CLI flags, a dict or a YAML file.
+"""TrainConfig: every knob of a run in one dataclass, from a dict, a YAML file or generated CLI flags.
 
-The resolved config is saved as ``config.yaml`` next to the checkpoints so a run can be reproduced
-(and ``--resume`` checks it trains the same thing).
+It follows clipforge.config's one convention: unknown keys fail with a did-you-mean, the defaults live
+here only, ``train/cli.py`` generates one flag per field (help from the field metadata), and the
+resolved config is written as ``OUTPUT/config.yaml``; a ``--resume`` checks it against that file
+(:data:`RESUME_MAY_CHANGE` lists what may differ) so a resumed run continues the same thing.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from clipforge.config import ConfigError, check_run_config, from_dict, load_file, to_dict, write_run_config
 
-from clipforge.utils import atomic_path
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A field with its help text (and choices) in the metadata the flag generator reads."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class TrainConfig:
-    model: str = "scratch:vit-tiny"  # spec or saved dir (see clipforge.load_model); "py:mod:fn" for custom
-    model_opts: dict[str, Any] = field(default_factory=dict)  # kwargs to load_model (unlock_image=1, ...)
-    data: list[str] = field(default_factory=list)  # shard specs (paths, globs, brace ranges, dirs, urls)
-    output: str = "runs/train"
+    model: str = _f(
+        "scratch:vit-tiny",
+        "model spec or saved dir: towers:IMG+TXT, hf:PATH, scratch:NAME, py:MODULE:FUNCTION",
+    )
+    model_opts: dict[str, Any] = _f({}, "option for load_model, KEY=VALUE (repeat), e.g. unlock_image=1")
+    data: list[str] = _f([], "shard specs: paths, globs, brace ranges, dirs, urls")
+    output: str = _f("runs/train", "run directory (checkpoints, metrics, final model)")
     # length: exactly one of steps / epochs
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 64  # GLOBAL batch (all ranks, all accumulation micro-batches)
-    accum: int = 1  # micro-batches per step (GradCache: the contrastive batch stays batch_size)
-    lr: float = 5e-4
-    wd: float = 0.1
-    warmup: int = 0  # steps
-    min_lr_ratio: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    grad_clip: float | None = 1.0
-    loss: str = "clip"  # clip | siglip
-    local_loss: bool = True
-    multi_positive: int = 0  # >1: that many captions per image in a batch, all positives
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    grad_checkpointing: bool = False
-    compile: bool = False
-    fsdp: bool = False  # FSDP2 under torchrun: shard trainable towers (heads stay replicated); see dist.py
-    device: str = "auto"  # auto | cpu | cuda
+    steps: int | None = _f(None, "optimizer steps (or --epochs)")
+    epochs: float | None = _f(None, "passes over the data (steps = epochs * samples // batch)")
+    batch_size: int = _f(64, "GLOBAL batch size (all ranks and micro-batches)")
+    accum: int = _f(1, "GradCache micro-batches per step (the contrastive batch stays batch_size)")
+    lr: float = _f(5e-4, "peak learning rate")
+    wd: float = _f(0.1, "decoupled weight decay (not on norms/biases/scale)")
+    warmup: int = _f(0, "linear warmup steps before cosine decay")
+    min_lr_ratio: float = _f(0.0, "cosine floor as a fraction of lr")
+    betas: tuple[float, float] = _f((0.9, 0.98), "AdamW betas")
+    eps: float = _f(1e-6, "AdamW eps")
+    grad_clip: float | None = _f(1.0, "max global grad norm (0 or none = off)")
+    loss: str = _f("clip", "contrastive loss", choices=["clip", "siglip"])
+    local_loss: bool = _f(True, "each rank scores its rows against all gathered columns")
+    multi_positive: int = _f(0, "K > 1: K captions per image in a batch, all positives")
+    precision: str = _f("fp32", "autocast precision", choices=["fp32", "bf16"])
+    grad_checkpointing: bool = _f(False, "gradient checkpointing, if the model supports it")
+    compile: bool = _f(False, "torch.compile the embedding steps")
+    fsdp: bool = _f(False, "under torchrun: shard the trainable towers with FSDP2 (heads replicated)")
+    device: str = _f("auto", "where to train", choices=["auto", "cpu", "cuda"])
     # data
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    augment: bool = True  # random-resized-crop for a trained image tower (never for a cached one)
-    caption_field: str = "captions"  # captions (all KEY.json captions, one picked per epoch) | caption
+    workers: int = _f(2, "DataLoader workers per rank")
+    shuffle_buffer: int = _f(1000, "streaming shuffle buffer (samples)")
+    augment: bool = _f(True, "random-resized-crop for a trained image tower (never for a cached one)")
+    caption_field: str = _f(
+        "captions",
+        "captions (all of KEY.json's, one picked per epoch) | caption",
+        choices=["captions", "caption"],
+    )
     # locked-tower feature cache
-    cache: str = "auto"  # auto (cache when the image tower is locked) | off
-    cache_dir: str | None = None  # default: OUTPUT/../.feature_cache (shared by runs in one folder)
-    cache_batch_size: int = 128
+    cache: str = _f("auto", "cache locked-tower features (auto) or not (off)", choices=["auto", "off"])
+    cache_dir: str | None = _f(None, "feature cache root (default: OUTPUT/../.feature_cache)")
+    cache_batch_size: int = _f(128, "batch size while building the feature cache")
     # checkpoints / logging
-    save_every: int = 0  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: bool = False
-    log_every: int = 1
-    seed: int = 0
-    threads: int | None = None
-    tensorboard: bool = True
-    progress: bool = True
+    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept")
+    resume: bool = _f(False, "continue from OUTPUT's latest checkpoint (its config.yaml must match)")
+    log_every: int = _f(1, "metrics row every N steps")
+    seed: int = _f(0, "seed of init, shuffling, augmentation and caption choice")
+    threads: int | None = _f(None, "torch intra-op threads (default: the CPUs available)")
+    tensorboard: bool = _f(True, "write tensorboard events")
+    progress: bool = _f(True, "progress bar")
 
     @classmethod
     def from_any(cls, cfg: TrainConfig | dict | str | Path) -> TrainConfig:
-        if isinstance(cfg, TrainConfig):
-            return cfg
+        """An instance passes through; a dict or a YAML file path is loaded strictly."""
         if isinstance(cfg, (str, Path)):
-            cfg = yaml.safe_load(Path(cfg).read_text()) or {}
-        if not isinstance(cfg, dict):
+            cfg = load_file(cfg)
+        if not isinstance(cfg, (TrainConfig, dict)):
             raise TypeError(f"TrainConfig.from_any: expected TrainConfig, dict or YAML path, got {type(cfg)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown train config keys: {unknown}")
-        out = cls(**cfg)
-        out.validate()
-        return out
+        return from_dict(cls, cfg, "train config")
 
     def validate(self) -> None:
         if isinstance(self.data, str):
             self.data = [self.data]
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            self.grad_clip = None
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps or epochs")
+            raise ConfigError("give exactly one of steps or epochs")
         if self.loss not in ("clip", "siglip"):
-            raise ValueError(f"loss must be clip or siglip, got {self.loss!r}")
+            raise ConfigError(f"loss must be clip or siglip, got {self.loss!r}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.accum < 1 or self.batch_size < 1:
-            raise ValueError("batch_size and accum must be >= 1")
+            raise ConfigError("batch_size and accum must be >= 1")
         if self.cache not in ("auto", "off"):
-            raise ValueError(f"cache must be auto or off, got {self.cache!r}")
+            raise ConfigError(f"cache must be auto or off, got {self.cache!r}")
         if not self.data:
-            raise ValueError("no training data: give shard specs (data=...)")
+            raise ConfigError("no training data: give shard specs (data=...)")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+        return to_dict(self)
 
     def save(self, path: str | Path) -> None:
-        with atomic_path(path) as tmp:
-            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_run_config(path, self)
+
+
+# What a --resume may change: how long, how it is run and logged. Everything else (model, data,
+# batch, optimizer, loss, seed...) must equal the run's config.yaml. The data layer checks on its own
+# that the streaming layout (ranks x workers) is the checkpoint's.
+RESUME_MAY_CHANGE = (
+    "steps",
+    "epochs",
+    "resume",
+    "progress",
+    "threads",
+    "workers",
+    "device",
+    "fsdp",
+    "accum",
+    "compile",
+    "grad_checkpointing",
+    "output",
+    "cache_dir",
+    "cache_batch_size",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+    "tensorboard",
+)
+
+
+def check_resume_config(path: str | Path, cfg: TrainConfig) -> None:
+    """The run at ``path`` (its config.yaml) must have trained what ``cfg`` continues."""
+    check_run_config(path, cfg, ignore=RESUME_MAY_CHANGE)

@@ -1,22 +1,22 @@
-"""The training loop, composed of the plain parts beside it (torchtitan style).
+"""The training loop: a :class:`Trainer` whose methods are its plain parts (torchtitan style).
 
-    load_model -> [FSDP2: shard the trainable towers] -> feature cache or streaming batches
-    -> forward_backward (GradCache when accum > 1) -> average grads over ranks -> clip -> AdamW step
-    -> log -> checkpoint every N steps -> save model
+    setup (dirs, config check, seeds, model on device / FSDP2) -> data source (feature cache or
+    streaming batches) -> resume (checkpoint: weights, optimizer, RNG, data position)
+    -> step (forward_backward, GradCache when accum > 1; average grads; clip; AdamW) -> log
+    -> save (checkpoint every N steps) -> finish (final model, result.json)
 
 ``train(config)`` builds the model from ``config.model``; ``fit(model, shards, config)`` trains a model
-you already hold and returns it (the Python API the quickstart uses).
+you already hold and returns it (the Python API the quickstart uses). ``hooks`` (:class:`TrainHooks`)
+are called at fixed points (tests record keys and kill runs through them).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
 import random
-import signal
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from clipforge.models import load_model
 from clipforge.models.base import ClipModel
 from clipforge.train import checkpoint as ckpt
 from clipforge.train.cache import load_or_build_cache
-from clipforge.train.config import TrainConfig
+from clipforge.train.config import TrainConfig, check_resume_config
 from clipforge.train.data import CachedBatches, StreamingBatches, TrainSampleMap, count_samples
 from clipforge.train.dist import (
     all_reduce_grads,
@@ -44,11 +44,12 @@ from clipforge.train.dist import (
     mean_across,
     shard_model,
 )
+from clipforge.train.hooks import TrainHooks
 from clipforge.train.logger import MetricsLogger, plot_curves
 from clipforge.train.loss import build_loss
 from clipforge.train.optim import build_optimizer, clip_grad, lr_at, set_lr
 from clipforge.train.step import embed_images, embed_texts, forward_backward
-from clipforge.utils import format_table, setup_torch_threads, write_json
+from clipforge.utils import clean_stale_tmp, format_table, setup_torch_threads, write_json
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +92,18 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
-def train(config: TrainConfig | dict | str | Path) -> dict[str, Any]:
+def train(config: TrainConfig | dict | str | Path, hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Build ``config.model`` and train it; returns the result dict (also saved as OUTPUT/result.json)."""
     cfg = TrainConfig.from_any(config)
     model = load_model(cfg.model, **cfg.model_opts)
-    return run(model, cfg)
+    return run(model, cfg, hooks)
 
 
 def fit(
-    model: ClipModel, shards: str | list[str], config: TrainConfig | dict | str | Path | None = None
+    model: ClipModel,
+    shards: str | list[str],
+    config: TrainConfig | dict | str | Path | None = None,
+    hooks: TrainHooks | None = None,
 ) -> ClipModel:
     """Train ``model`` on ``shards`` in place and return it (result dict at ``model.train_result``)."""
     cfg = TrainConfig.from_any(
@@ -108,223 +112,338 @@ def fit(
             "data": [shards] if isinstance(shards, str) else list(shards),
         }
     )
-    model.train_result = run(model, cfg)
+    model.train_result = run(model, cfg, hooks)
     return model
 
 
-def run(model: ClipModel, cfg: TrainConfig) -> dict[str, Any]:
+def run(model: ClipModel, cfg: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     cfg.validate()
     setup_torch_threads(cfg.threads)
     dist = init_distributed(cfg.device)
     try:
-        return _run(model, cfg, dist)
+        return Trainer(model, cfg, dist, hooks).train()
     finally:
         cleanup()
 
 
-def _run(model: ClipModel, cfg: TrainConfig, dist: Any) -> dict[str, Any]:
-    rank, world, device = dist.rank, dist.world, dist.device
-    out = Path(cfg.output)
-    ckpt_root = out / "checkpoints"
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
-    seed_everything(cfg.seed + rank)
-    if cfg.batch_size % (world * cfg.accum):
-        raise ValueError(
-            f"batch size {cfg.batch_size} must divide by world size x accum = {world * cfg.accum}"
-        )
-    local_batch = cfg.batch_size // world
-    prepare_for_loss(model, cfg.loss)
-    fsdp = cfg.fsdp and world > 1
-    if cfg.fsdp and not fsdp:
-        log.warning("fsdp=True with one process: nothing to shard, training unsharded")
-    user_model = model
-    if fsdp:  # fully_shard rewrites modules in place, for good: train a copy, hand back a plain model
-        tok = getattr(model, "tokenizer", None)
-        model = copy.deepcopy(model, memo={id(tok): tok})  # (the tokenizer is shared, not copied)
-    model.to(device)
-    if cfg.grad_checkpointing:
-        fn = getattr(model, "set_grad_checkpointing", None)
-        if fn is None:
-            log.warning("model %s has no set_grad_checkpointing(); flag ignored", type(model).__name__)
-        else:
-            fn(True)
-    if fsdp:
-        sharded = shard_model(model, device)
-        if not sharded:
-            log.warning("fsdp: %s has no trainable tower to shard", type(model).__name__)
-        else:
-            log.info("fsdp: sharded %d modules over %d ranks: %s", len(sharded), world, ", ".join(sharded))
-    embed = (embed_images, embed_texts)
-    if cfg.compile:
-        embed = (torch.compile(embed_images), torch.compile(embed_texts))
-    loss_fn = build_loss(cfg.loss, cfg.local_loss)
-    report = BadSampleReport()
-    urls = expand_shards(cfg.data)
-    if not urls:
-        raise ValueError(f"no shards match {cfg.data}")
-    n_caps = max(cfg.multi_positive, 1)
-    all_caps = cfg.caption_field == "captions"
-    tokenize = model.tokenize
-    cached = cfg.cache == "auto" and model.image_locked
-    cache_dir = None
-    show = cfg.progress and dist.main
+def clean_run_dir(out: Path) -> int:
+    """Remove what a killed run left half-written: temp checkpoint dirs, a model or JSON being saved.
 
-    if cached:
-        root = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature_cache"
-        kw = dict(batch_size=cfg.cache_batch_size, workers=cfg.workers, device=device, progress=show)
-        if dist.main:  # rank 0 computes; the others read its files
-            data, cache_dir = load_or_build_cache(model, urls, root, report=report, **kw)
-        barrier(world)
-        if not dist.main:
-            data, cache_dir = load_or_build_cache(model, urls, root, report=None, **kw)
-        source: Any = CachedBatches(
+    Everything under ``checkpoints/`` is ours; at OUTPUT's top level only our own hidden ``.*.tmp``
+    names (OUTPUT may be a folder that holds other things). Returns how many were removed.
+    """
+    n = clean_stale_tmp(out / "checkpoints") if (out / "checkpoints").is_dir() else 0
+    for p in out.glob(".*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    if n:
+        log.info("removed %d temp files/dirs left in %s by a killed run", n, out)
+    return n
+
+
+class Trainer:
+    """One run. ``__init__`` is the setup; :meth:`train` runs the loop over :meth:`step` / :meth:`save`."""
+
+    def __init__(self, model: ClipModel, cfg: TrainConfig, dist: Any, hooks: TrainHooks | None = None):
+        self.cfg, self.dist, self.hooks = cfg, dist, hooks or TrainHooks()
+        self.rank, self.world, self.device = dist.rank, dist.world, dist.device
+        self.out = Path(cfg.output)
+        self.ckpt_root = self.out / "checkpoints"
+        self._prepare_dir()
+        seed_everything(cfg.seed + self.rank)
+        if cfg.batch_size % (self.world * cfg.accum):
+            raise ValueError(
+                f"batch size {cfg.batch_size} must divide by world size x accum = {self.world * cfg.accum}"
+            )
+        self.user_model = model
+        self.model = self._prepare_model(model)
+        self.embed = (embed_images, embed_texts)
+        if cfg.compile:
+            self.embed = (torch.compile(embed_images), torch.compile(embed_texts))
+        self.loss_fn = build_loss(cfg.loss, cfg.local_loss)
+        self.report = BadSampleReport()
+        self.urls = expand_shards(cfg.data)
+        if not self.urls:
+            raise ValueError(f"no shards match {cfg.data}")
+        self.cached = cfg.cache == "auto" and self.model.image_locked
+        self.show = cfg.progress and dist.main
+        self.cache_dir: Path | None = None
+        self.source: Any = self._cached_source() if self.cached else None
+        if not self.cached:
+            self.n_samples = broadcast_object(
+                count_samples(self.urls) if (dist.main and cfg.epochs) else 0, self.world
+            )
+            self.steps_per_epoch = max(self.n_samples // cfg.batch_size, 1)
+        self.total = (
+            int(cfg.steps) if cfg.steps else max(int(cfg.epochs * self.n_samples) // cfg.batch_size, 1)
+        )
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.wd, tuple(cfg.betas), cfg.eps)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.step_no, state = self._resume()
+        if not self.cached:  # after the RNG restore: the DataLoader draws its seed from it
+            self.source = self._streaming_source(state.get("data", {}))
+        self.metrics = MetricsLogger(
+            self.out, dist.main, cfg.tensorboard, resume_step=self.step_no if state else None
+        )
+        self.seen, self.loss_v, self.last_ckpt = 0, float("nan"), None
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        """Clean what a killed run left, check a resumed run continues the same config, write it."""
+        latest = ckpt.latest_checkpoint(self.ckpt_root) if self.cfg.resume else None
+        if latest is not None:
+            check_resume_config(self.out / "config.yaml", self.cfg)
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            clean_run_dir(self.out)
+            self.cfg.save(self.out / "config.yaml")
+
+    def _prepare_model(self, model: ClipModel) -> ClipModel:
+        """Loss-specific parameters, device, gradient checkpointing, FSDP2 sharding (of a copy)."""
+        cfg = self.cfg
+        prepare_for_loss(model, cfg.loss)
+        self.fsdp = cfg.fsdp and self.world > 1
+        if cfg.fsdp and not self.fsdp:
+            log.warning("fsdp=True with one process: nothing to shard, training unsharded")
+        if (
+            self.fsdp
+        ):  # fully_shard rewrites modules in place, for good: train a copy, hand back a plain model
+            tok = getattr(model, "tokenizer", None)
+            model = copy.deepcopy(model, memo={id(tok): tok})  # (the tokenizer is shared, not copied)
+        model.to(self.device)
+        if cfg.grad_checkpointing:
+            fn = getattr(model, "set_grad_checkpointing", None)
+            if fn is None:
+                log.warning("model %s has no set_grad_checkpointing(); flag ignored", type(model).__name__)
+            else:
+                fn(True)
+        if self.fsdp:
+            sharded = shard_model(model, self.device)
+            if not sharded:
+                log.warning("fsdp: %s has no trainable tower to shard", type(model).__name__)
+            else:
+                log.info(
+                    "fsdp: sharded %d modules over %d ranks: %s", len(sharded), self.world, ", ".join(sharded)
+                )
+        return model
+
+    # -- data source ----------------------------------------------------------------------------
+    @property
+    def _n_captions(self) -> int:
+        return max(self.cfg.multi_positive, 1)
+
+    def _cached_source(self) -> CachedBatches:
+        """Locked image tower: features computed once (rank 0; the others read its files)."""
+        cfg, main = self.cfg, self.dist.main
+        root = Path(cfg.cache_dir) if cfg.cache_dir else self.out.parent / ".feature_cache"
+        kw = dict(
+            batch_size=cfg.cache_batch_size, workers=cfg.workers, device=self.device, progress=self.show
+        )
+        if main:
+            data, self.cache_dir = load_or_build_cache(self.model, self.urls, root, report=self.report, **kw)
+        barrier(self.world)
+        if not main:
+            data, self.cache_dir = load_or_build_cache(self.model, self.urls, root, report=None, **kw)
+        source = CachedBatches(
             data,
             cfg.batch_size,
-            tokenize,
-            rank=rank,
-            world=world,
+            self.model.tokenize,
+            rank=self.rank,
+            world=self.world,
             seed=cfg.seed,
-            n_captions=n_caps,
-            all_captions=all_caps,
+            n_captions=self._n_captions,
+            all_captions=cfg.caption_field == "captions",
         )
-        steps_per_epoch, n_samples = source.steps_per_epoch, len(data)
-    else:
-        n_samples = broadcast_object(count_samples(urls) if (dist.main and cfg.epochs) else 0, world)
-        steps_per_epoch = max(n_samples // cfg.batch_size, 1)
-    total = int(cfg.steps) if cfg.steps else max(int(cfg.epochs * n_samples) // cfg.batch_size, 1)
+        self.steps_per_epoch, self.n_samples = source.steps_per_epoch, len(data)
+        return source
 
-    optimizer = build_optimizer(model, cfg.lr, cfg.wd, tuple(cfg.betas), cfg.eps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    step, state = 0, {}
-    if cfg.resume:
-        last = ckpt.latest_checkpoint(ckpt_root)
-        if last is not None:
-            state = ckpt.load_checkpoint(last, model, optimizer, rank)
-            step = int(state["step"])
-            report.counts.clear()  # the checkpoint's report already holds everything counted so far
-            report.keys.clear()
-            report.merge(state.get("bad", {}))
-            log.info("resumed from %s at step %d", last, step)
-        else:
-            log.info("--resume: no checkpoint in %s, starting fresh", ckpt_root)
-    if not cached:
-        data_state = state.get("data", {})
+    def _streaming_source(self, data_state: dict[str, Any]) -> StreamingBatches:
+        """Trained image tower: batches decoded from shards, continuing at a checkpoint's position."""
+        cfg, model = self.cfg, self.model
         per_rank = data_state.get("loader_batches", [])
-        source = StreamingBatches(
-            urls,
-            local_batch,
-            TrainSampleMap(
-                model.config.preprocess, cfg.augment and not model.image_locked, n_caps, cfg.seed, all_caps
-            ),
-            tokenize,
-            rank=rank,
-            world=world,
+        sample_map = TrainSampleMap(
+            model.config.preprocess,
+            cfg.augment and not model.image_locked,
+            self._n_captions,
+            cfg.seed,
+            cfg.caption_field == "captions",
+        )
+        return StreamingBatches(
+            self.urls,
+            cfg.batch_size // self.world,
+            sample_map,
+            model.tokenize,
+            rank=self.rank,
+            world=self.world,
             workers=cfg.workers,
             shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed,
-            report=report,
+            report=self.report,
             position=data_state.get("position"),
-            loader_batches=per_rank[rank] if rank < len(per_rank) else 0,
+            loader_batches=per_rank[self.rank] if self.rank < len(per_rank) else 0,
         )
 
-    metrics = MetricsLogger(out, dist.main, cfg.tensorboard, resume_step=step if state else None)
-    keys_log = os.environ.get("CLIPFORGE_DEBUG_KEYS")
-    kill_at = int(os.environ.get("CLIPFORGE_DEBUG_KILL_AT_STEP", 0))
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not show, dynamic_ncols=True)
-    t0, seen, loss_v = time.perf_counter(), 0, float("nan")
-    last_ckpt: Path | None = None
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume(self) -> tuple[int, dict[str, Any]]:
+        """(step, checkpoint state) of the latest checkpoint when resuming, else (0, {})."""
+        if not self.cfg.resume:
+            return 0, {}
+        last = ckpt.latest_checkpoint(self.ckpt_root)
+        if last is None:
+            log.info("--resume: no checkpoint in %s, starting fresh", self.ckpt_root)
+            return 0, {}
+        state = ckpt.load_checkpoint(last, self.model, self.optimizer, self.rank)
+        self.report.counts.clear()  # the checkpoint's report already holds everything counted so far
+        self.report.keys.clear()
+        self.report.merge(state.get("bad", {}))
+        log.info("resumed from %s at step %d", last, int(state["step"]))
+        return int(state["step"]), state
 
-    def save(at: int) -> Path | None:
-        data_part: dict[str, Any] = {"mode": "cached" if cached else "streaming"}
-        if not cached:
-            states = gather_objects(source.state(), world)
+    # -- step -----------------------------------------------------------------------------------
+    def next_batch(self) -> dict[str, Any]:
+        return self.source.batch(self.step_no) if self.cached else self.source.next()
+
+    def step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One optimizer step on ``batch``; returns its metrics row."""
+        cfg, model = self.cfg, self.model
+        lr = lr_at(self.step_no, cfg.lr, cfg.warmup, self.total, cfg.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        batch = _to(batch, self.device)
+        set_train_mode(model)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward(
+            model, self.loss_fn, batch, cfg.accum, self.device, cfg.precision, embed=self.embed
+        )
+        all_reduce_grads(self.trainable, self.world)
+        gnorm = clip_grad(self.trainable, cfg.grad_clip)
+        self.optimizer.step()
+        self.step_no += 1
+        self.seen += cfg.batch_size
+        self.loss_v = mean_across(float(loss), self.world, self.device)
+        if self.cached:
+            epoch = batch.get("epoch", self.step_no // max(self.steps_per_epoch, 1))
+        else:
+            epoch = self.source.epoch
+        return {
+            "step": self.step_no,
+            "epoch": int(epoch),
+            "loss": self.loss_v,
+            "lr": lr,
+            "grad_norm": gnorm,
+            "scale": float(model.logit_scale.detach().exp()),
+            "samples_per_s": self.seen / max(time.perf_counter() - self.t0, 1e-9),
+        }
+
+    # -- save -----------------------------------------------------------------------------------
+    def _data_state(self) -> dict[str, Any]:
+        """Every rank's data position (a collective when streaming)."""
+        data_part: dict[str, Any] = {"mode": "cached" if self.cached else "streaming"}
+        if not self.cached:
+            states = gather_objects(self.source.state(), self.world)
             slots: dict[str, Any] = {}
             for s in states:
                 slots.update(s["position"]["slots"])
             data_part["position"] = {"nslots": states[0]["position"]["nslots"], "slots": slots}
             data_part["loader_batches"] = [s["loader_batches"] for s in states]
-        rngs = gather_objects(ckpt.rng_state(), world)
-        full = ckpt.gather_full_state(model, optimizer) if fsdp else None  # a collective
+        return data_part
+
+    def save(self) -> Path | None:
+        """A checkpoint at the current step (every rank calls it; rank 0 writes); returns its path."""
+        data_part = self._data_state()
+        rngs = gather_objects(ckpt.rng_state(), self.world)
+        full = ckpt.gather_full_state(self.model, self.optimizer) if self.fsdp else None  # a collective
         path = None
-        if dist.main:
-            meta = {"data": data_part, "bad": report.to_dict(), "config": cfg.to_dict(), "world": world}
+        if self.dist.main:
+            meta = {
+                "data": data_part,
+                "bad": self.report.to_dict(),
+                "config": self.cfg.to_dict(),
+                "world": self.world,
+            }
             path = ckpt.save_checkpoint(
-                ckpt_root, at, model, optimizer, meta, rngs, keep=cfg.keep_checkpoints, full=full
+                self.ckpt_root,
+                self.step_no,
+                self.model,
+                self.optimizer,
+                meta,
+                rngs,
+                keep=self.cfg.keep_checkpoints,
+                full=full,
             )
-        barrier(world)
+        barrier(self.world)
         return path
 
-    while step < total:
-        lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        batch = source.batch(step) if cached else source.next()
-        if keys_log:
-            with open(f"{keys_log}.rank{rank}", "a") as f:
-                f.write(json.dumps({"step": step + 1, "keys": batch["keys"]}) + "\n")
-        batch = _to(batch, device)
-        set_train_mode(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(model, loss_fn, batch, cfg.accum, device, cfg.precision, embed=embed)
-        all_reduce_grads(trainable, world)
-        gnorm = clip_grad(trainable, cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        seen += cfg.batch_size
-        loss_v = mean_across(float(loss), world, device)
-        sps = seen / max(time.perf_counter() - t0, 1e-9)
-        epoch = batch.get("epoch", step // max(steps_per_epoch, 1)) if cached else source.epoch
-        if step % cfg.log_every == 0 or step == total:
-            metrics.log(
-                {
-                    "step": step,
-                    "epoch": int(epoch),
-                    "loss": loss_v,
-                    "lr": lr,
-                    "grad_norm": gnorm,
-                    "scale": float(model.logit_scale.detach().exp()),
-                    "samples_per_s": sps,
-                }
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg, hooks = self.cfg, self.hooks
+        bar = tqdm(
+            total=self.total,
+            initial=self.step_no,
+            desc="train",
+            unit="step",
+            disable=not self.show,
+            dynamic_ncols=True,
+        )
+        self.t0 = time.perf_counter()
+        while self.step_no < self.total:
+            batch = self.next_batch()
+            if hooks.on_batch:
+                hooks.on_batch(self.step_no + 1, batch, self.rank)
+            row = self.step(batch)
+            if self.step_no % cfg.log_every == 0 or self.step_no == self.total:
+                self.metrics.log(row)
+            bar.set_postfix(
+                loss=f"{self.loss_v:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}"
             )
-        bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.0f}")
-        bar.update(1)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            last_ckpt = save(step)
-        if kill_at and step == kill_at:  # test hook: die like kill -9 (no cleanup, no flush)
-            os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    last_ckpt = save(step) if total > 0 else last_ckpt
-    metrics.close()
-    if fsdp:  # every rank's caller gets the trained weights, unsharded, on the model's own device
-        user_model.load_state_dict(
-            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        )
-        model = user_model
-    result: dict[str, Any] = {
-        "steps": step,
-        "final_loss": loss_v,
-        "samples_per_s": seen / max(elapsed, 1e-9) if seen else 0.0,
-        "train_seconds": elapsed,
-        "world_size": world,
-        "mode": "cached" if cached else "streaming",
-        "samples": n_samples,
-        "steps_per_epoch": steps_per_epoch,
-        "output": str(out),
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "cache_dir": str(cache_dir) if cache_dir else None,
-        "bad_samples": report.to_dict()["counts"],
-    }
-    if dist.main:
-        result["model_dir"] = str(model.save(out / "model"))
-        report.save(out / "bad_samples.json")
-        png = plot_curves(out / "metrics.jsonl", out / "curves.png")
-        result["metrics"] = str(out / "metrics.jsonl")
-        result["curve"] = str(png) if png else None
-        write_json(out / "result.json", result)
-        log.info(
-            "\n%s",
-            format_table([[k, v] for k, v in result.items() if not isinstance(v, dict)], ["key", "value"]),
-        )
-    return result
+            bar.update(1)
+            if cfg.save_every and self.step_no % cfg.save_every == 0 and self.step_no < self.total:
+                self.last_ckpt = self.save()
+            if hooks.on_step_end:
+                hooks.on_step_end(self.step_no)
+        bar.close()
+        return self.finish(time.perf_counter() - self.t0)
+
+    # -- finish ---------------------------------------------------------------------------------
+    def finish(self, elapsed: float) -> dict[str, Any]:
+        """Last checkpoint, the trained weights back in the caller's model, model dir + result.json."""
+        if self.total > 0:
+            self.last_ckpt = self.save()
+        self.metrics.close()
+        model = self.model
+        if self.fsdp:  # every rank's caller gets the trained weights, unsharded, on the model's own device
+            self.user_model.load_state_dict(
+                get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            )
+            model = self.user_model
+        out = self.out
+        result: dict[str, Any] = {
+            "steps": self.step_no,
+            "final_loss": self.loss_v,
+            "samples_per_s": self.seen / max(elapsed, 1e-9) if self.seen else 0.0,
+            "train_seconds": elapsed,
+            "world_size": self.world,
+            "mode": "cached" if self.cached else "streaming",
+            "samples": self.n_samples,
+            "steps_per_epoch": self.steps_per_epoch,
+            "output": str(out),
+            "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+            "cache_dir": str(self.cache_dir) if self.cache_dir else None,
+            "bad_samples": self.report.to_dict()["counts"],
+        }
+        if self.dist.main:
+            result["model_dir"] = str(model.save(out / "model"))
+            self.report.save(out / "bad_samples.json")
+            png = plot_curves(out / "metrics.jsonl", out / "curves.png")
+            result["metrics"] = str(out / "metrics.jsonl")
+            result["curve"] = str(png) if png else None
+            write_json(out / "result.json", result)
+            log.info(
+                "\n%s",
+                format_table(
+                    [[k, v] for k, v in result.items() if not isinstance(v, dict)], ["key", "value"]
+                ),
+            )
+        return result
