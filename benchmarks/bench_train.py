@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from clipforge.utils import emit_json, format_table, setup_torch_threads, write_json
+from clipforge.utils import default_output, emit_json, format_table, setup_torch_threads, write_json
 
 log = logging.getLogger("bench_train")
 
@@ -264,7 +264,7 @@ def main() -> int:
         help="pad text to the full context (77) as open_clip does: equal FLOPs, a pure step-speed ratio",
     )
     p.add_argument("--threads", type=int)
-    p.add_argument("--out", default="benchmarks/results/bench_train.json")
+    p.add_argument("--out", default=str(default_output("bench") / "bench_train.json"), help="result JSON (default: %(default)s)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

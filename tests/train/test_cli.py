@@ -86,3 +86,92 @@ def test_cli_run_json(flickr_slice, tmp_path, capsys, monkeypatch):
         assert (out / name).exists(), name
     assert yaml.safe_load((out / "config.yaml").read_text())["multi_positive"] == 2
     assert json.loads((out / "bad_samples.json").read_text())["counts"] == {"corrupt_image": 1}
+
+
+# every flag `clipforge train` had before the flags were generated from TrainConfig's fields
+OLD_FLAGS = [
+    ["--model", "scratch:vit-nano"],
+    ["--data", "a.tar", "b.tar"],
+    ["--output", "runs/x"],
+    ["--steps", "3"],
+    ["--batch-size", "8"],
+    ["--lr", "0.01"],
+    ["--wd", "0.2"],
+    ["--warmup", "2"],
+    ["--loss", "siglip"],
+    ["--multi-positive"],
+    ["--accum", "2"],
+    ["--precision", "bf16"],
+    ["--grad-clip", "0.5"],
+    ["--grad-checkpointing"],
+    ["--compile"],
+    ["--fsdp"],
+    ["--device", "cpu"],
+    ["--workers", "0"],
+    ["--shuffle-buffer", "16"],
+    ["--cache", "off"],
+    ["--cache-dir", "c"],
+    ["--save-every", "5"],
+    ["--resume"],
+    ["--seed", "3"],
+    ["--threads", "1"],
+    ["--no-progress"],
+    ["--model-opt", "unlock_text=2"],
+]
+
+
+def test_every_old_flag_still_works():
+    cfg = config_from_args(_parse([a for flag in OLD_FLAGS for a in flag]))
+    want = {
+        "model": "scratch:vit-nano",
+        "data": ["a.tar", "b.tar"],
+        "output": "runs/x",
+        "steps": 3,
+        "batch_size": 8,
+        "lr": 0.01,
+        "wd": 0.2,
+        "warmup": 2,
+        "loss": "siglip",
+        "multi_positive": 2,
+        "accum": 2,
+        "precision": "bf16",
+        "grad_clip": 0.5,
+        "grad_checkpointing": True,
+        "compile": True,
+        "fsdp": True,
+        "device": "cpu",
+        "workers": 0,
+        "shuffle_buffer": 16,
+        "cache": "off",
+        "cache_dir": "c",
+        "save_every": 5,
+        "resume": True,
+        "seed": 3,
+        "threads": 1,
+        "progress": False,
+        "model_opts": {"unlock_text": 2},
+    }
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert (
+        config_from_args(_parse(["--data", "a", "--epochs", "2", "--multi-positive", "3"])).multi_positive
+        == 3
+    )
+
+
+def test_every_field_has_a_flag_with_help():
+    from dataclasses import fields
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    sub = p._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest: a for a in sub._actions}
+    for f in fields(TrainConfig):
+        assert f.name in dests and dests[f.name].help, f.name
+
+
+def test_unknown_model_option_fails_before_training(tmp_path, capsys):
+    from clipforge.cli import main
+
+    argv = ["train", "--model", "towers:efficientnet-lite0+minilm-l6", "--model-opt", "image_hed=mlp"]
+    with pytest.raises(SystemExit, match=r"'image_hed' \(did you mean 'image_head'\?\)"):
+        main([*argv, "--data", "x.tar", "--steps", "1", "--output", str(tmp_path / "run")])

@@ -29,6 +29,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from clipforge.runtime import rank_world
+
 
 @dataclass
 class DistInfo:
@@ -45,16 +47,14 @@ class DistInfo:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPU, gloo on CPU."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    rank, world = rank_world()  # torchrun's env before the group is up
     local = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device(f"cuda:{local}" if want_cuda else "cpu")
     if want_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = rank_world()  # the group's view once it is up
     return DistInfo(rank, world, local, dev)
 
 
@@ -146,7 +146,7 @@ def shard_model(model: nn.Module, device: torch.device) -> list[str]:
     no_grad and cached, stays plain). Towers entered through methods other than ``forward``
     (``prefix``/``rest``) have them registered so FSDP gathers parameters for them too.
     """
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device.type, (rank_world()[1],))
     done: list[str] = []
     for path in TOWER_PATHS:
         try:

@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.runtime import rank_world
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's slice.
@@ -28,7 +30,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world, rank = dist.get_world_size(), dist.get_rank()
+        rank, world = rank_world()
         sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
         dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
         sizes = [int(s.item()) for s in sizes]
@@ -46,7 +48,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized() and rank_world()[1] > 1
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +60,10 @@ def _rank_offset(n_local: int) -> int:
     """Index of this rank's first row in the gathered batch."""
     if not is_distributed():
         return 0
-    sizes: list = [None] * dist.get_world_size()
+    rank, world = rank_world()
+    sizes: list = [None] * world
     dist.all_gather_object(sizes, n_local)
-    return int(sum(sizes[: dist.get_rank()]))
+    return int(sum(sizes[:rank]))
 
 
 def positive_mask(
