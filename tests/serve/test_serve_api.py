@@ -30,7 +30,7 @@ def test_health_and_docs(client, server_url):
 
 
 def test_embed_text_matches_model(client, tiny_model_serve):
-    from clipforge.index.encode import embed_texts
+    from clipforge.models.encode import embed_texts
 
     emb = np.array(client.embed_text(["a red square", "a blue square"]))
     want = embed_texts(tiny_model_serve, ["a red square", "a blue square"])
@@ -202,7 +202,12 @@ def test_image_urls_when_allowed(server_factory, tiny_model_serve, tiny_index_di
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     img_url = f"http://127.0.0.1:{httpd.server_address[1]}/q.jpg"
     try:
-        with server_factory(tiny_model_serve, tiny_index_dir, allow_image_urls=True) as url, Client(url) as c:
+        with (
+            server_factory(
+                tiny_model_serve, tiny_index_dir, allow_image_urls=True, allow_private_urls=True
+            ) as url,
+            Client(url) as c,
+        ):
             assert c.search(image_url=img_url, k=1)["results"][0]["key"] == "b0024"
             assert len(c.embed_image(url=img_url)) == 32
             assert c.classify(url=img_url, labels=["x", "y"])["num_labels"] == 2

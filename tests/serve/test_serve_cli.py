@@ -9,9 +9,9 @@ from clipforge.cli import build_parser, main
 
 @pytest.fixture
 def tiny_resolver(monkeypatch, tiny_model_serve):
-    import clipforge.index.encode as enc
+    import clipforge.models
 
-    monkeypatch.setattr(enc, "load_model_spec", lambda spec, **kw: tiny_model_serve)
+    monkeypatch.setattr(clipforge.models, "load_model", lambda spec, **kw: tiny_model_serve)
 
 
 def test_serve_args_build_a_service(tiny_resolver, tiny_index_dir, tmp_path):

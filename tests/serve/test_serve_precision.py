@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from clipforge.data.decode import decode_image
-from clipforge.index.encode import embed_pixels, embed_texts, resolve_precision
+from clipforge.models.encode import embed_pixels, embed_texts, resolve_precision
 from clipforge.serve import Client
 from clipforge.serve.service import ClipService, ServeConfig
 

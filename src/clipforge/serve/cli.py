@@ -65,8 +65,8 @@ def serve_config(args: argparse.Namespace) -> Any:
 
 def make_service(args: argparse.Namespace) -> Any:
     """Parsed ``serve`` arguments -> a ready ClipService (raises ValueError/FileNotFoundError on bad input)."""
-    from clipforge.index.encode import load_model_spec
     from clipforge.index.store import ClipIndex
+    from clipforge.models import load_model
     from clipforge.serve.service import ClipService
 
     cfg = serve_config(args)
@@ -76,7 +76,7 @@ def make_service(args: argparse.Namespace) -> Any:
         raise ValueError("give a MODEL or an --index (whose model is then used)")
     if index is not None and args.model and args.model != index.model_ref:
         log.warning("serving model %s with an index built by %s", args.model, index.model_ref)
-    return ClipService(load_model_spec(spec), index, cfg)
+    return ClipService(load_model(spec).eval(), index, cfg)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

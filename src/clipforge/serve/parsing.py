@@ -15,6 +15,7 @@ from fastapi import Request
 from pydantic import BaseModel, Field
 
 from clipforge.data.decode import SkipSample
+from clipforge.data.fetch import PUBLIC_FETCH_ERROR, FetchError
 from clipforge.serve.errors import ApiError, too_large_in
 from clipforge.serve.labels import parse_label_list, parse_templates
 from clipforge.serve.service import ClipService, ServeConfig
@@ -113,13 +114,17 @@ def is_json(request: Request) -> bool:
 
 # -- images --------------------------------------------------------------------------------------------
 async def load_url(service: ClipService, url: str) -> Any:
+    """Pixels of the image at ``url``; a failed fetch is one 400 whose text does not tell a refused,
+    closed, filtered or slow target apart (no port scanning through the server)."""
     check_url(url, service.cfg)
     try:
         return await service.load_image(url=url)
+    except FetchError as e:
+        raise ApiError(400, "fetch_failed", f"could not fetch image URL: {e.public}") from None
     except SkipSample:
-        raise
-    except Exception as e:
-        raise ApiError(400, "fetch_failed", f"could not fetch image URL: {type(e).__name__}: {e}") from None
+        raise  # fetched, but not a usable image: bad_image / image_too_large
+    except Exception:
+        raise ApiError(400, "fetch_failed", f"could not fetch image URL: {PUBLIC_FETCH_ERROR}") from None
 
 
 async def image_from_form(service: ClipService, form: Any) -> Any:
