@@ -54,9 +54,9 @@ def ensure_model(args: argparse.Namespace) -> None:
         return
     saved = Path(args.work) / "model"
     if not (saved / "config.json").is_file():
-        from clipforge.index.encode import load_model_spec
+        from clipforge.models import load_model
 
-        load_model_spec(args.model).save(saved)
+        load_model(args.model).save(saved)
         log(f"saved {args.model} to {saved}")
     args.model = str(saved)
 
@@ -284,15 +284,15 @@ def precision_agreement(args: argparse.Namespace, index: Path, queries: list[str
     requested precision vs fp32, over the whole index (exact search), and the embeddings' cosine."""
     import numpy as np
 
-    from clipforge.index.encode import autocast, embed_texts, load_model_spec, resolve_precision
     from clipforge.index.store import ClipIndex
+    from clipforge.models import load_model
+    from clipforge.models.encode import embed_texts, resolve_precision
 
-    model = load_model_spec(args.model)
+    model = load_model(args.model).eval()
     prec = resolve_precision(model, args.precision)
     idx = ClipIndex.load(index)
-    ref = embed_texts(model, queries)
-    with autocast(model, prec):
-        low = embed_texts(model, queries)
+    ref = embed_texts(model, queries, 8)  # the server's text chunk
+    low = embed_texts(model, queries, 8, prec)
     a, b = idx.search(ref, k), idx.search(low, k)
     overlap = [len({h.row for h in x} & {h.row for h in y}) / k for x, y in zip(a, b)]
     cos = (ref * low).sum(1)
