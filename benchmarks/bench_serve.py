@@ -334,6 +334,15 @@ async def malformed(url: str) -> dict:
         ("POST", "/embed/image", {"files": {"file": ("x.jpg", big)}}),
         ("POST", "/classify", {"files": {"file": ("x.jpg", b"GIF89a")}, "data": {"labels": "a,b"}}),
         ("POST", "/classify", {"files": {"file": ("x.jpg", b"\xff\xd8\xff")}, "data": {"label_set": "nope"}}),
+        ("POST", "/search", {"json": {"text": "dog", "filters": {"label": 10**30}}}),
+        *[
+            (
+                "POST",
+                "/classify",
+                {"files": {"file": ("x.jpg", b"\xff\xd8\xff")}, "data": {"labels": "a,b", "templates": t}},
+            )
+            for t in ("{}{0}", "{{}}{x}", "{{}}{0[99]}", "{} {:d}", "{{}}{!z}", "{{}}{:>20000000}")
+        ],
         ("GET", "/images/..%2F..%2Fetc%2Fpasswd", {}),
         ("GET", "/images/no-such-key", {}),
         ("DELETE", "/search", {}),
@@ -348,8 +357,16 @@ async def malformed(url: str) -> dict:
                 codes[str(r.status_code)] = codes.get(str(r.status_code), 0) + 1
                 if not 400 <= r.status_code < 500 or "error" not in r.json():
                     bad.append(f"{method} {path} -> {r.status_code}")
+            r = await c.post("/embed/text", content=_chunks(12), headers={"content-type": "application/json"})
+            if r.status_code != 413:  # a chunked body (no Content-Length) over the 10 MiB limit
+                bad.append(f"POST /embed/text 12 MiB chunked -> {r.status_code}")
         healthy = (await c.get("/health")).status_code == 200
-    return {"requests": 3 * len(cases), "status": codes, "not_4xx": bad, "healthy_after": healthy}
+    return {"requests": 3 * (len(cases) + 1), "status": codes, "not_4xx": bad, "healthy_after": healthy}
+
+
+async def _chunks(mib: int):
+    for _ in range(mib):
+        yield b"0" * (1 << 20)
 
 
 def main() -> int:
