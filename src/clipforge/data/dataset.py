@@ -11,7 +11,6 @@ counts them even when they were found in a DataLoader worker process.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,18 +20,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.decode import DecodeConfig, SkipSample, decode_sample
-from clipforge.data.reader import iter_tar_samples
+from clipforge.data.reader import ReadLimits, iter_tar_samples
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
+from clipforge.runtime import die_with_parent, rank_world
 
 Sample = dict[str, Any]
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialized, else from torchrun's env."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+dist_info = rank_world  # old name, kept importable; use clipforge.runtime.rank_world
 
 
 class _ListReport:
@@ -114,6 +110,7 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         report: BadSampleReport | None = None,
+        limits: ReadLimits | None = None,
     ) -> None:
         super().__init__()
         self.urls = expand_shards(shards)
@@ -127,6 +124,7 @@ class ShardDataset(IterableDataset):
         self._rank, self._world = rank, world_size
         self.report = report if report is not None else BadSampleReport()
         self.resume: DataPosition | None = None
+        self.limits = limits  # None: ReadLimits.from_env() in each worker
 
     # -- resume -------------------------------------------------------------------------------
     def load_position(self, position: DataPosition | dict[str, Any]) -> None:
@@ -134,10 +132,12 @@ class ShardDataset(IterableDataset):
 
     # -- iteration ----------------------------------------------------------------------------
     def _slot(self) -> tuple[int, int]:
-        rank, world = dist_info()
+        rank, world = rank_world()
         rank = self._rank if self._rank is not None else rank
         world = self._world if self._world is not None else world
         wi = get_worker_info()
+        if wi is not None:
+            die_with_parent()  # a kill -9 of the command must not leave this worker decoding away
         wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
         return rank * nw + wid, world * nw
 
@@ -148,9 +148,9 @@ class ShardDataset(IterableDataset):
         by_shard = self.split == "shard" or (self.split == "auto" and len(urls) >= nslots)
         if by_shard:
             mine = urls[slot::nslots]
-            stream = itertools.chain.from_iterable(iter_tar_samples(u, tar_report) for u in mine)
+            stream = itertools.chain.from_iterable(iter_tar_samples(u, tar_report, self.limits) for u in mine)
         else:
-            every = itertools.chain.from_iterable(iter_tar_samples(u, tar_report) for u in urls)
+            every = itertools.chain.from_iterable(iter_tar_samples(u, tar_report, self.limits) for u in urls)
             stream = (s for i, s in enumerate(every) if i % nslots == slot)
         rng = random.Random(hash((self.seed, epoch, slot)) & 0xFFFFFFFF)
         return shuffle_buffer(stream, self.buffer, rng)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from clipforge.data.decode import IMAGE_EXTS
+from clipforge.data.keys import printable, unsafe_key_reason
 from clipforge.utils import atomic_path
 
 BASE_COLUMNS = ("key", "shard", "caption", "width", "height", "sha256", "source")
@@ -150,6 +151,9 @@ class ShardWriter:
         key = sample.get("__key__")
         if not isinstance(key, str) or not key or "." in Path(key).name:
             raise ValueError(f"sample key must be a non-empty string without dots: {key!r}")
+        why = unsafe_key_reason(key)
+        if why is not None:  # shards are extracted with tar -x downstream: never write a traversal
+            raise ValueError(f"unsafe key {printable(key)!r}: {why}")
         if key in self._keys:
             raise ValueError(f"duplicate key {key!r}")
         members = {k: _encode(v) for k, v in sample.items() if not k.startswith("__") and v is not None}
