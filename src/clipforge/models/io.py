@@ -8,7 +8,8 @@ parts from the pretrained files and checks that exactly the non-trainable tensor
 
 Writes are atomic: everything goes into a temp dir beside the target, which then replaces it.
 Reading a dir back into a model is :func:`clipforge.models.factory.load_saved` (it needs the backend
-table); this module only writes and checks files, so it imports no backend and no model class.
+table); this module only writes and checks files, so it imports no backend and no model class
+(models are typed ``nn.Module``: base.py imports this module for ``ClipModel.save``).
 """
 
 from __future__ import annotations
@@ -18,21 +19,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from clipforge.models.tokenizer import Tokenizer
 from clipforge.models.types import CONFIG, ModelConfig, read_config
 
-if TYPE_CHECKING:
-    from clipforge.models.base import ClipModel
-
 WEIGHTS = "model.safetensors"
 
 
-def _state_for_saving(model: ClipModel, trainable_only: bool) -> dict[str, torch.Tensor]:
+def _state_for_saving(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if trainable_only:
         keep = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -49,14 +47,14 @@ def _state_for_saving(model: ClipModel, trainable_only: bool) -> dict[str, torch
     return out
 
 
-def _buffer_frozen(model: ClipModel, name: str) -> bool:
+def _buffer_frozen(model: nn.Module, name: str) -> bool:
     """A buffer (BN running stats) belongs to a frozen part when its module has no trainable params."""
     mod = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     params = list(mod.parameters(recurse=False))
     return bool(params) and not any(p.requires_grad for p in params)
 
 
-def save_model(model: ClipModel, directory: str | Path, trainable_only: bool = False) -> Path:
+def save_model(model: nn.Module, directory: str | Path, trainable_only: bool = False) -> Path:
     """Write the model into ``directory`` atomically (temp dir + rename); returns the path."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +95,7 @@ def read_saved(directory: str | Path) -> tuple[ModelConfig, Tokenizer | None, bo
     return read_config(directory), tok, raw.get("weights") == "trainable"
 
 
-def load_weights(model: ClipModel, directory: str | Path, partial: bool) -> None:
+def load_weights(model: nn.Module, directory: str | Path, partial: bool) -> None:
     """Fill ``model`` from ``directory``'s safetensors, checking exactly the expected tensors are there."""
     directory = Path(directory)
     sd = load_file(str(directory / WEIGHTS))
@@ -118,7 +116,7 @@ def load_weights(model: ClipModel, directory: str | Path, partial: bool) -> None
     model.load_state_dict(sd, strict=False)
 
 
-def _aliases(model: ClipModel) -> dict[str, str]:
+def _aliases(model: nn.Module) -> dict[str, str]:
     """state_dict names that share storage with an earlier name (tied weights saved once)."""
     seen, out = {}, {}
     for k, v in model.state_dict().items():
