@@ -111,3 +111,19 @@ def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_shard(d / "a-000000.tar", 30, prefix="a", corrupt=(7,))
     write_shard(d / "b-000001.tar", 30, prefix="b", start=30)
     return d
+
+
+@pytest.fixture
+def tiny_spec(monkeypatch, tiny_model):
+    """Resolve the spec 'tiny' to the tiny test model wherever the index code loads models."""
+    import clipforge.index.build as build_mod
+    import clipforge.index.encode as enc
+
+    real = enc.load_model_spec
+
+    def fake(spec, **kw):
+        return tiny_model if spec in ("tiny", "test:tiny") else real(spec, **kw)
+
+    monkeypatch.setattr(enc, "load_model_spec", fake)
+    monkeypatch.setattr(build_mod, "load_model_spec", fake)
+    return "tiny"

@@ -40,10 +40,10 @@ def test_parse_bytes():
     assert ann.parse_bytes("1000") == 1000
 
 
-def test_recall_at_k():
+def test_knn_recall():
     truth = np.array([[1, 2, 3], [4, 5, 6]])
-    assert ann.recall_at_k(truth, truth, 3) == 1.0
-    assert ann.recall_at_k(np.array([[1, 9, 9], [6, 5, 4]]), truth, 3) == pytest.approx(4 / 6)
+    assert ann.knn_recall(truth, truth, 3) == 1.0
+    assert ann.knn_recall(np.array([[1, 9, 9], [6, 5, 4]]), truth, 3) == pytest.approx(4 / 6)
 
 
 def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -64,4 +64,4 @@ def test_build_and_tune_reaches_target(kind):
     assert recall >= 0.9 and sweep and sweep[-1]["recall"] == recall
     assert ("nprobe" in params) if kind.startswith("ivf") else ("efSearch" in params)
     # the chosen setting is applied: searching again gives the same recall
-    assert ann.recall_at_k(index.search(q, 10)[1], truth, 10) == pytest.approx(recall)
+    assert ann.knn_recall(index.search(q, 10)[1], truth, 10) == pytest.approx(recall)

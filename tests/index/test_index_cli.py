@@ -4,25 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from clipforge.cli import main
-
-
-@pytest.fixture
-def tiny_spec(monkeypatch, tiny_model):
-    """Resolve the spec 'tiny' to the tiny test model wherever the index code loads models."""
-    import clipforge.index.build as build_mod
-    import clipforge.index.encode as enc
-
-    real = enc.load_model_spec
-
-    def fake(spec, **kw):
-        return tiny_model if spec in ("tiny", "test:tiny") else real(spec, **kw)
-
-    monkeypatch.setattr(enc, "load_model_spec", fake)
-    monkeypatch.setattr(build_mod, "load_model_spec", fake)
-    return "tiny"
 
 
 def test_build_then_search_json(tmp_path, shard_dir, tiny_spec, capsys):

@@ -10,7 +10,7 @@ from typing import Any
 _EXPORTS = {
     "IndexPlan": "clipforge.index.ann",
     "plan_index": "clipforge.index.ann",
-    "recall_at_k": "clipforge.index.ann",
+    "knn_recall": "clipforge.index.ann",
     "BuildOptions": "clipforge.index.build",
     "build_index": "clipforge.index.build",
     "read_manifest": "clipforge.index.build",

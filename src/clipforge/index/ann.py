@@ -26,22 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from clipforge.index.config import parse_bytes  # noqa: F401  (old home)
+
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivfsq", "ivfpq", "hnsw")
 PQ_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4)
-
-
-def parse_bytes(text: str | int) -> int:
-    """'4GB', '512MiB', '2e9' -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().replace("IB", "B")
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * mult)
-    return int(float(s))
 
 
 @dataclass
@@ -162,7 +152,7 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
     return ids
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+def knn_recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean |found[:k] & truth[:k]| / k over queries (k-NN recall, the autofaiss/ann-benchmarks measure)."""
     hits = sum(len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth))
     return hits / (k * len(truth)) if len(truth) else 1.0
@@ -177,7 +167,7 @@ def tune(
     """
     if plan.kind == "flat":
         found = index.search(np.ascontiguousarray(xq, np.float32), k)[1]
-        return {}, recall_at_k(found, truth, k), []
+        return {}, knn_recall(found, truth, k), []
     if plan.kind in ("ivfsq", "ivfpq"):
         name, values = "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if v <= plan.nlist]
     else:
@@ -191,7 +181,7 @@ def tune(
         t = time.perf_counter()
         found = index.search(np.ascontiguousarray(xq, np.float32), k)[1]
         ms = (time.perf_counter() - t) * 1000 / max(1, len(xq))
-        r = recall_at_k(found, truth, k)
+        r = knn_recall(found, truth, k)
         sweep.append({**params, "recall": r, "ms_per_query": ms})
         best = (params, r)
         if r >= target_recall:

@@ -15,40 +15,38 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipforge.config import check_run_config, from_dict, write_run_config
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
 from clipforge.index import ann
+from clipforge.index.config import RESUME_MAY_CHANGE, RUN_CONFIG, BuildOptions, BuildRun  # noqa: F401
 from clipforge.index.embed import EmbedSettings, embed_shard
 from clipforge.index.encode import load_model_spec
 from clipforge.models.base import ClipModel
 from clipforge.models.encode import fingerprint, normalize_rows
-from clipforge.utils import atomic_path, write_json
+from clipforge.utils import atomic_path, prepare_output_dir, write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT = "clipforge-index/1"
 
 
-@dataclass
-class BuildOptions:
-    index_type: str = "auto"
-    ram_budget: int = 4 << 30
-    flat_threshold: int = 200_000
-    refine: bool | None = None
-    dims: int | None = None  # Matryoshka truncation
-    target_recall: float = 0.95
-    eval_queries: int = 500
-    batch_size: int = 64
-    workers: int = 1
-    thumb_size: int = 160
-    max_per_shard: int | None = None
-    seed: int = 0
+def prepare_build_dir(output: Path, run: BuildRun, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """clipforge.utils.prepare_output_dir's rule for an index dir, plus: a dir holding *this* build
+    resumes without a flag (as before), one holding another build (other data or model) is refused
+    unless ``overwrite``; stale ``*.tmp`` files of a killed run are removed."""
+    cfg = output / RUN_CONFIG
+    if cfg.is_file() and not overwrite:
+        check_run_config(cfg, run, ignore=RESUME_MAY_CHANGE)
+        resume = True
+    prepare_output_dir(output, overwrite=overwrite, resume=resume)
+    write_run_config(cfg, run)
+    return output
 
 
 def truncate(x: np.ndarray, dims: int | None) -> np.ndarray:
@@ -123,15 +121,22 @@ def build_index(
     shards: str | list[str],
     model: str | ClipModel,
     output: str | Path,
-    options: BuildOptions | None = None,
+    options: BuildOptions | dict[str, Any] | None = None,
     progress: bool = True,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Embed ``shards`` with ``model`` and write an index directory; returns the manifest."""
+    """Embed ``shards`` with ``model`` and write an index directory; returns the manifest.
+
+    Rerunning the same build continues it; see :func:`prepare_build_dir` for the output-dir rule.
+    """
     import faiss
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    opt = options or BuildOptions()
+    opt = from_dict(BuildOptions, options or {})
+    opt.validate()  # an instance built directly skipped it
     t_start = time.perf_counter()
     output = Path(output)
     urls = expand_shards(shards)
@@ -141,6 +146,8 @@ def build_index(
     full_dim = int(m.config.embed_dim)
     if opt.dims is not None and not 0 < opt.dims <= full_dim:
         raise ValueError(f"--dims must be in 1..{full_dim} (the model's embedding size), got {opt.dims}")
+    run = BuildRun([str(u) for u in urls], str(model_ref), settings.model, opt)
+    prepare_build_dir(output, run, overwrite=overwrite, resume=resume)
 
     # 1. embed, one part per shard (resumable)
     records = []
@@ -186,9 +193,9 @@ def build_index(
     dims_info: dict[str, Any] = {"dims": d, "full_dim": full_dim}
     if d < stored_dim:
         truth_full = ann.exact_knn(full[q_ids], full, k)
-        dims_info["recall@10_exact_truncated_vs_full"] = ann.recall_at_k(truth_same_dims, truth_full, k)
+        dims_info["recall@10_exact_truncated_vs_full"] = ann.knn_recall(truth_same_dims, truth_full, k)
         found = index.search(x[q_ids], k)[1]
-        dims_info["recall@10_index_vs_full"] = ann.recall_at_k(found, truth_full, k)
+        dims_info["recall@10_index_vs_full"] = ann.knn_recall(found, truth_full, k)
         if not m.config.options.get("matryoshka"):
             log.warning("model does not declare Matryoshka training: truncation costs recall (measured)")
     with atomic_path(output / "index.faiss") as tmp:

@@ -8,10 +8,16 @@ import logging
 import sys
 from typing import Any
 
+from clipforge.config import add_arguments
+
 log = logging.getLogger("clipforge.index")
+HAND_WRITTEN = {"refine"}  # --refine auto|on|off below; every other BuildOptions field is generated
+REFINE = {"auto": None, "on": True, "off": False}
 
 
 def register(subparsers: Any) -> None:
+    from clipforge.index.config import BuildOptions
+
     p = subparsers.add_parser("index", help="embed image shards and build/search a faiss index")
     sub = p.add_subparsers(dest="index_command", metavar="ACTION")
     sub.required = True
@@ -22,26 +28,14 @@ def register(subparsers: Any) -> None:
     )
     b.add_argument("--model", required=True, help="model spec or saved model directory")
     b.add_argument("--output", required=True, help="index directory (rerun to resume)")
-    b.add_argument(
-        "--index-type",
-        default="auto",
-        choices=["auto", "flat", "ivfsq", "ivfpq", "hnsw"],
-        help="faiss index kind",
-    )
-    b.add_argument("--ram-budget", default="4GB", help="memory the index may use (picks IVF-PQ code size)")
-    b.add_argument("--flat-threshold", type=int, default=200_000, help="auto: exact search up to this many")
-    b.add_argument(
-        "--refine",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="SQ8 re-ranking for --index-type ivfpq",
-    )
-    b.add_argument("--dims", type=int, default=None, help="Matryoshka truncation to the first N dims")
-    b.add_argument("--target-recall", type=float, default=0.95, help="tune nprobe/efSearch to this recall@10")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--workers", type=int, default=1, help="DataLoader decode workers")
-    b.add_argument("--thumb-size", type=int, default=160, help="thumbnail side in px (0: no thumbnails)")
-    b.add_argument("--max-per-shard", type=int, default=None, help="embed at most N images per shard")
+    g = b.add_argument_group("index options (BuildOptions)")
+    add_arguments(g, BuildOptions, skip=HAND_WRITTEN)
+    g.add_argument(
+        "--refine", choices=list(REFINE), default=argparse.SUPPRESS,
+        help="SQ8 re-ranking for --index-type ivfpq (default: auto)",
+    )  # fmt: skip
+    b.add_argument("--overwrite", action="store_true", help="replace an output dir holding another build")
+    b.add_argument("--resume", action="store_true", help="continue in a non-empty dir without config.yaml")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     b.set_defaults(func=cmd_build)
@@ -73,25 +67,21 @@ def _parse_filters(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from clipforge.index.ann import parse_bytes
-    from clipforge.index.build import BuildOptions, build_index
-    from clipforge.utils import emit_json, format_table, setup_torch_threads
+    from clipforge.config import ConfigError, from_args
+    from clipforge.index.build import build_index
+    from clipforge.index.config import BuildOptions
+    from clipforge.utils import OutputExistsError, emit_json, format_table, setup_torch_threads
 
     setup_torch_threads(args.threads)
-    opt = BuildOptions(
-        index_type=args.index_type,
-        ram_budget=parse_bytes(args.ram_budget),
-        flat_threshold=args.flat_threshold,
-        refine={"auto": None, "on": True, "off": False}[args.refine],
-        dims=args.dims,
-        target_recall=args.target_recall,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        thumb_size=args.thumb_size,
-        max_per_shard=args.max_per_shard,
-    )
     try:
-        mf = build_index(args.data, args.model, args.output, opt)
+        base = {"refine": REFINE[args.refine]} if "refine" in args else {}
+        opt = from_args(BuildOptions, args, base=base)
+        mf = build_index(
+            args.data, args.model, args.output, opt, overwrite=args.overwrite, resume=args.resume
+        )
+    except (ConfigError, OutputExistsError) as e:
+        log.error("%s", e)
+        return 2
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         log.error("%s", e)
         return 2

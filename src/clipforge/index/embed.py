@@ -127,7 +127,8 @@ def embed_shard(
     done = parts_dir / f"{stem}.json"
     if done.exists():
         rec = json.loads(done.read_text())
-        if settings.matches(rec.get("settings", {})):
+        # the record is a file: reuse it only for this very shard (never take a URL from it)
+        if rec.get("url") == url and settings.matches(rec.get("settings", {})):
             log.info("part %s complete: %d rows (skipped)", stem, rec["count"])
             if progress is not None:
                 progress.update(rec["count"])
