@@ -24,6 +24,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ing.add_argument("inputs", nargs="*", metavar="INPUT", help="a folder, a table file, or shard specs")
     ing.add_argument("--output", "-o", required=True, help="output directory for shards and reports")
     ing.add_argument(
+        "--overwrite", action="store_true", help="replace a previous result in --output (refused otherwise)"
+    )
+    ing.add_argument(
+        "--root",
+        metavar="DIR",
+        help="local files (folder images, table path cells, caption files) must resolve inside DIR "
+        "(default: the input folder, or the table's folder); others are skipped as outside_root",
+    )
+    ing.add_argument(
+        "--no-confine",
+        action="store_true",
+        help="read local paths anywhere (only for a table you trust: it can name any readable file)",
+    )
+    ing.add_argument(
+        "--max-image-mb", type=float, default=64.0, help="skip image files/members over this size"
+    )
+    ing.add_argument(
+        "--max-text-mb", type=float, default=1.0, help="skip caption/json files and members over this size"
+    )
+    ing.add_argument(
+        "--max-cell-chars", type=int, default=1 << 20, help="a table cell over this costs its row (reported)"
+    )
+    ing.add_argument(
         "--from",
         dest="kind",
         default="auto",
@@ -60,9 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "size histograms (tables + PNGs), a contact sheet of N random samples, and the bad-sample report.",
     )
     ins.add_argument("shards", nargs="+", metavar="SHARDS", help="shard paths, globs, brace ranges or URLs")
-    ins.add_argument(
-        "--output", "-o", default="inspect_out", help="where PNGs/JSON go (default: inspect_out)"
-    )
+    ins.add_argument("--output", "-o", default=None, help="where PNGs/JSON go (default: runs/inspect)")
     ins.add_argument("--samples", type=int, default=16, help="samples on the contact sheet")
     ins.add_argument("--seed", type=int, default=0, help="seed for picking contact-sheet samples")
     ins.add_argument("--workers", type=int, default=2, help="decode threads")
@@ -71,9 +92,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from clipforge.data.fetch import FetchConfig
     from clipforge.data.ingest import IngestConfig, ingest
+    from clipforge.data.reader import ReadLimits
     from clipforge.utils import emit_json, format_table
+
+    mb = 1 << 20
+    limits = replace(
+        ReadLimits.from_env(),
+        max_image_bytes=int(args.max_image_mb * mb),
+        max_text_bytes=int(args.max_text_mb * mb),
+    )
 
     cfg = IngestConfig(
         output=args.output,
@@ -93,6 +124,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             host_delay=args.host_delay,
             allow_private=args.allow_private_urls,
         ),
+        root=args.root,
+        confine=not args.no_confine,
+        overwrite=args.overwrite,
+        limits=limits,
+        max_cell_chars=args.max_cell_chars,
     )
     try:
         stats = ingest(args.inputs, cfg, kind=args.kind, retry_from=args.retry_from)
@@ -116,13 +152,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from clipforge.data.inspect import format_summary, inspect_shards
-    from clipforge.utils import emit_json
+    from clipforge.utils import default_output, emit_json
 
+    args.output = args.output or str(default_output("inspect"))
     try:
         summary = inspect_shards(
             args.shards, args.output, samples=args.samples, seed=args.seed, workers=args.workers
         )
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"clipforge data inspect: error: {e}", file=sys.stderr)
         return 2
     if args.json:

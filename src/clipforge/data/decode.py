@@ -6,6 +6,10 @@ Every way a sample can be bad maps to one short reason string, so reports can be
 from __future__ import annotations
 
 import io
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +60,52 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class PixelBudget:
+    """Caps the pixels being decoded at the same time in this process (issue 11.15).
+
+    Decode threads (ingest, inspect, the server) each hold ``width x height`` units while they decode;
+    one that would push the total over ``max_pixels`` waits, unless nothing else is decoding (so one
+    image larger than the budget still goes through, alone). Peak decode memory per process is then
+    about ``max(budget, largest image) x 4 bytes`` instead of ``threads x largest``. DataLoader worker
+    processes decode one image at a time, so for them the per-image pixel cap is the bound. A thread
+    that already holds a share (ingest holds one over decode + resize + encode) passes straight through.
+    """
+
+    def __init__(self, max_pixels: int) -> None:
+        self.max_pixels = max_pixels
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+        self._local = threading.local()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        if getattr(self._local, "depth", 0) or self.max_pixels <= 0:
+            self._local.depth = getattr(self._local, "depth", 0) + 1
+            try:
+                yield
+            finally:
+                self._local.depth -= 1
+            return
+        with self._cond:
+            while self.used and self.used + pixels > self.max_pixels:
+                self._cond.wait()
+            self.used += pixels
+            self.peak = max(self.peak, self.used)
+        self._local.depth = 1
+        try:
+            yield
+        finally:
+            self._local.depth = 0
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+# ~100 MP in flight: two 50 MP images at once, ~400 MB of decoded RGBX. CLIPFORGE_DECODE_BUDGET_MP=0: off.
+DECODE_BUDGET = PixelBudget(int(float(os.environ.get("CLIPFORGE_DECODE_BUDGET_MP", "100")) * 1_000_000))
+
+
 def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Image:
     """Decode image bytes to an RGB PIL image; raise :class:`SkipSample` with a reason on failure.
 
@@ -81,17 +131,15 @@ def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Ima
             # libjpeg scales by 1/2, 1/4 or 1/8 only while both sides stay >= draft_size, so this
             # is a no-op unless the image is at least 2x larger than needed
             img.draft("RGB", (draft_size, draft_size))
-        img.load()
+        with DECODE_BUDGET.hold(img.width * img.height):  # size after draft: what is really decoded
+            img.load()
+            rgb = to_rgb(img)
     except SkipSample:
         raise
     except Image.DecompressionBombError as e:
         raise SkipSample("decompression_bomb", str(e)[:200]) from None
     except Exception as e:  # PIL raises many types for broken data: OSError, SyntaxError, ValueError...
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {str(e)[:200]}") from None
-    try:
-        rgb = to_rgb(img)
-    except Exception as e:
-        raise SkipSample("corrupt_image", f"convert: {type(e).__name__}: {str(e)[:200]}") from None
     rgb.info["original_size"] = original_size  # (w, h) before draft: what inspect/side tables report
     rgb.info["decoded_size"] = rgb.size  # != original_size only when draft mode shrank it
     return rgb

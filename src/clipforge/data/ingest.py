@@ -10,16 +10,25 @@ side) re-encodes as JPEG. Output in ``OUTPUT/``: ``PREFIX-000000.tar`` + ``.parq
 feed it back with ``--retry-from``) and ``ingest_stats.json``. A retry run appends new shards after the
 existing ones and keeps the original keys, writing ``bad_samples.retryN.json``/``ingest_stats.retryN.json``.
 Keys are the 9-digit input row number (re-shard keeps the source keys), so reruns are reproducible.
+
+Tables and folders are untrusted (issue 11.10, 11.14): a row that cannot be parsed (a cell over
+``max_cell_chars``, a line over ``max_line_chars``, bad UTF-8, bad JSON, wrong field count) costs that
+row only and is reported under its key; local paths (folder files, table path cells, their caption
+files) must resolve, symlinks followed, to a regular file inside ``root`` (default: the folder, or the
+table's folder; ``--root DIR`` to widen, ``--no-confine`` for a trusted table) or they are reported as
+``outside_root``; files over the image/caption caps are not read. The output directory follows
+:func:`clipforge.utils.prepare_output_dir` (a previous result is refused unless ``--overwrite``;
+``--retry-from`` continues the same output).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +38,7 @@ from typing import Any
 from PIL import Image
 
 from clipforge.data.decode import (
+    DECODE_BUDGET,
     IMAGE_EXTS,
     TEXT_EXTS,
     DecodeConfig,
@@ -38,16 +48,17 @@ from clipforge.data.decode import (
     decode_text,
 )
 from clipforge.data.fetch import FetchConfig, Fetcher, is_retryable
+from clipforge.data.keys import printable
 from clipforge.data.parallel import ordered_map
-from clipforge.data.reader import iter_tar_samples
+from clipforge.data.reader import ReadLimits, iter_tar_samples
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
+from clipforge.data.tables import TABLE_EXTS, BadRow, read_table_rows
 from clipforge.data.writer import ShardWriter
-from clipforge.utils import atomic_path, write_json
+from clipforge.utils import atomic_path, prepare_output_dir, write_json
 
 log = logging.getLogger(__name__)
 
-TABLE_EXTS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
 FOLDER_IMAGE_EXTS = {f".{e}" for e in IMAGE_EXTS}
 _FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -65,6 +76,11 @@ class IngestConfig:
     caption_column: str = "caption"
     max_caption_chars: int = 10_000
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    root: Path | None = None  # local files must lie inside (default: the folder / the table's folder)
+    confine: bool = True  # False: trust every local path (a table you wrote yourself)
+    overwrite: bool = False  # replace a previous result in ``output``
+    limits: ReadLimits = field(default_factory=ReadLimits.from_env)  # image/caption file caps too
+    max_cell_chars: int = 1 << 20  # a table cell longer than this costs its row
 
 
 @dataclass
@@ -77,6 +93,7 @@ class Record:
     caption_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] | None = None  # re-shard: the raw sample
+    error: SkipSample | None = None  # an input row that could not be read: reported under ``key``
 
 
 # -- inputs -------------------------------------------------------------------------------------------
@@ -88,63 +105,65 @@ def records_from_folder(folder: str | Path) -> Iterator[Record]:
         yield Record(key=f"{i:09d}", source=str(p), caption_path=str(p.with_suffix(".txt")))
 
 
-def read_table_rows(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Rows of a CSV / TSV / Parquet / JSONL file as dicts."""
-    path = Path(path)
-    ext = path.suffix.lower()
-    if ext in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            yield from csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-    elif ext == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=4096):
-            yield from batch.to_pylist()
-    elif ext in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-    else:
-        raise ValueError(f"unsupported table format {ext!r} (use one of {', '.join(TABLE_EXTS)})")
-
-
 def records_from_table(
-    path: str | Path, image_column: str = "url", caption_column: str = "caption"
+    path: str | Path,
+    image_column: str = "url",
+    caption_column: str = "caption",
+    max_cell_chars: int = 1 << 20,
 ) -> Iterator[Record]:
-    """Rows with an image path-or-URL and a caption; relative paths resolve against the table's folder."""
+    """Rows with an image path-or-URL and a caption; relative paths resolve against the table's folder.
+
+    A row that could not be read becomes a Record carrying its error (it keeps its key/row number).
+    """
     base = Path(path).parent
-    for i, row in enumerate(read_table_rows(path)):
-        if i == 0:
+    checked = False
+    for i, row in enumerate(read_table_rows(path, max_cell_chars=max_cell_chars)):
+        key = f"{i:09d}"
+        if isinstance(row, BadRow):
+            yield Record(key=key, source=f"{path}:row {i}", error=SkipSample(row.reason, row.detail))
+            continue
+        if not checked:
             missing = [c for c in (image_column, caption_column) if c not in row]
             if missing:
                 raise ValueError(
                     f"{path}: no column(s) {missing}; columns are {list(row)} "
                     "(set --image-column / --caption-column)"
                 )
-        src = str(row.get(image_column) or "")
+            checked = True
+        src = row.get(image_column)
+        src = "" if src is None else str(src)
         if src and not re.match(r"^[a-z][a-z0-9+.-]*://", src) and not os.path.isabs(src):
             src = str(base / src)
         cap = row.get(caption_column)
         extra = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
-        yield Record(key=f"{i:09d}", source=src, caption=None if cap is None else str(cap), extra=extra)
+        yield Record(key=key, source=src, caption=None if cap is None else str(cap), extra=extra)
 
 
 def records_from_retry(path: str | Path) -> Iterator[Record]:
-    """A ``retry.jsonl`` written by an earlier run: same keys, same captions."""
-    for row in read_table_rows(Path(path)):
-        yield Record(
-            key=row["key"], source=row["source"], caption=row.get("caption"), extra=row.get("extra") or {}
-        )
+    """A ``retry.jsonl`` written by an earlier run: same keys, same captions. Only http(s) sources are
+    taken from it (a retry list never names a local file); a malformed entry is reported, not fatal."""
+    for n, row in enumerate(read_table_rows(Path(path))):
+        if isinstance(row, BadRow):
+            yield Record(key=f"retry-{n}", source=str(path), error=SkipSample(row.reason, row.detail))
+            continue
+        key, source, cap = row.get("key"), row.get("source"), row.get("caption")
+        if not isinstance(key, str) or not isinstance(source, str) or not _is_url(source):
+            yield Record(
+                key=f"retry-{n}",
+                source=str(path),
+                error=SkipSample("bad_retry_row", printable(json.dumps(row, default=str), 200)),
+            )
+            continue
+        extra = row.get("extra") if isinstance(row.get("extra"), dict) else {}
+        yield Record(key=key, source=source, caption=cap if isinstance(cap, str) else None, extra=extra)
 
 
-def records_from_shards(specs: Iterable[str], report: BadSampleReport) -> Iterator[Record]:
+def records_from_shards(
+    specs: Iterable[str], report: BadSampleReport, limits: ReadLimits | None = None
+) -> Iterator[Record]:
+    """Samples of existing shards; unsafe keys, oversized members... are reported by the reader."""
     for url in expand_shards(list(specs)):
-        for raw in iter_tar_samples(url, report):
+        for raw in iter_tar_samples(url, report, limits):
             yield Record(key=raw["__key__"], source=f"{raw['__shard__']}/{raw['__key__']}", raw=raw)
 
 
@@ -173,55 +192,96 @@ def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
 def prepare_image(data: bytes, max_side: int | None, quality: int) -> tuple[str, bytes, dict[str, int]]:
     """Validate (full decode) and optionally shrink: -> (ext, stored bytes, size info).
 
-    Raises SkipSample (empty_image, corrupt_image, decompression_bomb) for unusable bytes.
+    Raises SkipSample (empty_image, corrupt_image, decompression_bomb) for unusable bytes. The pixels
+    really decoded (after JPEG draft) are held in :data:`DECODE_BUDGET` over decode, resize and
+    re-encode, so concurrent large images cannot add up (issue 11.15).
     """
     if not data:
         raise SkipSample("empty_image")
     try:
         with Image.open(io.BytesIO(data)) as probe:  # header only: format and size
             fmt, (ow, oh) = probe.format, probe.size
+            scale = max_side / max(ow, oh) if max_side and max(ow, oh) > max_side else 1.0
+            target = (max(1, round(ow * scale)), max(1, round(oh * scale)))
+            if scale < 1 and fmt == "JPEG":
+                probe.draft("RGB", (min(target), min(target)))  # what decode_image will decode
+            pixels = probe.width * probe.height
     except Image.DecompressionBombError as e:
         raise SkipSample("decompression_bomb", str(e)[:200]) from None
     except Exception as e:
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {str(e)[:200]}") from None
-    scale = max_side / max(ow, oh) if max_side and max(ow, oh) > max_side else 1.0
-    target = (max(1, round(ow * scale)), max(1, round(oh * scale)))
-    img = decode_image(data, draft_size=min(target) if scale < 1 else None)  # full decode validates
-    if scale < 1:
-        img = img.resize(target, Image.LANCZOS)
-        ext, out = "jpg", _encode_jpeg(img, quality)
-    elif fmt in _FORMAT_EXT:
-        ext, out = _FORMAT_EXT[fmt], data  # valid and small enough: keep the original bytes
-    else:  # GIF/BMP/TIFF...: store as JPEG so every reader downstream handles it
-        ext, out = "jpg", _encode_jpeg(img, quality)
-    return ext, out, {"width": img.width, "height": img.height, "original_width": ow, "original_height": oh}
+    with DECODE_BUDGET.hold(pixels):
+        img = decode_image(data, draft_size=min(target) if scale < 1 else None)  # full decode validates
+        if scale < 1:
+            img = img.resize(target, Image.LANCZOS)
+            ext, out = "jpg", _encode_jpeg(img, quality)
+        elif fmt in _FORMAT_EXT:
+            ext, out = _FORMAT_EXT[fmt], data  # valid and small enough: keep the original bytes
+        else:  # GIF/BMP/TIFF...: store as JPEG so every reader downstream handles it
+            ext, out = "jpg", _encode_jpeg(img, quality)
+        size = {"width": img.width, "height": img.height, "original_width": ow, "original_height": oh}
+    return ext, out, size
+
+
+def read_local(path: str, root: str | None, cap: int, missing: str) -> bytes | None:
+    """Bytes of a local file, or None when it does not exist.
+
+    With ``root`` (a real path) the file must resolve, symlinks followed, inside it (``outside_root``);
+    it must be a regular file (not a FIFO or device: ``not_a_file``) of at most ``cap`` bytes
+    (``file_too_large``, checked before reading). ``missing`` is the reason for unreadable files.
+    """
+    real = os.path.realpath(path)
+    if root is not None and real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise SkipSample("outside_root", f"{printable(path)} resolves outside --root {root}")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SkipSample(missing, f"{type(e).__name__}: {e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SkipSample("not_a_file", f"{printable(path)} is not a regular file")
+    if st.st_size > cap:
+        raise SkipSample("file_too_large", f"{printable(path)}: {st.st_size} bytes > cap {cap}")
+    try:
+        with open(real, "rb") as f:
+            data = f.read(cap + 1)
+    except OSError as e:
+        raise SkipSample(missing, f"{type(e).__name__}: {e}") from None
+    if len(data) > cap:
+        raise SkipSample("file_too_large", f"{printable(path)}: > cap {cap} bytes")
+    return data
 
 
 class Processor:
     """Turns a Record into a shard sample (dict for ShardWriter) or raises SkipSample."""
 
-    def __init__(self, cfg: IngestConfig) -> None:
+    def __init__(self, cfg: IngestConfig, root: str | Path | None = None) -> None:
         self.cfg = cfg
         self.fetcher = Fetcher(cfg.fetch, pool_size=max(cfg.workers, 4))
+        self.root = os.path.realpath(root) if root is not None and cfg.confine else None
 
     def load_bytes(self, rec: Record) -> bytes:
         if _is_url(rec.source):
             return self.fetcher.fetch(rec.source)
         if not rec.source:
             raise SkipSample("missing_image", "empty image path/URL")
-        try:
-            return Path(rec.source).read_bytes()
-        except OSError as e:
-            raise SkipSample("missing_image", f"{type(e).__name__}: {e}") from None
+        data = read_local(rec.source, self.root, self.cfg.limits.max_image_bytes, "missing_image")
+        if data is None:
+            raise SkipSample("missing_image", f"FileNotFoundError: {printable(rec.source)}")
+        return data
 
     def __call__(self, rec: Record) -> dict[str, Any]:
+        if rec.error is not None:
+            raise rec.error
         if rec.raw is not None:
             return self._reshard(rec)
         if rec.caption is None and rec.caption_path is not None:
-            p = Path(rec.caption_path)
-            raw_caption = p.read_bytes() if p.exists() else None
+            raw_caption = read_local(
+                rec.caption_path, self.root, self.cfg.limits.max_text_bytes, "missing_caption"
+            )
         else:
-            raw_caption = None if rec.caption is None else rec.caption.encode("utf-8")
+            raw_caption = None if rec.caption is None else rec.caption.encode("utf-8", "surrogateescape")
         caption = decode_text(raw_caption, self.cfg.max_caption_chars)  # cheap checks before any download
         data = self.load_bytes(rec)
         ext, stored, size = prepare_image(data, self.cfg.max_side, self.cfg.quality)
@@ -287,6 +347,16 @@ def _free_name(output: Path, stem: str) -> str:
     return f"{stem}.retry{k}.json"
 
 
+def _check_not_inside(inputs: list[str], out: Path) -> None:
+    """--overwrite replaces ``out``: never when an input lives inside it."""
+    real_out = os.path.realpath(out)
+    for i in inputs:
+        if os.path.exists(i):
+            real = os.path.realpath(i)
+            if real == real_out or real.startswith(real_out + os.sep):
+                raise ValueError(f"input {i} is inside --output {out}: choose another output directory")
+
+
 def ingest(
     inputs: list[str],
     cfg: IngestConfig,
@@ -298,31 +368,31 @@ def ingest(
     from tqdm import tqdm
 
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     report = BadSampleReport()
-    existing = _next_shard_index(out, cfg.prefix)
+    root: str | Path | None = cfg.root
     if retry_from:
         kind = "retry"
         records: Iterable[Record] = list(records_from_retry(retry_from))  # read fully: may be OUT/retry.jsonl
+        prepare_output_dir(out, resume=True)  # a retry run appends to its own earlier output
     else:
         if not inputs:
             raise ValueError("give INPUT (folder, table, or shards) or --retry-from FILE")
-        if existing:
-            raise FileExistsError(
-                f"{out} already has {cfg.prefix}-*.tar shards; use a new --output "
-                "(only --retry-from appends to an existing output)"
-            )
+        _check_not_inside(inputs, out)
         kind = detect_kind(inputs) if kind == "auto" else kind
+        prepare_output_dir(out, overwrite=cfg.overwrite)
         if kind == "folder":
+            root = root or inputs[0]
             records = records_from_folder(inputs[0])
         elif kind == "table":
-            records = records_from_table(inputs[0], cfg.image_column, cfg.caption_column)
+            root = root or Path(inputs[0]).parent
+            records = records_from_table(inputs[0], cfg.image_column, cfg.caption_column, cfg.max_cell_chars)
         elif kind == "shards":
-            records = records_from_shards(inputs, report)
+            records = records_from_shards(inputs, report, cfg.limits)
         else:
             raise ValueError(f"unknown input kind {kind!r}")
+    existing = _next_shard_index(out, cfg.prefix)
     log.info("ingest %s -> %s", kind, out)
-    proc = Processor(cfg)
+    proc = Processor(cfg, root)
     retry: list[dict[str, Any]] = []
     ok = 0
     bar = tqdm(desc=f"ingest {kind}", unit="img", disable=not progress, file=None, dynamic_ncols=True)
@@ -336,7 +406,7 @@ def ingest(
         for rec, result in ordered_map(proc, records, cfg.workers):
             bar.update(1)
             if isinstance(result, SkipSample):
-                report.add(rec.key, result.reason, f"{rec.source}: {result.detail}"[:300])
+                report.add(rec.key, result.reason, printable(f"{rec.source}: {result.detail}", 300))
                 if _is_url(rec.source) and is_retryable(result.reason):
                     retry.append(
                         {
