@@ -1,0 +1,195 @@
+"""``clipforge caption run``: recaption shards into a Parquet side table keyed by sample key.
+
+    OUTPUT/captions/SHARD.parquet  key, shard, caption_original, caption_synthetic, decoder_score,
+                                   clip_score_original, clip_score_synthetic (under ``scoring_model``),
+                                   decoding, captioner
+    OUTPUT/config.yaml             the run's settings (checked on --resume)
+    OUTPUT/summary.json            counts, bad samples by reason and key, timings
+
+One table per shard, written atomically: ``--resume`` skips the shards already done, like curation.
+Samples without a caption are still captioned (``caption_original`` empty, its score null); samples
+whose image cannot be decoded are counted by reason and key, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipforge.caption.captioner import Captioner
+from clipforge.caption.decoding import DecodeOptions
+from clipforge.caption.features import shard_conditions
+from clipforge.config import ConfigError, check_run_config, from_dict, write_run_config
+from clipforge.data.decode import TEXT_EXTS, DecodeConfig, SkipSample, decode_image, decode_text, find_image
+from clipforge.data.report import BadSampleReport
+from clipforge.data.shards import expand_shards, shard_name
+from clipforge.models.encode import Prepare
+from clipforge.utils import atomic_path, prepare_output_dir, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionRunConfig:
+    captioner: str = field(default="", metadata={"help": "captioner dir (OUTPUT/captioner of caption train)"})
+    data: list[str] = field(default_factory=list, metadata={"help": "shards to recaption"})
+    output: str = field(default="runs/recaption", metadata={"help": "side-table dir"})
+    scoring_model: str = field(
+        default="encoder", metadata={"help": "CLIP model for clip scores: spec/dir, 'encoder' or 'none'"}
+    )
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    decap_temperature: float | None = field(default=None, metadata={"help": "text-only: DeCap T (0: off)"})
+    batch_size: int = 64
+    workers: int = 1
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.workers < 0:
+            raise ConfigError("batch_size >= 1 and workers >= 0 are required")
+
+
+class RunPrepare(Prepare):
+    """Worker-side: decode the image (required) and the original caption (optional) of a raw sample."""
+
+    raw = True
+
+    def __call__(self, s: dict[str, Any]) -> dict[str, Any]:
+        image = decode_image(find_image(s))
+        try:
+            caption = decode_text(next((s[e] for e in TEXT_EXTS if e in s), None))
+        except SkipSample:
+            caption = ""
+        return {
+            "pixels": self.pixels(image),
+            "key": s["__key__"],
+            "shard": s.get("__shard__", ""),
+            "caption": caption,
+        }
+
+
+def _table(rows: dict[str, list[Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(rows), str(tmp))
+
+
+def _scores(model: Any, image_emb: np.ndarray, texts: list[str]) -> list[float | None]:
+    from clipforge.caption.metrics import clip_scores
+
+    idx = [i for i, t in enumerate(texts) if t]
+    out: list[float | None] = [None] * len(texts)
+    if idx:
+        s = clip_scores(model, image_emb[idx], [texts[i] for i in idx])["clip_score"]
+        for i, v in zip(idx, s):
+            out[i] = float(v)
+    return out
+
+
+def recaption_shard(
+    url: str, cap: Captioner, encoder: Any, scorer: Any, cfg: CaptionRunConfig, scorer_name: str
+) -> tuple[dict[str, list[Any]], BadSampleReport]:
+    """Captions (and clip scores) of one shard's decodable samples; bad ones in the report."""
+    kind = cap.condition
+    prep = RunPrepare(encoder.preprocess)
+    c = shard_conditions(encoder, [url], kind, batch_size=cfg.batch_size, workers=cfg.workers, prepare=prep,
+                         fields=(), decode=DecodeConfig(image=True, caption=False))  # fmt: skip
+    texts, dec_scores = cap.caption(c.cond, cfg.decode, cfg.decap_temperature)
+    originals = [str(x) for x in c.fields.get("caption", [""] * len(c))]
+    rows: dict[str, list[Any]] = {
+        "key": c.keys,
+        "shard": [shard_name(url)] * len(c),
+        "caption_original": originals,
+        "caption_synthetic": texts,
+        "decoder_score": [float(s) for s in dec_scores],
+    }
+    if scorer is not None:
+        if scorer is encoder and kind == "embedding":
+            img = c.cond.numpy()
+        else:
+            img = shard_conditions(scorer, [url], "embedding", batch_size=cfg.batch_size, workers=cfg.workers,
+                                   prepare=RunPrepare(scorer.preprocess), fields=(),
+                                   decode=DecodeConfig(image=True, caption=False))  # fmt: skip
+            pos = {k: i for i, k in enumerate(img.keys)}
+            img = img.cond.numpy()[[pos[k] for k in c.keys]]
+        rows["clip_score_original"] = _scores(scorer, img, originals)
+        rows["clip_score_synthetic"] = _scores(scorer, img, texts)
+    decoding = cfg.decode.describe()
+    if cap.mode == "text-only":
+        t = cap.meta.get("decap_temperature") if cfg.decap_temperature is None else cfg.decap_temperature
+        decoding += f" decap={t or 0:g}"
+    rows["decoding"] = [decoding] * len(c)
+    rows["scoring_model"] = [scorer_name] * len(c)
+    return rows, c.bad
+
+
+def run_captions(
+    cfg: CaptionRunConfig | dict[str, Any],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Recaption every shard of ``cfg.data`` into OUTPUT/captions/SHARD.parquet; returns the summary."""
+    from tqdm import tqdm
+
+    from clipforge.models import load_model
+    from clipforge.runtime import setup_process
+
+    cfg = from_dict(CaptionRunConfig, cfg)
+    if not cfg.captioner or not cfg.data:
+        raise ConfigError("caption run needs --captioner DIR and --data SHARDS")
+    setup_process(cfg.threads)
+    urls = expand_shards(cfg.data)
+    names = [shard_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ConfigError("two shards share a file name: their side tables would collide")
+    cap = Captioner.load(cfg.captioner)
+    out = prepare_output_dir(cfg.output, overwrite=overwrite, resume=resume)
+    if resume:
+        check_run_config(out / "config.yaml", cfg, ignore={"workers", "threads", "batch_size"})
+    write_run_config(out / "config.yaml", cfg)
+    encoder = cap.load_encoder()
+    scorer_name = cap.meta["encoder"]["model"] if cfg.scoring_model == "encoder" else cfg.scoring_model
+    scorer = None
+    if cfg.scoring_model == "encoder":
+        scorer = encoder
+    elif cfg.scoring_model != "none":
+        scorer = load_model(cfg.scoring_model)
+    t0 = time.perf_counter()
+    report = BadSampleReport()
+    done = skipped = rows_total = 0
+    for url, name in tqdm(list(zip(urls, names)), desc="caption run", unit="shard", disable=not progress):
+        path = out / "captions" / f"{name.removesuffix('.tar')}.parquet"
+        if path.exists():
+            skipped += 1
+            continue
+        try:
+            rows, bad = recaption_shard(url, cap, encoder, scorer, cfg, scorer_name)
+        except ValueError as e:  # a shard with no decodable image: recorded, the run goes on
+            report.add(name, "no_decodable_samples", str(e)[:300])
+            continue
+        report.merge(bad)
+        _table(rows, path)
+        done += 1
+        rows_total += len(rows["key"])
+    summary = {
+        "output": str(out),
+        "captioner": cfg.captioner,
+        "scoring_model": scorer_name if scorer is not None else None,
+        "decoding": cfg.decode.describe(),
+        "shards": len(urls),
+        "shards_done": done,
+        "shards_skipped_resume": skipped,
+        "captions": rows_total,
+        "bad_samples": report.to_dict(),
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
