@@ -92,3 +92,12 @@ def test_a_new_backend_is_one_table_entry(monkeypatch):
     assert parse_spec("tiny:vit-nano").backend == "tiny"
     with pytest.raises(ValueError):
         register_backend(Backend("saved", "x", "x"))
+
+
+def test_saved_dir_format_is_unchanged(tmp_path):
+    """config.json keeps the pre-redesign keys (dirs saved before it load, dirs saved now load in it)."""
+    out = load_model("scratch:vit-nano").save(tmp_path / "m")
+    keys = set(json.loads((out / "config.json").read_text()))
+    old = {"backend", "spec", "embed_dim", "init_logit_scale", "init_logit_bias", "preprocess"}
+    assert keys == old | {"context_length", "options", "weights"}
+    assert load_model(out).config == build_config("scratch:vit-nano")

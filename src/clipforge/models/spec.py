@@ -71,6 +71,12 @@ def parse_spec(spec: str | Path | ModelSpec) -> ModelSpec:
     return ModelSpec(prefix, body)
 
 
+def side_path(side: str) -> str | None:
+    """The DIR of a towers side ``hf-image=DIR`` / ``hf-text=DIR``; None for a named tower."""
+    kind, sep, path = side.partition("=")
+    return path if sep and kind in ("hf-image", "hf-text") else None
+
+
 def _towers_sides(spec: str, body: str) -> tuple[str, str]:
     if "+" not in body:
         raise ValueError(

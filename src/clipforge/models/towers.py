@@ -22,7 +22,7 @@ from torch import nn
 from clipforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from clipforge.models.base import ClipModel, Features, ModelConfig
 from clipforge.models.heads import make_head
-from clipforge.models.spec import ModelSpec, parse_spec
+from clipforge.models.spec import ModelSpec, parse_spec, side_path
 from clipforge.models.tokenizer import Tokenizer
 
 IMAGE_TOWERS = ("efficientnet-lite0", "hf-image=DIR")
@@ -84,9 +84,7 @@ def build_config(spec: ModelSpec | str, **options: Any) -> ModelConfig:
     elif image.startswith("hf-image="):
         from clipforge.models.tower_hf_image import preprocess_from_hf_dir
 
-        pre = PreprocessConfig.from_dict(
-            preprocess_from_hf_dir(image.split("=", 1)[1], int(opts["image_size"]))
-        )
+        pre = PreprocessConfig.from_dict(preprocess_from_hf_dir(side_path(image), int(opts["image_size"])))
     else:
         raise ValueError(f"unknown image tower {image!r}; choose from {', '.join(IMAGE_TOWERS)}")
     if text != "minilm-l6" and not text.startswith("hf-text="):
@@ -115,45 +113,14 @@ class TowersModel(ClipModel):
     ) -> None:
         super().__init__(config)
         o = config.options
-        image, text = o["image_tower"], o["text_tower"]
         image_pool = _POOL_FOR_HEAD.get(o["image_head"])
         if image_pool is None:
             raise ValueError(f"unknown image_head {o['image_head']!r}: linear | mlp | attn | multiscale")
         if o["text_head"] not in ("linear", "mlp"):
             raise ValueError(f"unknown text_head {o['text_head']!r}: linear | mlp")
-        if image == "efficientnet-lite0":
-            from clipforge.models.tower_efficientnet import EfficientNetTower
-
-            self.image_tower: nn.Module = EfficientNetTower(
-                pretrained=pretrained,
-                unlock=int(o["unlock_image"]),
-                pool=image_pool,
-                freeze_bn=bool(o["freeze_bn"]),
-                prefix_dtype=o["prefix_dtype"],
-                keep_classifier=bool(o.get("semantic_prior")),
-            )
-        else:
-            from clipforge.models.tower_hf_image import HFImageTower
-
-            pool = "tokens" if image_pool == "tokens" else "mean"
-            if image_pool == "multiscale":
-                raise ValueError("image_head=multiscale needs the efficientnet-lite0 tower")
-            path = None if not pretrained else image.split("=", 1)[1]
-            hf_cfg = None if pretrained else o.get("image_hf_config")
-            self.image_tower = HFImageTower(path, int(o["unlock_image"]), pool, hf_cfg)
-            o["image_hf_config"] = self.image_tower.model.config.to_dict()
-        from clipforge.models.tower_text import HFTextTower, resolve_text_path
-
-        text_name = text.split("=", 1)[1] if text.startswith("hf-text=") else text
-        # A saved model rebuilds from its own config + tokenizer: the original dir may be gone.
-        text_path = resolve_text_path(text_name) if (pretrained or tokenizer is None) else None
-        self.text_tower = HFTextTower(
-            text_path if pretrained else None,
-            int(o["unlock_text"]),
-            "mean",
-            None if pretrained else o.get("text_hf_config"),
-        )
-        o["text_hf_config"] = self.text_tower.model.config.to_dict()
+        # (construction order = random-init order of the seeded build: towers, then heads)
+        self.image_tower = self._image_tower(o, image_pool, pretrained)
+        self.text_tower, text_path = self._text_tower(o, tokenizer, pretrained)
         d = config.embed_dim
         drop = float(o.get("head_dropout", 0.0))
         self.image_proj = make_head(o["image_head"], self.image_tower.out_dim, d, drop)
@@ -163,6 +130,50 @@ class TowersModel(ClipModel):
         if self.prior:
             self._init_semantic_prior(o, image_pool, pretrained)
         self.train(False)
+
+    @staticmethod
+    def _image_tower(o: dict[str, Any], image_pool: str, pretrained: bool) -> nn.Module:
+        """EfficientNet-Lite0 or any HF vision model (a skeleton from the saved HF config when rebuilding)."""
+        if o["image_tower"] == "efficientnet-lite0":
+            from clipforge.models.tower_efficientnet import EfficientNetTower
+
+            return EfficientNetTower(
+                pretrained=pretrained,
+                unlock=int(o["unlock_image"]),
+                pool=image_pool,
+                freeze_bn=bool(o["freeze_bn"]),
+                prefix_dtype=o["prefix_dtype"],
+                keep_classifier=bool(o.get("semantic_prior")),
+            )
+        from clipforge.models.tower_hf_image import HFImageTower
+
+        if image_pool == "multiscale":
+            raise ValueError("image_head=multiscale needs the efficientnet-lite0 tower")
+        pool = "tokens" if image_pool == "tokens" else "mean"
+        path = side_path(o["image_tower"]) if pretrained else None
+        hf_cfg = None if pretrained else o.get("image_hf_config")
+        tower = HFImageTower(path, int(o["unlock_image"]), pool, hf_cfg)
+        o["image_hf_config"] = tower.model.config.to_dict()
+        return tower
+
+    @staticmethod
+    def _text_tower(
+        o: dict[str, Any], tokenizer: Tokenizer | None, pretrained: bool
+    ) -> tuple[nn.Module, Any]:
+        """(MiniLM or any HF text model, its dir); a saved model rebuilds from its own config + tokenizer
+        (the original dir may be gone)."""
+        from clipforge.models.tower_text import HFTextTower, resolve_text_path
+
+        text = o["text_tower"]
+        text_path = resolve_text_path(side_path(text) or text) if (pretrained or tokenizer is None) else None
+        tower = HFTextTower(
+            text_path if pretrained else None,
+            int(o["unlock_text"]),
+            "mean",
+            None if pretrained else o.get("text_hf_config"),
+        )
+        o["text_hf_config"] = tower.model.config.to_dict()
+        return tower, text_path
 
     def _init_semantic_prior(self, o: dict[str, Any], image_pool: str, pretrained: bool) -> None:
         """ImageNet semantic prior: the frozen classifier's class probabilities, as text.
