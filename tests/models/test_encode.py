@@ -66,9 +66,13 @@ def _shard(path: Path, n: int, bad: int = 0) -> Path:
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(buf, format="PNG")
             data = b"broken" if i < bad else buf.getvalue()
-            for name, b in ((f"{i:04d}.png", data), (f"{i:04d}.cls", str(i % 3).encode()),
-                            (f"{i:04d}.txt", f"caption {i}".encode()),
-                            (f"{i:04d}.json", json.dumps({"captions": [f"caption {i}"]}).encode())):  # fmt: skip
+            members = {
+                f"{i:04d}.png": data,
+                f"{i:04d}.cls": str(i % 3).encode(),
+                f"{i:04d}.txt": f"caption {i}".encode(),
+                f"{i:04d}.json": json.dumps({"captions": [f"caption {i}"]}).encode(),
+            }
+            for name, b in members.items():
                 info = tarfile.TarInfo(name)
                 info.size = len(b)
                 tf.addfile(info, io.BytesIO(b))

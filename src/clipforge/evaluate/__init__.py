@@ -14,6 +14,7 @@ from typing import Any
 
 _EXPORTS = {
     "evaluate": "clipforge.evaluate.runner",
+    "EvalConfig": "clipforge.evaluate.config",
     "run_zeroshot": "clipforge.evaluate.runner",
     "run_retrieval": "clipforge.evaluate.runner",
     "run_probe": "clipforge.evaluate.runner",

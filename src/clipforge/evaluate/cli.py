@@ -14,26 +14,21 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+ZS_FIELDS = {"templates", "descriptions"}
+PROBE_FIELDS = {"k_shot", "solver", "probe_seed"}
+CLI_ONLY_SKIP = {"progress", "tasks"}  # the subcommand names the task; tqdm always goes to stderr
+
+
+def _args(p: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    """--model, --json, --threads by hand; every EvalConfig field as a generated flag (minus ``skip``)."""
+    from clipforge.config import add_arguments
+    from clipforge.evaluate.config import RENAME, EvalConfig
+
     p.add_argument("--model", required=True, help="model spec or saved model dir (see clipforge.models)")
-    p.add_argument(
-        "--data-root", default=None, help="dir with cifar10/ and flickr8k/ (default: ../shared/data)"
-    )
-    p.add_argument("--output", default="eval_results", help="where results.json and PNGs go")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--text-batch-size", type=int, default=256, help="texts per forward pass")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader decode workers (0 = in-process)")
-    p.add_argument("--image-size", type=int, default=None, help="override the model's eval resolution")
-    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast: faster, ~approx"
-    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--no-cache", action="store_true", help="do not cache zero-shot class embeddings")
-    p.add_argument(
-        "--hash-contents", action="store_true", help="sha256 shard contents (default: names+sizes)"
-    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    g = p.add_argument_group("evaluation settings (EvalConfig)")
+    add_arguments(g, EvalConfig, skip=CLI_ONLY_SKIP | set(skip), rename=RENAME)
 
 
 def _data_args(p: argparse.ArgumentParser, labels: bool) -> None:
@@ -43,46 +38,29 @@ def _data_args(p: argparse.ArgumentParser, labels: bool) -> None:
         p.add_argument("--classnames", default=None, help="class-names file, one per line in label order")
 
 
-def _zs_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--templates", default=None, help="template set (imagenet80 | cifar10 | simple) or file")
-    p.add_argument("--descriptions", default=None, help="CuPL-style JSON {class: [sentences]}")
-
-
-def _probe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--k-shot", type=int, default=None, help="few-shot: k training examples per class")
-    p.add_argument(
-        "--solver", choices=["auto", "torch", "sklearn"], default="auto", help="logistic regression solver"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe split and k-shot sampling")
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe")
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
     sub.required = True
 
     z = sub.add_parser("zeroshot", help="zero-shot classification (top-1/top-5/mean per-class recall)")
-    _model_args(z)
+    _args(z, skip=PROBE_FIELDS)
     _data_args(z, labels=True)
-    _zs_args(z)
     z.set_defaults(func=_task_handler("zeroshot"))
 
     r = sub.add_parser("retrieval", help="image<->text Recall@1/5/10 (several captions per image)")
-    _model_args(r)
+    _args(r, skip=ZS_FIELDS | PROBE_FIELDS)
     _data_args(r, labels=False)
     r.set_defaults(func=_task_handler("retrieval"))
 
     pr = sub.add_parser("probe", help="linear probe (logistic regression, C chosen on a val split)")
-    _model_args(pr)
+    _args(pr, skip=ZS_FIELDS)
     _data_args(pr, labels=True)
-    _probe_args(pr)
     pr.set_defaults(func=_task_handler("probe"))
 
     run = sub.add_parser("run", help="all tasks of the built-in datasets (cifar10 + flickr8k by default)")
-    _model_args(run)
+    _args(run)
     run.add_argument("--datasets", default="cifar10,flickr8k", help="comma-separated built-in datasets")
-    _zs_args(run)
-    _probe_args(run)
     run.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="metric deltas between two results.json files (B - A)")
@@ -109,7 +87,7 @@ def _dataset_spec(args: argparse.Namespace, task: str):
     if bool(args.dataset) == bool(args.shards):
         raise SystemExit("give exactly one of --dataset NAME or --shards ...")
     if args.dataset:
-        spec = builtin(args.dataset, args.data_root)
+        spec = builtin(args.dataset, getattr(args, "data_root", None))
         if task not in spec.tasks:
             raise SystemExit(
                 f"dataset {args.dataset} has no {task} task (it supports {', '.join(spec.tasks)})"
@@ -122,7 +100,18 @@ def _dataset_spec(args: argparse.Namespace, task: str):
     return DatasetSpec(name="custom", shards=args.shards, classnames=classnames, tasks=(task,))
 
 
+def eval_config_from_args(args: argparse.Namespace) -> Any:
+    """EvalConfig from the flags given (defaults from the dataclass); output defaults to runs/eval."""
+    from clipforge.config import from_args
+    from clipforge.evaluate.config import EvalConfig
+    from clipforge.utils import default_output
+
+    base = {"output": str(default_output("eval")), "progress": True}  # tqdm on stderr: stdout stays JSON
+    return from_args(EvalConfig, args, base=base)
+
+
 def _run(args: argparse.Namespace, task: str | None) -> int:
+    from clipforge.config import ConfigError
     from clipforge.evaluate import dist
     from clipforge.utils import emit_json, format_table, setup_torch_threads
 
@@ -136,33 +125,15 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
     from clipforge.evaluate.runner import evaluate, summary_rows
 
     try:
+        cfg = eval_config_from_args(args)
         datasets = (
             [_dataset_spec(args, task)]
             if task
             else [d.strip() for d in args.datasets.split(",") if d.strip()]
         )
         model = load_model(args.model)
-        report = evaluate(
-            model,
-            datasets,
-            data_root=args.data_root,
-            templates=getattr(args, "templates", None),
-            descriptions=getattr(args, "descriptions", None),
-            output_dir=args.output,
-            batch_size=args.batch_size,
-            text_batch_size=args.text_batch_size,
-            workers=args.workers,
-            image_size=args.image_size,
-            channels_last=not args.no_channels_last,
-            precision=args.precision,
-            k_shot=getattr(args, "k_shot", None),
-            solver=getattr(args, "solver", "auto"),
-            probe_seed=getattr(args, "seed", 0),
-            cache=not args.no_cache,
-            hash_contents=args.hash_contents,
-            progress=True,  # tqdm writes to stderr: stdout stays one JSON object
-        )
-    except (FileNotFoundError, ValueError) as e:
+        report = evaluate(model, datasets, cfg)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not dist.is_main():
@@ -172,10 +143,10 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
             **report,
             "results": [{k: v for k, v in r.items() if k != "confusion"} for r in report["results"]],
         }
-        emit_json({**slim, "output": str(args.output)})
+        emit_json({**slim, "output": cfg.output})
     else:
         print(format_table(summary_rows(report), ["dataset", "task", "metric", "value"]))
-        print(f"saved {args.output}/results.json ({report['seconds']:.1f} s)", file=sys.stderr)
+        print(f"saved {cfg.output}/results.json ({report['seconds']:.1f} s)", file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from clipforge.evaluate import dist
+from clipforge.evaluate.config import TASKS, EvalConfig, EvalRun, eval_config
 from clipforge.evaluate.embed import ImageSet, embed_images, embed_texts
 from clipforge.evaluate.probe import linear_probe
 from clipforge.evaluate.recipes import DatasetSpec, builtin, probe_split
@@ -35,7 +36,6 @@ from clipforge.evaluate.zeroshot import (
 from clipforge.models.encode import fingerprint as model_fingerprint
 
 log = logging.getLogger(__name__)
-TASKS = ("zeroshot", "probe", "retrieval")
 
 
 def run_zeroshot(
@@ -148,42 +148,32 @@ def model_info(model: Any, fingerprint: str) -> dict[str, Any]:
 def evaluate(
     model: Any,
     datasets: list[str | DatasetSpec] | tuple[str | DatasetSpec, ...] = ("cifar10", "flickr8k"),
+    config: EvalConfig | dict[str, Any] | None = None,
     *,
-    data_root: str | Path | None = None,
-    tasks: tuple[str, ...] | None = None,
-    templates: str | None = None,
-    descriptions: str | Path | None = None,
-    output_dir: str | Path | None = None,
-    batch_size: int = 64,
-    text_batch_size: int = 256,
-    workers: int = 1,
-    image_size: int | None = None,
-    channels_last: bool = True,
-    precision: str = "fp32",
-    k_shot: int | None = None,
-    solver: str = "auto",
-    probe_seed: int = 0,
-    cache: bool | str | Path = True,
-    hash_contents: bool = False,
-    progress: bool = True,
     images: dict[str, ImageSet] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on each dataset (built-in name or :class:`DatasetSpec`) -> result dict.
 
-    ``tasks`` restricts which tasks run (default: each dataset's own). ``images`` (a dict keyed by
-    dataset name) may supply precomputed :class:`ImageSet` s, which are then not embedded again; the
-    sets embedded here are added to it, so the caller can reuse them.
-    The dict is saved as ``output_dir/results.json`` (+ confusion PNGs) on rank 0 when given.
+    ``config`` (an :class:`EvalConfig` or a dict) holds every knob; keyword ``overrides`` name its
+    fields (the old keyword names ``output_dir=`` and ``cache=PATH`` still work). ``config.tasks``
+    restricts which tasks run (default: each dataset's own). ``images`` (a dict keyed by dataset name)
+    may supply precomputed :class:`ImageSet` s, which are then not embedded again; the sets embedded
+    here are added to it, so the caller can reuse them. With ``config.output`` the dict is saved as
+    ``results.json`` (+ confusion PNGs) and the full run config as ``config.yaml``, on rank 0.
     """
+    from clipforge.config import write_run_config
     from clipforge.utils import write_json
 
+    cfg = eval_config(config, **overrides)
     t_all = time.perf_counter()
     fp = model_fingerprint(model)
-    specs = [d if isinstance(d, DatasetSpec) else builtin(d, data_root) for d in datasets]
-    out_dir = Path(output_dir) if output_dir else None
+    specs = [d if isinstance(d, DatasetSpec) else builtin(d, cfg.data_root) for d in datasets]
+    out_dir = Path(cfg.output) if cfg.output else None
+    cache: bool | str = cfg.cache_dir if (cfg.cache and cfg.cache_dir) else cfg.cache
     results: list[dict[str, Any]] = []
     for spec in specs:
-        wanted = [t for t in spec.tasks if tasks is None or t in tasks]
+        wanted = [t for t in spec.tasks if cfg.tasks is None or t in cfg.tasks]
         if not wanted:
             continue
         bad = [t for t in wanted if t not in TASKS]
@@ -194,15 +184,15 @@ def evaluate(
         imgs = images.get(spec.name) if images is not None else None
         if imgs is None:
             imgs = embed_images(
-                model, spec.shards, labels=need_labels, captions=need_caps, batch_size=batch_size,
-                workers=workers, image_size=image_size, channels_last=channels_last, precision=precision, progress=progress,
-                desc=f"embed {spec.name}",
+                model, spec.shards, labels=need_labels, captions=need_caps, batch_size=cfg.batch_size,
+                workers=cfg.workers, image_size=cfg.image_size, channels_last=cfg.channels_last,
+                precision=cfg.precision, progress=cfg.progress, desc=f"embed {spec.name}",
             )  # fmt: skip
             if images is not None:
                 images[spec.name] = imgs  # hand the embeddings back (e.g. for a retrieval grid)
         common = {
             "dataset": spec.name,
-            "shards": shard_fingerprint(spec.shards, contents=hash_contents),
+            "shards": shard_fingerprint(spec.shards, contents=cfg.hash_contents),
             "n_images": len(imgs),
             "bad_samples": imgs.bad.to_dict(),
             "seconds_images": imgs.seconds,
@@ -216,17 +206,18 @@ def evaluate(
             if task == "zeroshot":
                 png = out_dir / f"confusion_{spec.name}.png" if out_dir else None
                 r = run_zeroshot(
-                    model, imgs, classnames, templates or spec.templates, descriptions,
-                    confusion_png=png, cache=cache, fingerprint=fp, text_batch_size=text_batch_size,
-                    precision=precision, progress=progress,
+                    model, imgs, classnames, cfg.templates or spec.templates, cfg.descriptions,
+                    confusion_png=png, cache=cache, fingerprint=fp, text_batch_size=cfg.text_batch_size,
+                    precision=cfg.precision, progress=cfg.progress,
                 )  # fmt: skip
             elif task == "probe":
-                r = run_probe(imgs, len(classnames), fractions=spec.probe_fractions, seed=probe_seed,
-                              k_shot=k_shot, solver=solver)  # fmt: skip
+                r = run_probe(imgs, len(classnames), fractions=spec.probe_fractions, seed=cfg.probe_seed,
+                              k_shot=cfg.k_shot, solver=cfg.solver)  # fmt: skip
             else:
                 r = run_retrieval(
-                    model, imgs, text_batch_size=text_batch_size, precision=precision, progress=progress
-                )
+                    model, imgs, text_batch_size=cfg.text_batch_size, precision=cfg.precision,
+                    progress=cfg.progress,
+                )  # fmt: skip
             r.update(common)
             r["seconds_task"] = time.perf_counter() - t0
             results.append(r)
@@ -236,12 +227,13 @@ def evaluate(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model_info(model, fp),
         "settings": {
-            "batch_size": batch_size,
-            "image_size": image_size or (model.preprocess.cfg.size if hasattr(model, "preprocess") else None),
-            "channels_last": channels_last,
-            "precision": precision,
-            "solver": solver,
-            "k_shot": k_shot,
+            "batch_size": cfg.batch_size,
+            "image_size": cfg.image_size
+            or (model.preprocess.cfg.size if hasattr(model, "preprocess") else None),
+            "channels_last": cfg.channels_last,
+            "precision": cfg.precision,
+            "solver": cfg.solver,
+            "k_shot": cfg.k_shot,
             "world_size": world,
             "torch_threads": torch.get_num_threads(),
         },
@@ -250,7 +242,20 @@ def evaluate(
     }
     if out_dir is not None and rank == 0:
         write_json(out_dir / "results.json", report)
+        write_run_config(out_dir / "config.yaml", run_record(model, fp, specs, cfg))
     return report
+
+
+def run_record(model: Any, fp: str, specs: list[DatasetSpec], cfg: EvalConfig) -> EvalRun:
+    """What ``config.yaml`` holds: the model, the datasets as resolved (shards, class names, tasks),
+    the config."""
+    spec = getattr(getattr(model, "config", None), "spec", type(model).__name__)
+    datasets = [
+        {"name": d.name, "shards": d.shards if isinstance(d.shards, str) else [str(x) for x in d.shards],
+         "classnames": str(d.classnames) if d.classnames else None, "tasks": list(d.tasks)}
+        for d in specs
+    ]  # fmt: skip
+    return EvalRun(str(spec), fp, datasets, cfg)
 
 
 def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
@@ -279,17 +284,12 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def subset_images(images: ImageSet, n: int) -> ImageSet:
-    """The first ``n`` rows (canonical order): a quick-look slice of an embedded set."""
-    return images.subset(np.arange(min(n, len(images))))
-
-
 __all__ = [
+    "EvalConfig",
     "evaluate",
     "headline_metrics",
     "run_probe",
     "run_retrieval",
     "run_zeroshot",
     "summary_rows",
-    "subset_images",
 ]

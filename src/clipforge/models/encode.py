@@ -299,7 +299,8 @@ def _worker_init(_: int) -> None:
 
 @dataclass
 class EncodedBatch:
-    """One batch out of :func:`encode_shards`: row i of ``emb`` (or of each ``features`` tensor) is ``keys[i]``.
+    """One batch out of :func:`encode_shards`: row i of ``emb`` (or of each ``features`` tensor) is
+    ``keys[i]``.
 
     ``emb`` is None for a batch that carries only bad-sample records (``bad``: (key, reason, detail)).
     """

@@ -1,0 +1,98 @@
+"""EvalConfig: every knob of an evaluation in one dataclass (was 20 parameters of ``evaluate()``).
+
+It follows :mod:`clipforge.config`'s convention: strict ``from_dict`` (unknown keys fail with a
+did-you-mean), defaults here only, ``evaluate/cli.py`` generates one flag per field with the flag names
+users already have (``--seed`` is ``probe_seed``, ``--no-channels-last``, ``--no-cache``), and each run
+writes its full config (model, datasets, this config) as ``OUTPUT/config.yaml``. A light module: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from clipforge.config import ConfigError, from_dict
+
+TASKS = ("zeroshot", "probe", "retrieval")
+RENAME = {"probe_seed": "seed"}  # today's flag names for fields named more precisely
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class EvalConfig:
+    data_root: str | None = _f(None, "dir with cifar10/ and flickr8k/ (default: ../shared/data)")
+    tasks: list[str] | None = _f(
+        None, "run only these tasks (zeroshot probe retrieval; default: each dataset's)"
+    )
+    templates: str | None = _f(None, "template set (imagenet80 | cifar10 | simple) or file")
+    descriptions: str | None = _f(None, "CuPL-style JSON {class: [sentences]}")
+    output: str | None = _f(None, "where results.json, config.yaml and PNGs go (CLI default: runs/eval)")
+    # how images and texts are embedded
+    batch_size: int = _f(64, "images per forward pass")
+    text_batch_size: int = _f(256, "texts per forward pass")
+    workers: int = _f(1, "DataLoader decode workers (0 = in-process)")
+    image_size: int | None = _f(None, "override the model's eval resolution")
+    channels_last: bool = _f(True, "NHWC memory format for the image tower (--no-channels-last: NCHW)")
+    precision: str = _f("fp32", "bf16 autocast: faster, ~approx", choices=["fp32", "bf16"])
+    # linear probe
+    k_shot: int | None = _f(None, "few-shot: k training examples per class")
+    solver: str = _f("auto", "logistic regression solver", choices=["auto", "torch", "sklearn"])
+    probe_seed: int = _f(0, "seed of the probe split and k-shot sampling")
+    # caches and bookkeeping
+    cache: bool = _f(True, "cache zero-shot class embeddings (--no-cache: recompute)")
+    cache_dir: str | None = _f(None, "class-embedding cache dir (default: $CLIPFORGE_CACHE/zeroshot)")
+    hash_contents: bool = _f(False, "sha256 shard contents (default: names+sizes)")
+    progress: bool = _f(True, "progress bars on stderr")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "text_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.solver not in ("auto", "torch", "sklearn"):
+            raise ConfigError(f"solver must be auto, torch or sklearn, got {self.solver!r}")
+        bad = [t for t in self.tasks or () if t not in TASKS]
+        if bad:
+            raise ConfigError(f"unknown task(s) {bad}: use {TASKS}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
+        return from_dict(cls, d)
+
+
+# ``evaluate(..., output_dir=...)`` and ``cache=PATH`` from before EvalConfig keep working
+LEGACY = {"output_dir": "output"}
+
+
+def eval_config(config: EvalConfig | dict[str, Any] | None = None, **overrides: Any) -> EvalConfig:
+    """``config`` (instance, dict or None) with keyword overrides (field names, or the old names)."""
+    d = dict(from_dict(EvalConfig, config or {}).__dict__)
+    for k, v in overrides.items():
+        k = LEGACY.get(k, k)
+        if k == "cache" and not isinstance(v, bool):  # cache=PATH: a cache dir
+            d["cache"], d["cache_dir"] = True, str(v)
+            continue
+        if k in ("output", "data_root", "descriptions", "cache_dir") and v is not None:
+            v = str(v)
+        if k == "tasks" and v is not None:
+            v = list(v)
+        d[k] = v
+    return from_dict(EvalConfig, d)
+
+
+@dataclass
+class EvalRun:
+    """The full record of one evaluation, written as ``OUTPUT/config.yaml``."""
+
+    model: str
+    model_fingerprint: str
+    datasets: list[dict[str, Any]]
+    config: EvalConfig = field(default_factory=EvalConfig)
