@@ -141,8 +141,8 @@ def run_quickstart(
     t_train = time.time() - t0
     train_result = getattr(model, "train_result", {})
     model.eval()
-    model_dir = out / "model"
-    model.save(model_dir)
+    # the trainer already saved the final model (rank 0); save here only if it did not
+    model_dir = Path(train_result["model_dir"]) if train_result.get("model_dir") else model.save(out / "model")
 
     t0 = time.time()
     images: dict[str, Any] = {}
