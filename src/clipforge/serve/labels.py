@@ -66,7 +66,10 @@ def split_template(template: str) -> tuple[str, str]:
     import string
 
     try:
+        template.encode("utf-8")
         parts = list(string.Formatter().parse(template))
+    except UnicodeEncodeError:
+        raise ValueError(f"template {template[:80]!r} is not valid Unicode text") from None
     except ValueError as e:
         raise ValueError(f"template {template[:80]!r}: {e}") from None
     fields = [(name, spec, conv) for _, name, spec, conv in parts if name is not None]

@@ -70,7 +70,18 @@ def check_text(t: Any, max_chars: int, what: str = "text") -> str:
         raise ApiError(400, "empty_text", f"{what} must be a non-empty string")
     if len(t) > max_chars:
         raise ApiError(400, "text_too_long", f"{what} is {len(t)} chars > limit {max_chars}")
+    if not is_utf8(t):
+        raise ApiError(400, "bad_text", f"{what} is not valid Unicode text (a lone surrogate)")
     return t.strip()
+
+
+def is_utf8(t: str) -> bool:
+    """False for a str JSON can carry but no tokenizer or response can encode (``"\\ud800"``)."""
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_url(url: str, cfg: ServeConfig) -> str:
@@ -285,6 +296,8 @@ def _bad_filter_value(v: Any, cfg: ServeConfig) -> str | None:
     if isinstance(v, float):
         return None if math.isfinite(v) else "a non-finite number"
     if isinstance(v, str):
+        if not is_utf8(v):
+            return "not valid Unicode text"
         return None if len(v) <= cfg.max_text_chars else f"a string over {cfg.max_text_chars} chars"
     return f"a {type(v).__name__} (use a string, number or boolean)"
 
