@@ -113,15 +113,29 @@ def make_tiny_scratch(lock_image: int = 0, seed: int = 0, image_size: int = 32):
 
 
 def torchrun_train(
-    out: Path, model: str, shards: list[str], env: dict, nproc: int, args: list[str], timeout: int = 300
+    out: Path,
+    model: str,
+    shards: list[str],
+    env: dict,
+    nproc: int,
+    args: list[str],
+    timeout: int = 300,
+    hook_args: list[str] | None = None,
 ) -> list[dict]:
     """``torchrun --nproc_per_node=N clipforge train`` on a locked-image tiny model (cached image features:
-    the global batch is the same for any world size); returns the metrics.jsonl rows."""
+    the global batch is the same for any world size); returns the metrics.jsonl rows.
+
+    ``hook_args`` (e.g. ``["--keys-log", PATH]``) runs train_with_hooks.py instead of the CLI, so each
+    rank gets the test hooks through ``train(cfg, hooks=...)``."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "clipforge.cli", "train", "--model", model, "--model-opt", "lock_image=1"]
+    if hook_args is None:
+        cmd += ["-m", "clipforge.cli", "train"]
+    else:
+        cmd += [str(Path(__file__).resolve().parent / "train_with_hooks.py"), *hook_args, "--"]
+    cmd += ["--model", model, "--model-opt", "lock_image=1"]
     cmd += ["--data", *shards, "--output", str(out), "--cache-dir", str(out.parent / "cache")]
     cmd += ["--threads", "1", "--workers", "0", "--no-progress", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
