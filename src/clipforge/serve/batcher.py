@@ -111,39 +111,36 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             live = [(it, f) for it, f in batch if not f.done()]  # a cancelled request is not computed
-            if not live:
+            if live:
+                await self._compute(live)
+
+    async def _compute(self, live: list[tuple[Any, asyncio.Future]]) -> None:
+        """One model call for ``live`` on the executor; each future gets its own result or error."""
+        t = time.perf_counter()
+        try:
+            items = [it for it, _ in live]
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, call_isolated, self.fn, items
+            )
+            if len(results) != len(live):
+                raise RuntimeError(f"{self.name}: fn returned {len(results)} results for {len(live)} items")
+        except Exception as e:  # fn broke its contract: fail this batch, keep serving
+            results = [e] * len(live)
+        finally:
+            self.stats.busy_s += time.perf_counter() - t
+        self.stats.batches += 1
+        self.stats.items += len(live)
+        self.stats.max_seen = max(self.stats.max_seen, len(live))
+        for (_, f), r in zip(live, results):
+            if f.done():
                 continue
-            t = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(
-                    self.executor, call_isolated, self.fn, [it for it, _ in live]
-                )
-                if len(results) != len(live):
-                    raise RuntimeError(
-                        f"{self.name}: fn returned {len(results)} results for {len(live)} items"
-                    )
-            except Exception as e:  # fn broke its contract: fail this batch, keep serving
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(e)
-                continue
-            finally:
-                self.stats.busy_s += time.perf_counter() - t
-            n = len(live)
-            self.stats.batches += 1
-            self.stats.items += n
-            self.stats.max_seen = max(self.stats.max_seen, n)
-            for (_, f), r in zip(live, results):
-                if f.done():
-                    continue
-                if isinstance(r, Exception):
-                    f.set_exception(r)
-                else:
-                    f.set_result(r)
+            if isinstance(r, Exception):
+                f.set_exception(r)
+            else:
+                f.set_result(r)
 
 
 def call_isolated(fn: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> list[Any]:

@@ -51,6 +51,26 @@ class SearchItem:
     filters: dict[str, Any] | None
 
 
+def index_matches(model: ClipModel, index: ClipIndex) -> bool:
+    """Refuse an index of another width; warn (and say so in /health) when the weights differ."""
+    if index.embed_dim != model.config.embed_dim:
+        raise ValueError(
+            f"index {index.dir} holds {index.embed_dim}-d embeddings but the model makes "
+            f"{model.config.embed_dim}-d ones: serve it with the model it was built with ({index.model_ref})"
+        )
+    fp, built_by = fingerprint(model), index.manifest.get("model_fingerprint")
+    if fp != built_by:
+        log.warning(
+            "the model's weights differ from those that built the index %s (fingerprint %s vs %s): "
+            "search results will be meaningless unless the model is the same; serve a saved model "
+            "dir (model.save) rather than a spec with random-init heads",
+            index.dir,
+            fp,
+            built_by,
+        )
+    return fp == built_by
+
+
 class ClipService:
     def __init__(
         self, model: ClipModel, index: ClipIndex | None, config: ServeConfig | dict | None = None
@@ -58,42 +78,13 @@ class ClipService:
         self.model = model.eval()
         self.index = index
         self.cfg = ServeConfig.from_dict(config)
-        if index is not None and index.embed_dim != model.config.embed_dim:
-            raise ValueError(
-                f"index {index.dir} holds {index.embed_dim}-d embeddings but the model makes "
-                f"{model.config.embed_dim}-d ones: serve it with the model it was built with ({index.model_ref})"
-            )
-        self.model_matches_index: bool | None = None
-        if index is not None:
-            fp = fingerprint(model)
-            self.model_matches_index = fp == index.manifest.get("model_fingerprint")
-            if not self.model_matches_index:
-                log.warning(
-                    "the model's weights differ from those that built the index %s (fingerprint %s vs %s): "
-                    "search results will be meaningless unless the model is the same; serve a saved model "
-                    "dir (model.save) rather than a spec with random-init heads",
-                    index.dir,
-                    fp,
-                    index.manifest.get("model_fingerprint"),
-                )
+        self.model_matches_index = index_matches(model, index) if index is not None else None
         self.precision = resolve_precision(model, self.cfg.precision)
         # Text towers (matmuls) gain ~3x from bf16 on AVX512-BF16 CPUs; a CPU convnet image tower gains
         # nothing (efficientnet-lite0, 1 thread: 17.2 ms/img fp32 vs 17.3 bf16), so images stay exact.
-        device = model_device(model).type
-        self.image_precision = self.precision if device == "cuda" else "fp32"
-        self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="clipforge-model")
-        self.decode_pool = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="clipforge-decode")
-        # URL fetches wait on the network: their own threads, so a slow sender never delays decoding
-        self.fetch_pool = ThreadPoolExecutor(self.cfg.fetch_threads, thread_name_prefix="clipforge-fetch")
-        mb = self.cfg.max_batch if self.cfg.batching else 1
-        wait = self.cfg.max_wait_ms if self.cfg.batching else 0.0
-        # Image batches: a CPU convnet gets *slower* per image in a batch (efficientnet-lite0, 1 thread:
-        # 12 ms/img alone, 17 at 4, 20 at 16: cache misses), while text and GPU models gain a lot.
-        mib = self.cfg.max_image_batch or (1 if device == "cpu" else self.cfg.max_batch)
-        mib = mib if self.cfg.batching else 1
-        self.text_batcher = MicroBatcher(self._embed_texts, self.model_pool, mb, wait, name="text")
-        self.image_batcher = MicroBatcher(self._embed_images, self.model_pool, mib, wait, name="image")
-        self.search_batcher = MicroBatcher(self._search, self.model_pool, mb, wait, name="search")
+        self.device = model_device(model).type
+        self.image_precision = self.precision if self.device == "cuda" else "fp32"
+        self._start_threads()
         self.label_sets = {k: str(v) for k, v in builtin_label_sets().items()}
         self.label_sets.update(self.cfg.label_sets)
         self._label_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -102,6 +93,23 @@ class ClipService:
         with torch.no_grad():
             self.logit_scale = float(model.logit_scale.exp().clamp(max=100.0))
             self.logit_bias = float(model.logit_bias) if model.logit_bias is not None else None
+
+    def _start_threads(self) -> None:
+        """One model thread behind three batchers; decoding and URL fetches on pools of their own (a
+        slow sender never delays decoding, and nothing but the model runs on the model thread)."""
+        cfg = self.cfg
+        self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="clipforge-model")
+        self.decode_pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="clipforge-decode")
+        self.fetch_pool = ThreadPoolExecutor(cfg.fetch_threads, thread_name_prefix="clipforge-fetch")
+        mb = cfg.max_batch if cfg.batching else 1
+        wait = cfg.max_wait_ms if cfg.batching else 0.0
+        # Image batches: a CPU convnet gets *slower* per image in a batch (efficientnet-lite0, 1 thread:
+        # 12 ms/img alone, 17 at 4, 20 at 16: cache misses), while text and GPU models gain a lot.
+        mib = cfg.max_image_batch or (1 if self.device == "cpu" else cfg.max_batch)
+        mib = mib if cfg.batching else 1
+        self.text_batcher = MicroBatcher(self._embed_texts, self.model_pool, mb, wait, name="text")
+        self.image_batcher = MicroBatcher(self._embed_images, self.model_pool, mib, wait, name="image")
+        self.search_batcher = MicroBatcher(self._search, self.model_pool, mb, wait, name="search")
 
     # -- model-thread functions (called by the batchers with a list of items) ------------------
     def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
