@@ -173,9 +173,10 @@ def oof_scores(
 
 def curate_filter(scores: Path, recipe: list[str], out: Path, extra: list[str] = ()) -> list[str]:
     """``clipforge curate filter`` (skipped when ``out`` holds a finished filter); the kept shards."""
-    if not (out / "filter.json").exists():
+    if not (out / "filter.json").exists():  # absent: no filter ran, or one was killed (replace its leftovers)
         where = [x for e in [*recipe, *extra] for x in ("--where", e)]
-        sh(["clipforge", "curate", "filter", "--scores", str(scores), *where, "--output", str(out), "--json"])
+        cmd = ["clipforge", "curate", "filter", "--scores", str(scores), *where, "--output", str(out)]
+        sh(cmd + ["--json"] + (["--overwrite"] if out.exists() else []))
     return [str(p) for p in sorted(out.rglob("*.tar"))]
 
 

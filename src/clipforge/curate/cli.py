@@ -73,6 +73,7 @@ def register(subparsers: Any) -> None:
     f.add_argument("--no-reshard", action="store_true", help="only write the keep-list")
     f.add_argument("--maxcount", type=int, default=10_000, help="samples per output shard")
     f.add_argument("--prefix", default="curated", help="output shard name prefix")
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
     f.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     f.set_defaults(func=cmd_filter)
 
@@ -82,11 +83,14 @@ def register(subparsers: Any) -> None:
     rp.add_argument("--where", action="append", default=None, help="filter expressions to count")
     rp.add_argument("--examples", type=int, default=8, help="pairs per contact sheet")
     rp.add_argument("--sheet-column", default="clip_score", help="column to sort contact sheets by")
+    rp.add_argument("--overwrite", action="store_true", help="replace an earlier report in --output")
     rp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     rp.set_defaults(func=cmd_report)
 
 
 def _fail(args: argparse.Namespace, msg: str) -> int:
+    """One clear line on stderr (and ``{"error": ...}`` with --json), exit code 2: no traceback."""
+    msg = " ".join(str(msg).split())
     if getattr(args, "json", False):
         from clipforge.utils import emit_json
 
@@ -110,7 +114,6 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clipforge.config import ConfigError
     from clipforge.curate.engine import run_curation
     from clipforge.utils import OutputExistsError, emit_json, format_table, setup_torch_threads
 
@@ -128,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=True,
             overwrite=args.overwrite,
         )
-    except (ConfigError, ValueError, FileNotFoundError, OutputExistsError) as e:
+    except (ValueError, FileNotFoundError, OutputExistsError) as e:  # ConfigError, ShardSpecError: ValueError
         return _fail(args, str(e))
     if args.json:
         emit_json(summary)
@@ -149,9 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from clipforge.curate.filter import FilterError
     from clipforge.curate.reshard import filter_run
-    from clipforge.utils import emit_json, format_table
+    from clipforge.utils import OutputExistsError, emit_json, format_table
 
     try:
         s = filter_run(
@@ -161,8 +163,9 @@ def cmd_filter(args: argparse.Namespace) -> int:
             reshard=not args.no_reshard,
             maxcount=args.maxcount,
             prefix=args.prefix,
+            overwrite=args.overwrite,
         )
-    except (FilterError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OutputExistsError) as e:  # FilterError, ShardSpecError: ValueError
         return _fail(args, str(e))
     if args.json:
         emit_json(s)
@@ -177,14 +180,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from clipforge.curate.filter import FilterError
     from clipforge.curate.report import build_report
-    from clipforge.utils import emit_json, format_table
+    from clipforge.utils import OutputExistsError, emit_json, format_table
 
     out = args.output or str(Path(args.scores) / "report")
     try:
-        s = build_report(args.scores, out, args.where, args.examples, args.sheet_column)
-    except (FilterError, FileNotFoundError) as e:
+        s = build_report(args.scores, out, args.where, args.examples, args.sheet_column, args.overwrite)
+    except (ValueError, FileNotFoundError, OutputExistsError) as e:  # FilterError, ShardSpecError: ValueError
         return _fail(args, str(e))
     if args.json:
         emit_json(s)

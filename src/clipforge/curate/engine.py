@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from clipforge.config import check_run_config, from_dict, write_run_config
 from clipforge.curate.config import BalanceConfig, CurateConfig, DedupConfig
+from clipforge.curate.outputs import prepare_output
 from clipforge.curate.plan import resolve_stages
 from clipforge.curate.registry import Context, Stage
 from clipforge.curate.shard import (  # noqa: F401  (iter_batches, process_shard: importable from here too)
@@ -41,7 +42,7 @@ from clipforge.curate.shard import (  # noqa: F401  (iter_batches, process_shard
 )
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
-from clipforge.utils import atomic_path, prepare_output_dir, write_json
+from clipforge.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +168,18 @@ MODEL_STAGES = "clip-score/safety"
 RESUME_MAY_CHANGE = ("stages", "batch_size")
 
 
-def open_run_dir(out_dir: Path, config: CurateConfig, overwrite: bool = False) -> None:
+def open_run_dir(
+    out_dir: Path, config: CurateConfig, overwrite: bool = False, inputs: list[str] | None = None
+) -> None:
     """The output-dir rule for ``curate run``: a new dir, a resume of the same config, or --overwrite.
 
     A dir holding an earlier ``curate run`` (its config.yaml, manifest.json or shards/) is resumed
     after :func:`~clipforge.config.check_run_config` finds the same settings; any other non-empty dir
-    is refused (:class:`~clipforge.utils.OutputExistsError`) so scores never land among foreign files.
+    is refused (:class:`~clipforge.utils.OutputExistsError`) so scores never land among foreign files,
+    and so is a dir holding an input shard (:mod:`clipforge.curate.outputs`).
     """
     is_run = any((out_dir / n).exists() for n in (RUN_CONFIG, "manifest.json", "shards"))
-    prepare_output_dir(out_dir, overwrite=overwrite, resume=is_run)
+    prepare_output(out_dir, overwrite=overwrite, resume=is_run, inputs=inputs or [])
     check_run_config(out_dir / RUN_CONFIG, config, ignore=RESUME_MAY_CHANGE)
     write_run_config(out_dir / RUN_CONFIG, config)
 
@@ -252,7 +256,7 @@ def run_curation(
         check_model_spec(config.model)  # a typo fails now, not after the model-free stages ran
     sample_stages = [s for s in stages if s.kind == "sample"]
     global_stages = [s for s in stages if s.kind == "global"]
-    open_run_dir(out_dir, config, overwrite)
+    open_run_dir(out_dir, config, overwrite, inputs=urls)
     ctx = _LockedContext(config, model)
     t0 = time.perf_counter()
     results = score_shards(

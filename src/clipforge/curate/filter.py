@@ -51,8 +51,20 @@ _CMP = {
 }
 
 
+MAX_CHARS = 10_000  # an expression longer than this is refused (bounds time and the error line)
+MAX_DEPTH = 100  # nested parentheses + stacked 'not': bounds recursion far below Python's limit
+
+
 class FilterError(ValueError):
-    """A filter expression that does not parse or names a missing column."""
+    """A filter expression that does not parse, names a missing column, or cannot be evaluated."""
+
+
+def _quote(text: str, pos: int | None = None, width: int = 60) -> str:
+    """The expression (or a window of it around ``pos``) as a one-line repr, for error messages."""
+    if len(text) <= width:
+        return repr(text)
+    a = 0 if pos is None else max(0, min(pos - width // 2, len(text) - width))
+    return ("..." if a else "") + repr(text[a : a + width]) + ("..." if a + width < len(text) else "")
 
 
 @dataclass
@@ -62,14 +74,17 @@ class Tok:
     pos: int
 
 
+_SPACE_RE = re.compile(r"\s*")
+
+
 def tokenize(text: str) -> list[Tok]:
-    out, pos = [], 0
+    out, pos = [], _SPACE_RE.match(text).end()
     while pos < len(text):
-        if text[pos:].strip() == "":
-            break
         m = _TOKEN_RE.match(text, pos)
         if not m or m.end() == pos:
-            raise FilterError(f"unexpected character at {pos}: {text[pos : pos + 10]!r} in {text!r}")
+            raise FilterError(
+                f"unexpected character at {pos}: {text[pos : pos + 10]!r} in {_quote(text, pos)}"
+            )
         kind = m.lastgroup
         start = m.start(kind)
         val: Any = m.group(kind)
@@ -80,13 +95,14 @@ def tokenize(text: str) -> list[Tok]:
         elif kind == "name" and val.lower() in _KEYWORDS:
             kind, val = "kw", val.lower()
         out.append(Tok(kind, val, start))
-        pos = m.end()
+        pos = _SPACE_RE.match(text, m.end()).end()
     out.append(Tok("end", None, len(text)))
     return out
 
 
-# AST nodes are tuples: ("and", a, b) ("or", a, b) ("not", a) ("cmp", op, left, right) ("pct", col, dir, p)
-# ("null", col, negate) ("in", col, values) ("col", name) ("lit", value)
+# AST nodes are tuples: ("and", [a, b, ...]) ("or", [a, b, ...]) ("not", a) ("cmp", op, left, right)
+# ("pct", col, dir, p) ("null", col, negate) ("in", col, values) ("col", name) ("lit", value).
+# and/or are n-ary, so a long chain is a flat list (no deep recursion when it is evaluated).
 
 
 class Parser:
@@ -94,18 +110,31 @@ class Parser:
         self.text = text
         self.toks = tokenize(text)
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> Tok:
         return self.toks[self.i]
 
+    def is_kw(self, *words: str) -> bool:
+        t = self.toks[self.i]
+        return t.kind == "kw" and t.value in words
+
+    def fail(self, msg: str, pos: int) -> FilterError:
+        return FilterError(f"{msg} at {pos} in {_quote(self.text, pos)}")
+
     def take(self, kind: str | None = None, value: Any = None) -> Tok:
         t = self.toks[self.i]
         if (kind and t.kind != kind) or (value is not None and t.value != value):
-            want = value if value is not None else kind
-            got = "end of expression" if t.kind == "end" else repr(t.value)
-            raise FilterError(f"expected {want} at {t.pos}, got {got} in {self.text!r}")
+            want = value if value is not None else {"num": "a number"}.get(kind or "", kind)
+            got = "end of expression" if t.kind == "end" else _short(t.value)
+            raise self.fail(f"expected {want}, got {got}", t.pos)
         self.i += 1
         return t
+
+    def nest(self, n: int, pos: int) -> None:
+        self.depth += n
+        if self.depth > MAX_DEPTH:
+            raise self.fail(f"nested deeper than {MAX_DEPTH} levels (parentheses and 'not')", pos)
 
     def parse(self) -> tuple:
         node = self.expr()
@@ -113,24 +142,28 @@ class Parser:
         return node
 
     def expr(self) -> tuple:
-        node = self.conj()
-        while self.peek().kind == "kw" and self.peek().value == "or":
+        parts = [self.conj()]
+        while self.is_kw("or"):
             self.take()
-            node = ("or", node, self.conj())
-        return node
+            parts.append(self.conj())
+        return parts[0] if len(parts) == 1 else ("or", parts)
 
     def conj(self) -> tuple:
-        node = self.neg()
-        while self.peek().kind == "kw" and self.peek().value == "and":
+        parts = [self.neg()]
+        while self.is_kw("and"):
             self.take()
-            node = ("and", node, self.neg())
-        return node
+            parts.append(self.neg())
+        return parts[0] if len(parts) == 1 else ("and", parts)
 
     def neg(self) -> tuple:
-        if self.peek().kind == "kw" and self.peek().value == "not":
+        n, pos = 0, self.peek().pos
+        while self.is_kw("not"):  # a loop, not recursion; not(not(x)) is x, also for null
             self.take()
-            return ("not", self.neg())
-        return self.atom()
+            n += 1
+        self.nest(n, pos)
+        node = self.atom()
+        self.depth -= n
+        return ("not", node) if n % 2 else node
 
     def operand(self) -> tuple:
         t = self.peek()
@@ -143,69 +176,89 @@ class Parser:
         if t.kind == "kw" and t.value in ("true", "false"):
             self.take()
             return ("lit", t.value == "true")
-        got = "end of expression" if t.kind == "end" else repr(t.value)
-        raise FilterError(f"expected a column name or a value at {t.pos}, got {got} in {self.text!r}")
+        got = "end of expression" if t.kind == "end" else _short(t.value)
+        raise self.fail(f"expected a column name or a value, got {got}", t.pos)
 
     def atom(self) -> tuple:
         t = self.peek()
         if t.kind == "op" and t.value == "(":
             self.take()
+            self.nest(1, t.pos)
             node = self.expr()
             self.take("op", ")")
+            self.depth -= 1
             return node
         left = self.operand()
         nxt = self.peek()
-        if left[0] == "col" and nxt.kind == "kw" and nxt.value in ("top", "bottom"):
+        if left[0] == "col" and self.is_kw("top", "bottom"):
             self.take()
             p = self.take("num").value
             self.take("op", "%")
             if not 0 < p <= 100:
-                raise FilterError(f"percentile must be in (0, 100], got {p} in {self.text!r}")
+                raise self.fail(f"percentile must be in (0, 100], got {p:g}", nxt.pos)
             return ("pct", left[1], nxt.value, p)
-        if left[0] == "col" and nxt.kind == "kw" and nxt.value == "is":
+        if left[0] == "col" and self.is_kw("is"):
             self.take()
-            negate = self.peek().kind == "kw" and self.peek().value == "not"
+            negate = self.is_kw("not")
             if negate:
                 self.take()
             self.take("kw", "null")
             return ("null", left[1], negate)
-        if left[0] == "col" and nxt.kind == "kw" and nxt.value == "in":
-            self.take()
-            self.take("op", "(")
-            vals = [self.operand()]
-            while self.peek().kind == "op" and self.peek().value == ",":
-                self.take()
-                vals.append(self.operand())
-            self.take("op", ")")
-            if any(v[0] != "lit" for v in vals):
-                raise FilterError(f"'in' takes literal values only in {self.text!r}")
-            return ("in", left[1], [v[1] for v in vals])
+        if left[0] == "col" and self.is_kw("in"):
+            return self.in_list(left[1])
         if nxt.kind == "op" and nxt.value in _CMP:
             self.take()
-            return ("cmp", nxt.value, left, self.operand())
+            right = self.operand()
+            if left[0] == "lit" and right[0] == "lit":
+                raise self.fail("a comparison needs a column on one side (both sides are values)", nxt.pos)
+            return ("cmp", nxt.value, left, right)
         if left[0] == "col":
             return ("col", left[1])
-        raise FilterError(f"a bare value {left[1]!r} is not a condition in {self.text!r}")
+        raise self.fail(f"a bare value {_short(left[1])} is not a condition", t.pos)
+
+    def in_list(self, column: str) -> tuple:
+        self.take()
+        self.take("op", "(")
+        vals = [self.operand()]
+        while self.peek().kind == "op" and self.peek().value == ",":
+            self.take()
+            vals.append(self.operand())
+        end = self.take("op", ")")
+        if any(v[0] != "lit" for v in vals):
+            raise self.fail("'in' takes literal values only", end.pos)
+        kinds = {
+            "string" if isinstance(v[1], str) else "bool" if isinstance(v[1], bool) else "number"
+            for v in vals
+        }
+        if len(kinds) > 1:
+            raise self.fail(f"'in' values must be of one type, got {' and '.join(sorted(kinds))}", end.pos)
+        return ("in", column, [v[1] for v in vals])
 
 
 def parse(text: str) -> tuple:
     """Parse a filter expression into a small AST (tuples); raises FilterError with the position."""
-    if not text or not text.strip():
+    if not isinstance(text, str):
+        raise FilterError(f"a filter expression is text, got {type(text).__name__}")
+    if not text.strip():
         raise FilterError("empty filter expression")
+    if len(text) > MAX_CHARS:
+        raise FilterError(
+            f"filter expression is {len(text)} characters long (max {MAX_CHARS}): {_quote(text)}"
+        )
     return Parser(text).parse()
 
 
 def columns_of(node: tuple) -> set[str]:
     kind = node[0]
-    if kind == "col":
-        return {node[1]}
-    if kind in ("pct", "null", "in"):
+    if kind in ("col", "pct", "null", "in"):
         return {node[1]}
     if kind == "cmp":
         return columns_of(node[2]) | columns_of(node[3])
     if kind == "lit":
         return set()
-    return set().union(*(columns_of(c) for c in node[1:] if isinstance(c, tuple)))
+    if kind == "not":
+        return columns_of(node[1])
+    return set().union(*(columns_of(c) for c in node[1]))
 
 
 def percentile_threshold(values: pa.ChunkedArray, direction: str, p: float) -> tuple[Any, int]:
@@ -219,12 +272,19 @@ def percentile_threshold(values: pa.ChunkedArray, direction: str, p: float) -> t
     return (s[-k] if direction == "top" else s[k - 1]), k
 
 
-def evaluate(node: tuple, table: pa.Table) -> pa.Array:
-    """Boolean mask (nulls already False) of ``node`` over ``table``."""
+def evaluate(node: tuple, table: pa.Table, text: str | None = None) -> pa.Array:
+    """Boolean mask (nulls already False) of ``node`` over ``table``.
+
+    Every failure is a :class:`FilterError` (one line): a missing or mistyped column, or values Arrow
+    cannot compare with the column (``lang > 0.5``, ``n in (1e30)`` on an int64 column).
+    """
+    where = f" in {_quote(text)}" if text else ""
 
     def col(name: str) -> pa.ChunkedArray:
         if name not in table.column_names:
-            raise FilterError(f"no column {name!r}; available: {', '.join(table.column_names)}")
+            raise FilterError(
+                f"no column {_short(name)}{where}; available: {_short(', '.join(table.column_names), 500)}"
+            )
         return table.column(name)
 
     def value(op: tuple) -> Any:
@@ -232,26 +292,37 @@ def evaluate(node: tuple, table: pa.Table) -> pa.Array:
 
     def ev(n: tuple) -> Any:
         kind = n[0]
-        if kind == "and":
-            return pc.and_kleene(ev(n[1]), ev(n[2]))
-        if kind == "or":
-            return pc.or_kleene(ev(n[1]), ev(n[2]))
+        if kind in ("and", "or"):
+            combine = pc.and_kleene if kind == "and" else pc.or_kleene
+            out = ev(n[1][0])
+            for child in n[1][1:]:
+                out = combine(out, ev(child))
+            return out
         if kind == "not":
             return pc.invert(ev(n[1]))  # SQL semantics: not(null) is null -> dropped
         if kind == "col":
             c = col(n[1])
             if not pa.types.is_boolean(c.type):
-                raise FilterError(f"column {n[1]!r} is {c.type}, not boolean: compare it (e.g. {n[1]} > 0)")
+                raise FilterError(
+                    f"column {_short(n[1])} is {c.type}, not boolean: compare it (e.g. {_short(n[1])} > 0)"
+                )
             return c
         if kind == "null":
             m = pc.is_null(col(n[1]), nan_is_null=True)
             return pc.invert(m) if n[2] else m
         if kind == "in":
-            return pc.is_in(col(n[1]), value_set=pa.array(n[2]).cast(col(n[1]).type))
+            c = col(n[1])
+            try:
+                values = pa.array(n[2]).cast(c.type)
+            except (pa.ArrowException, OverflowError) as e:
+                raise FilterError(
+                    f"{_short(n[1])} ({c.type}) cannot hold the values {_short(n[2])}{where}: {_short(e)}"
+                ) from None
+            return pc.is_in(c, value_set=values)
         if kind == "pct":
             c = col(n[1])
             if not (pa.types.is_integer(c.type) or pa.types.is_floating(c.type)):
-                raise FilterError(f"percentile needs a numeric column, {n[1]!r} is {c.type}")
+                raise FilterError(f"percentile needs a numeric column, {_short(n[1])} is {c.type}")
             thr, _ = percentile_threshold(c, n[2], n[3])
             if thr is None:
                 return pa.array(np.zeros(len(c), dtype=bool))
@@ -259,14 +330,25 @@ def evaluate(node: tuple, table: pa.Table) -> pa.Array:
         if kind == "cmp":
             try:
                 return _CMP[n[1]](value(n[2]), value(n[3]))
-            except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise FilterError(f"cannot compare {n[2][1]!r} {n[1]} {n[3][1]!r}: {e}") from None
-        raise FilterError(f"not a condition: {n!r}")
+            except (pa.ArrowException, OverflowError, TypeError) as e:
+                raise FilterError(
+                    f"cannot compare {_short(n[2][1])} {n[1]} {_short(n[3][1])}{where}: {_short(e)}"
+                ) from None
+        raise FilterError(f"not a condition: {_short(n)}")
 
     out = ev(node)
     if isinstance(out, pa.ChunkedArray):
         out = out.combine_chunks()
+    if not isinstance(out, pa.Array) or not pa.types.is_boolean(out.type):
+        raise FilterError(f"not a condition over the rows{where}")
     return pc.fill_null(out, False)
+
+
+def _short(v: Any, n: int = 80) -> str:
+    """A one-line, bounded rendering of a value or an error, for messages."""
+    s = repr(v) if not isinstance(v, BaseException) else str(v)
+    s = " ".join(s.split())
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def apply_filters(table: pa.Table, expressions: list[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -276,7 +358,7 @@ def apply_filters(table: pa.Table, expressions: list[str]) -> tuple[np.ndarray, 
     total = np.ones(table.num_rows, dtype=bool)
     counts = []
     for e in expressions:
-        m = evaluate(parse(e), table).to_numpy(zero_copy_only=False).astype(bool)
+        m = evaluate(parse(e), table, e).to_numpy(zero_copy_only=False).astype(bool)
         total &= m
         counts.append({"filter": e, "kept": int(m.sum()), "kept_frac": float(m.mean()) if len(m) else 0.0})
     return total, counts

@@ -16,8 +16,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipforge.curate.filter import apply_filters
+from clipforge.curate.outputs import prepare_output
 from clipforge.data.reader import iter_tar_samples
 from clipforge.data.report import BadSampleReport
+from clipforge.data.shards import shards_from_file
 from clipforge.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -27,12 +29,25 @@ SIDE_COLUMNS = ("clip_score", "caption_words", "lang", "is_duplicate", "concepts
 
 
 def load_run(scores_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """``DIR/scores.parquet`` and ``DIR/manifest.json``, the manifest's shard list sanitized.
+
+    A manifest is data, not a command line: its ``urls`` go through
+    :func:`clipforge.data.shards.shards_from_file`, so a ``pipe:`` entry is refused, never run.
+    """
     d = Path(scores_dir)
     if not (d / "scores.parquet").exists():
         raise FileNotFoundError(
             f"{d}/scores.parquet not found: run `clipforge curate run --output {d}` first"
         )
-    manifest = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").exists() else {}
+    manifest: dict[str, Any] = {}
+    if (d / "manifest.json").exists():
+        try:
+            manifest = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{d}/manifest.json is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{d}/manifest.json must hold an object, got {type(manifest).__name__}")
+    manifest["urls"] = shards_from_file(manifest.get("urls") or [], source=f"{d}/manifest.json", expand=False)
     return pq.read_table(d / "scores.parquet"), manifest
 
 
@@ -45,8 +60,13 @@ def filter_run(
     maxcount: int = 10_000,
     prefix: str = "curated",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Mask -> ``OUTPUT/keep.txt`` (+ ``filter.json`` counts) and, with ``reshard``, kept-sample shards."""
+    """Mask -> ``OUTPUT/keep.txt`` (+ ``filter.json`` counts) and, with ``reshard``, kept-sample shards.
+
+    ``OUTPUT`` must be new or empty, or ``overwrite`` replaces it (never a mix of two filter runs);
+    the expressions are checked before anything there is touched.
+    """
     from tqdm import tqdm
 
     from clipforge.data.writer import ShardWriter
@@ -55,8 +75,8 @@ def filter_run(
     mask, counts = apply_filters(table, expressions)
     keys = table.column("key").to_pylist()
     kept = [k for k, m in zip(keys, mask) if m]
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = [Path(scores_dir) / "scores.parquet", *manifest["urls"]]
+    out = prepare_output(output, overwrite=overwrite, inputs=inputs)
     with atomic_path(out / "keep.txt") as tmp:
         tmp.write_text("".join(k + "\n" for k in kept))
     summary: dict[str, Any] = {
@@ -69,7 +89,7 @@ def filter_run(
         "shards": [],
     }
     if reshard and kept:
-        urls = manifest.get("urls") or []
+        urls = manifest["urls"]
         if not urls:
             raise FileNotFoundError(f"{scores_dir}/manifest.json lists no input shards to reshard from")
         keep = set(kept)
