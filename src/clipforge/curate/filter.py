@@ -4,20 +4,25 @@ Grammar (keywords case-insensitive)::
 
     expr    := and ("or" and)*
     and     := not ("and" not)*
-    not     := "not" not | atom
+    not     := "not"* atom
     atom    := "(" expr ")"
              | NAME ("top" | "bottom") NUMBER "%"          -- DataComp-style percentile over the pool
              | NAME "is" ["not"] "null"
-             | NAME "in" "(" value ("," value)* ")"
-             | operand (">"|">="|"<"|"<="|"=="|"!=") operand
+             | NAME "in" "(" value ("," value)* ")"        -- values of one type
+             | operand (">"|">="|"<"|"<="|"=="|"!=") operand  -- at least one side a column
              | NAME                                        -- a boolean column
     operand := NAME | NUMBER | STRING | "true" | "false"
 
 Examples: ``clip_score > 0.28 and caption_words >= 3``, ``clip_score top 30%``,
 ``not is_duplicate and lang == 'en'``, ``aspect < 3 and not is_blank``. Several expressions given to
 ``curate filter`` are intersected. A comparison with a null value is False (the row is dropped), so a
-sample without a score never passes a score threshold by accident (SQL semantics, ``not`` included). Evaluation is vectorized with
-pyarrow.compute on the whole table.
+sample without a score never passes a score threshold by accident (SQL semantics, ``not`` included).
+Evaluation is vectorized with pyarrow.compute on the whole table.
+
+Expressions come from users and scripts, so the language is bounded: at most :data:`MAX_CHARS`
+characters and :data:`MAX_DEPTH` levels of parentheses plus stacked ``not``; ``and``/``or`` chains are
+flat lists (no recursion per term). Every failure (syntax, a missing or mistyped column, values Arrow
+cannot compare) is one :class:`FilterError` line; nothing else escapes (see the seeded fuzz test).
 """
 
 from __future__ import annotations
