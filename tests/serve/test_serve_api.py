@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import httpx
 import numpy as np
@@ -229,8 +230,12 @@ def test_server_without_index(server_factory, tiny_model_serve):
 
 def test_openapi_json_is_valid(server_url):
     spec = httpx.get(server_url + "/openapi.json").json()
-    json.dumps(spec)
+    text = json.dumps(spec)
     assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    for ref in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text):  # no dangling reference
+        assert ref in spec["components"]["schemas"], ref
+    body = spec["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"text", "image_url", "k", "filters"}
 
 
 def test_other_weights_are_flagged(server_factory, tiny_index_dir):

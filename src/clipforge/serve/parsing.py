@@ -37,10 +37,11 @@ class UrlRequest(BaseModel):
     url: str
 
 
-def upload_body(fields: dict[str, Any], json_schema: str | None = None) -> dict[str, Any]:
+def upload_body(fields: dict[str, Any], json_model: type[BaseModel] | None = None) -> dict[str, Any]:
     """OpenAPI request body for an endpoint taking a multipart image upload (+ ``fields``), and
-    optionally a JSON body of the named schema: FastAPI cannot infer it since handlers read the
-    request themselves (to enforce upload limits while streaming)."""
+    optionally a JSON body of ``json_model``: FastAPI cannot infer it since handlers read the
+    request themselves (to enforce upload limits while streaming). The JSON schema is inlined: a
+    ``$ref`` would point at a component FastAPI never emits for a model no handler takes."""
     content: dict[str, Any] = {
         "multipart/form-data": {
             "schema": {
@@ -49,8 +50,8 @@ def upload_body(fields: dict[str, Any], json_schema: str | None = None) -> dict[
             }
         }
     }
-    if json_schema:
-        content["application/json"] = {"schema": {"$ref": f"#/components/schemas/{json_schema}"}}
+    if json_model is not None:
+        content["application/json"] = {"schema": json_model.model_json_schema()}
     return {"requestBody": {"content": content}}
 
 

@@ -82,7 +82,7 @@ async def embed_text(req: P.EmbedTextRequest, service: Service) -> dict[str, Any
 
 
 @router.post(
-    "/embed/image", openapi_extra=P.upload_body({"url": {"type": "string"}}, json_schema="UrlRequest")
+    "/embed/image", openapi_extra=P.upload_body({"url": {"type": "string"}}, json_model=P.UrlRequest)
 )
 async def embed_image(request: Request, service: Service) -> dict[str, Any]:
     if P.is_json(request):
@@ -109,7 +109,7 @@ async def classify(request: Request, service: Service) -> dict[str, Any]:
     }
 
 
-@router.post("/search", openapi_extra=P.upload_body(SEARCH_FIELDS, json_schema="SearchRequest"))
+@router.post("/search", openapi_extra=P.upload_body(SEARCH_FIELDS, json_model=P.SearchRequest))
 async def search(request: Request, service: Service) -> dict[str, Any]:
     P.need_index(service)
     t = time.perf_counter()
