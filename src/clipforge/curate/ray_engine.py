@@ -33,11 +33,10 @@ class ShardScorer:
         model: Any = None,
         threads: int = 1,
     ) -> None:
-        import torch
-
         from clipforge.curate.plan import resolve_stages
+        from clipforge.runtime import setup_process
 
-        torch.set_num_threads(max(1, threads))
+        setup_process(max(1, threads))  # allocator tuning + torch threads, as in the CLI process
         self.ctx = Context(CurateConfig.from_dict(config), model)
         self.stages = [s for s in resolve_stages(stage_names) if s.kind == "sample"]
         self.out_dir = Path(out_dir)
