@@ -37,13 +37,13 @@ def simple_tokenize(text: str) -> str:
 def _tokenize(
     refs: Mapping[str, Sequence[str]], cands: Mapping[str, str], java: bool
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    if java:
+    if java:  # one Java start for references and candidates together
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        tok = PTBTokenizer()
-        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
-        res = tok.tokenize({k: [{"caption": cands[k]}] for k in refs})
-        return gts, res
+        both = {("g", k): [{"caption": c} for c in v] for k, v in refs.items()}
+        both.update({("r", k): [{"caption": cands[k]}] for k in refs})
+        out = PTBTokenizer().tokenize(both)
+        return {k: out[("g", k)] for k in refs}, {k: out[("r", k)] for k in refs}
     gts = {k: [simple_tokenize(c) for c in v] for k, v in refs.items()}
     return gts, {k: [simple_tokenize(cands[k])] for k in refs}
 
