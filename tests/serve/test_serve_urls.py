@@ -115,7 +115,8 @@ def drip_server():
 def test_slow_sender_is_cut_at_the_deadline(server_factory, tiny_model_serve, drip_server, sample_jpeg):
     """6 dripping URLs (more than the 4 fetch threads) + an upload: the upload is not delayed, and
     every URL request is answered within the deadline (+1 s for one that could not start)."""
-    cfg = {"allow_image_urls": True, "allow_private_urls": True, "url_timeout_s": 1.5}
+    deadline = 3.0
+    cfg = {"allow_image_urls": True, "allow_private_urls": True, "url_timeout_s": deadline}
 
     async def go(url: str) -> tuple[list[tuple[int, float]], float]:
         async with httpx.AsyncClient(base_url=url, timeout=20) as h:
@@ -134,7 +135,7 @@ def test_slow_sender_is_cut_at_the_deadline(server_factory, tiny_model_serve, dr
 
     with server_factory(tiny_model_serve, None, **cfg) as url:
         results, upload_s = asyncio.run(go(url))
-        assert upload_s < 1.0, upload_s  # decoding never waits on the network
+        assert upload_s < deadline - 0.5, upload_s  # decoding never waits on the network
         assert all(code == 400 for code, _ in results), results
-        assert max(s for _, s in results) < 1.5 + 1.0 + 1.5, results  # deadline, +1 s queue, slack
+        assert max(s for _, s in results) < deadline + 1.0 + 2.0, results  # deadline, +1 s queue, slack
         assert httpx.get(url + "/health").json()["status"] == "ok"
