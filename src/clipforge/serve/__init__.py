@@ -19,10 +19,14 @@ def __getattr__(name: str) -> Any:  # heavy imports only when asked for (keeps `
         from clipforge.serve.app import create_app
 
         return create_app
-    if name in ("ClipService", "ServeConfig"):
-        from clipforge.serve import service
+    if name == "ClipService":
+        from clipforge.serve.service import ClipService
 
-        return getattr(service, name)
+        return ClipService
+    if name == "ServeConfig":
+        from clipforge.serve.config import ServeConfig
+
+        return ServeConfig
     if name == "ServerThread":
         from clipforge.serve.server import ServerThread
 
