@@ -103,3 +103,16 @@ def test_run_refuses_a_foreign_non_empty_dir(shards, tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run(shards, out)
     assert (out / "notes.txt").exists()
+
+
+def test_legacy_run_dir_without_config_yaml_is_checked_by_its_manifest(shards, tmp_path):
+    out = tmp_path / "out"
+    run(shards, out, cfg=CurateConfig(stages=["text", "image"], batch_size=4, draft_size=64))
+    (out / "config.yaml").unlink()  # as written before config.yaml existed: flat config in manifest.json
+    m = json.loads((out / "manifest.json").read_text())
+    m["config"] = {k: v for k, v in m["config"].items() if k not in ("dedup", "balance")}
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="draft_size: 64 -> None"):
+        run(shards, out, cfg=CurateConfig(stages=["text", "image"]))
+    s = run(shards, out, cfg=CurateConfig(stages=["text", "image", "dedup"], draft_size=64))
+    assert s["shards_resumed"] == 2 and (out / "config.yaml").exists()

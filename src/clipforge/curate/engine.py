@@ -16,6 +16,7 @@ worker plus the small per-shard columns.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipforge.config import check_run_config, from_dict, write_run_config
+from clipforge.config import ConfigError, check_run_config, diff_configs, from_dict, write_run_config
 from clipforge.curate.config import BalanceConfig, CurateConfig, DedupConfig
 from clipforge.curate.outputs import prepare_output
 from clipforge.curate.plan import resolve_stages
@@ -180,8 +181,34 @@ def open_run_dir(
     """
     is_run = any((out_dir / n).exists() for n in (RUN_CONFIG, "manifest.json", "shards"))
     prepare_output(out_dir, overwrite=overwrite, resume=is_run, inputs=inputs or [])
+    if not (out_dir / RUN_CONFIG).exists():
+        check_legacy_config(out_dir / "manifest.json", config)
     check_run_config(out_dir / RUN_CONFIG, config, ignore=RESUME_MAY_CHANGE)
     write_run_config(out_dir / RUN_CONFIG, config)
+
+
+def check_legacy_config(manifest_path: Path, config: CurateConfig) -> None:
+    """A run dir from before config.yaml: its manifest's flat config must match on the keys it has."""
+    if not manifest_path.is_file():
+        return
+    try:
+        saved = json.loads(manifest_path.read_text(encoding="utf-8")).get("config")
+    except (UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{manifest_path} is unreadable ({e}); use --overwrite to start over") from None
+    if not isinstance(saved, dict):
+        return
+    now = config.to_dict()
+    diffs = [
+        d
+        for d in diff_configs(saved, {k: v for k, v in now.items() if k in saved})
+        if d.split(":", 1)[0] not in RESUME_MAY_CHANGE
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{manifest_path} was written by a run with other settings; resuming would mix them: "
+            + "; ".join(diffs[:8])
+            + " (use a new output dir, or --overwrite to start over)"
+        )
 
 
 def check_model_spec(spec: str | None) -> None:
