@@ -153,7 +153,7 @@ def run_captions(
     cap = Captioner.load(cfg.captioner)
     out = prepare_output_dir(cfg.output, overwrite=overwrite, resume=resume)
     if resume:
-        check_run_config(out / "config.yaml", cfg, ignore={"workers", "threads", "batch_size"})
+        check_run_config(out / "config.yaml", cfg, ignore={"output", "workers", "threads", "batch_size"})
     write_run_config(out / "config.yaml", cfg)
     encoder = cap.load_encoder()
     scorer_name = cap.meta["encoder"]["model"] if cfg.scoring_model == "encoder" else cfg.scoring_model

@@ -204,7 +204,11 @@ def train_captioner(
     ckpt_root = out / "checkpoints"
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if resume:
-        check_run_config(out / "config.yaml", cfg, ignore={"max_steps", "threads", "workers", "eval_every"})
+        check_run_config(
+            out / "config.yaml",
+            cfg,
+            ignore={"output", "cache_dir", "max_steps", "threads", "workers", "eval_every"},
+        )
     write_run_config(out / "config.yaml", cfg)
     torch.manual_seed(cfg.seed)
     t0, c0 = time.perf_counter(), time.process_time()
