@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         emit_json(summary)
     else:
         _print(summary, ["captioner", "mode", "condition", "steps", "epochs", "params", "vocab_size",
-                         "train_images", "final_loss", "wall_s", "cpu_s"])  # fmt: skip
+                         "train_images", "final_loss", "wall_s", "cpu_s", "train_cpu_s"])  # fmt: skip
         if "eval" in summary:
             _print(summary["eval"], ["bleu4", "cider_d", "rouge_l", "distinct"])
     return 0

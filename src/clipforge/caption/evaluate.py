@@ -34,7 +34,10 @@ class CaptionEvalConfig:
         default_factory=list,
         metadata={"help": "training shards (baselines, novelty; default: the captioner's)"},
     )
-    scoring_model: str = field(default="", metadata={"help": "CLIP model for CLIPScore/self-retrieval"})
+    scoring_model: str = field(
+        default="",
+        metadata={"help": "CLIP model for CLIPScore/self-retrieval (default: the encoder; 'none')"},
+    )
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     decap_temperature: float | None = field(default=None, metadata={"help": "text-only: DeCap T (0: off)"})
     baselines: bool = field(default=True, metadata={"help": "score constant / nearest / kNN baselines"})
@@ -94,11 +97,13 @@ def evaluate_captioning(
     texts, _ = cap.caption(cond, decode, decap_temperature)
     enc_name = cap.meta["encoder"]["model"]
     scorer_name = scoring_model or enc_name
-    scorer = encoder if scorer_name == enc_name and not scoring_model else load_model(scorer_name)
-    if scorer is encoder and cap.condition == "embedding":
-        img = cond.numpy()
-    else:
-        img = _scoring_images(scorer, data, keys, workers)
+    scorer, img = None, None
+    if scorer_name != "none":
+        scorer = encoder if scorer_name == enc_name and not scoring_model else load_model(scorer_name)
+        if scorer is encoder and cap.condition == "embedding":
+            img = cond.numpy()
+        else:
+            img = _scoring_images(scorer, data, keys, workers)
 
     train_data = train_data if train_data is not None else cap.meta.get("train", {}).get("data")
     train = None
@@ -108,7 +113,8 @@ def evaluate_captioning(
 
     def score(captions: list[str]) -> dict[str, Any]:
         m = coco_scores(dict(zip(keys, captions)), dict(zip(keys, refs)))
-        m.update(_clip_metrics(scorer, img, captions, refs))
+        if scorer is not None:
+            m.update(_clip_metrics(scorer, img, captions, refs))
         tc = [c for caps in train.cond.captions for c in caps] if train is not None else None
         m.update(caption_stats(captions, tc))
         return m

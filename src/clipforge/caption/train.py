@@ -257,6 +257,15 @@ def train_captioner(
         return Captioner(model, vocab, meta, memory)
 
     model.train()
+    prep_cpu = time.process_time() - c0
+    c1, eval_cpu = time.process_time(), 0.0  # decoder-training CPU: excludes setup and evaluation
+    if ckpt is not None:  # continue the CPU count of the run before the checkpoint
+        rows = MetricsLogger.read(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        c1 -= float(rows[-1].get("train_cpu_s", 0.0)) if rows else 0.0
+
+    def train_cpu() -> float:
+        return time.process_time() - c1 - eval_cpu
+
     batches: list[torch.Tensor] = []
     epoch = -1
     loss_sum, loss_n, tick = 0.0, 0, time.perf_counter()
@@ -279,19 +288,21 @@ def train_captioner(
             dt = time.perf_counter() - tick
             logger.log({"step": step, "loss": loss_sum / loss_n, "lr": lr, "grad_norm": gnorm,
                         "epoch": step / per_epoch, "steps_per_s": loss_n / max(dt, 1e-9),
-                        "cpu_s": time.process_time() - c0})  # fmt: skip
+                        "train_cpu_s": train_cpu()})  # fmt: skip
             if progress:
                 log.info("step %d/%d loss %.4f lr %.2e", step, total, loss_sum / loss_n, lr)
             loss_sum, loss_n, tick = 0.0, 0, time.perf_counter()
         if step % cfg.ckpt_every == 0 and step < total:
             save(step)
         if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            evaluator(captioner(), step, time.process_time() - c0)
+            e0 = time.process_time()
+            evaluator(captioner(), step, train_cpu())
+            eval_cpu += time.process_time() - e0
     save(step)
     logger.close()
     plot_curves(out / "metrics.jsonl", out / "curves.png")
     cap_dir = captioner().save(out / "captioner")
-    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    train_s, total_cpu, cpu = time.perf_counter() - t0, time.process_time() - c0, train_cpu()
     summary: dict[str, Any] = {
         "output": str(out),
         "captioner": str(cap_dir),
@@ -306,13 +317,15 @@ def train_captioner(
         "feature_cache": ts.cache_dir,
         "prepare_s": prep_s,
         "wall_s": train_s,
-        "cpu_s": train_cpu,
+        "cpu_s": total_cpu,
+        "prepare_cpu_s": prep_cpu,
+        "train_cpu_s": cpu,
         "threads": threads,
         "final_loss": MetricsLogger.read(out / "metrics.jsonl")[-1]["loss"] if step else None,
         "bad_samples": ts.cond.bad.to_dict(),
     }
     if evaluator is not None:
-        summary["eval"] = evaluator(captioner(), step, train_cpu)
+        summary["eval"] = evaluator(captioner(), step, cpu)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -339,7 +352,7 @@ class _Evaluator:
 
         texts, _ = cap.caption(self.cond, self.cfg.decode)
         scores = coco_scores(dict(zip(self.keys, texts)), dict(zip(self.keys, self.refs)), meteor=False)
-        row = {"step": step, "cpu_minutes": cpu_s / 60, **scores, **caption_stats(texts)}
+        row = {"step": step, "train_cpu_minutes": cpu_s / 60, **scores, **caption_stats(texts)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         log.info("eval step %d: BLEU-4 %.4f CIDEr-D %.4f", step, scores["bleu4"], scores["cider_d"])
