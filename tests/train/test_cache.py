@@ -64,3 +64,18 @@ def test_fingerprint_tracks_what_changes_features():
     with torch.no_grad():  # trainable head weights do not matter
         a.img_proj[0].weight.add_(1.0)
     assert fingerprint(a, True) == fingerprint(make_tiny(lock_image=1, lock_text=1), True)
+
+
+def test_cache_key_is_the_one_model_identity(monkeypatch):
+    """The feature cache, the index and the class-embedding cache agree on "the same model"."""
+    from clipforge.models import encode
+
+    a = make_tiny(lock_image=1, lock_text=1)
+    before = (fingerprint(a, True), encode.fingerprint(a, frozen_only=True))
+    frozen = [p for p in a.parameters() if not p.requires_grad]
+    with torch.no_grad():
+        max(frozen, key=lambda p: p.numel()).view(-1)[-1] += 1e-3  # past any leading slice of the tensor
+    after = (fingerprint(a, True), encode.fingerprint(a, frozen_only=True))
+    assert before[0] != after[0] and before[1] != after[1]
+    monkeypatch.setattr(encode, "fingerprint", lambda model, frozen_only=False: "same")
+    assert fingerprint(a, True) == fingerprint(make_tiny(lock_image=1, lock_text=1, size=24), True)

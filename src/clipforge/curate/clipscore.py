@@ -32,7 +32,7 @@ def model_transform(ctx: Context):
     return ctx.cached("transform", build)
 
 
-def embed_images(batch: Batch, ctx: Context) -> np.ndarray:
+def image_embeddings(batch: Batch, ctx: Context) -> np.ndarray:
     """[B, D] float32 unit image embeddings; NaN rows where the image is missing or undecodable."""
     if "__emb_image__" in batch:
         return batch["__emb_image__"]
@@ -55,7 +55,7 @@ def embed_images(batch: Batch, ctx: Context) -> np.ndarray:
     return out
 
 
-def embed_texts(batch: Batch, ctx: Context) -> np.ndarray:
+def text_embeddings(batch: Batch, ctx: Context) -> np.ndarray:
     """[B, D] float32 unit caption embeddings; NaN rows where the caption is missing."""
     if "__emb_text__" in batch:
         return batch["__emb_text__"]
@@ -74,11 +74,14 @@ def embed_texts(batch: Batch, ctx: Context) -> np.ndarray:
     return out
 
 
+embed_images, embed_texts = image_embeddings, text_embeddings  # old names: curate/safety.py imports them
+
+
 @register_stage("clip-score", needs_model=True)
 def clip_score_stage(batch: Batch, ctx: Context) -> Columns:
     """Cosine similarity of image and caption embeddings (null when either side is missing)."""
-    img = embed_images(batch, ctx)
-    txt = embed_texts(batch, ctx)
+    img = image_embeddings(batch, ctx)
+    txt = text_embeddings(batch, ctx)
     if img.shape[1] != txt.shape[1]:
         raise ValueError(f"image ({img.shape[1]}) and text ({txt.shape[1]}) embedding sizes differ")
     score = (img * txt).sum(axis=1)

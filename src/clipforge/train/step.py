@@ -25,7 +25,10 @@ from clipforge.models.base import ClipModel, Features
 from clipforge.models.encode import autocast
 
 
-def embed_images(model: ClipModel, feats: Features, cached: bool) -> torch.Tensor:
+def forward_image(model: ClipModel, feats: Features, cached: bool) -> torch.Tensor:
+    """Training forward of the image side (with grad through what trains) from pixels or cached features.
+
+    Not an encode helper (those are no-grad, :mod:`clipforge.models.encode`): the name says so."""
     if not cached:
         if model.image_locked:
             with torch.no_grad():
@@ -35,7 +38,8 @@ def embed_images(model: ClipModel, feats: Features, cached: bool) -> torch.Tenso
     return F.normalize(model.image_head(feats), dim=-1)
 
 
-def embed_texts(model: ClipModel, feats: Features, cached: bool) -> torch.Tensor:
+def forward_text(model: ClipModel, feats: Features, cached: bool) -> torch.Tensor:
+    """Training forward of the text side from tokens or cached features (see :func:`forward_image`)."""
     if not cached:
         if model.text_locked:
             with torch.no_grad():
@@ -45,7 +49,8 @@ def embed_texts(model: ClipModel, feats: Features, cached: bool) -> torch.Tensor
     return F.normalize(model.text_head(feats), dim=-1)
 
 
-_embed_images, _embed_texts = embed_images, embed_texts
+_embed_images, _embed_texts = forward_image, forward_text
+embed_images, embed_texts = forward_image, forward_text  # old names: train/loop.py still imports them
 
 
 def scale_and_bias(model: ClipModel) -> tuple[torch.Tensor, torch.Tensor | None]:
