@@ -280,10 +280,16 @@ def fuzz(base: str, n: int, seed: int, make: Callable[[random.Random], tuple[str
 
 
 def test_fuzz_http_api(server_url):
+    import resource
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the server runs in-process
     out = fuzz(server_url, N, SEED, request)
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     print(
-        f"\nfuzz seed={SEED} n={N}: {out['statuses']} slowest={out['slowest_s']:.3f}s total={out['total_s']:.1f}s"
+        f"\nfuzz seed={SEED} n={N}: {out['statuses']} slowest={out['slowest_s']:.3f}s "
+        f"total={out['total_s']:.1f}s peak RSS +{grew_mb:.0f} MB"
     )
+    assert grew_mb < 300  # bodies are capped at 200 kB here, decodes at 1 MP
     assert not out["failures"], out["failures"][:20]
     assert out["healthy"]
     assert sum(out["statuses"].values()) == N
