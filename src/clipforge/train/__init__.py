@@ -7,10 +7,34 @@ Python API::
     result = train({"model": "towers:efficientnet-lite0+minilm-l6", "data": ["shards/train-{000000..000005}.tar"],
                     "output": "runs/lit", "epochs": 5, "batch_size": 256})
     model = fit(model, "shards/*.tar", TrainConfig(epochs=5, output="runs/lit"))
+
+Names are exported lazily (module ``__getattr__``, as in clipforge.models) so importing the package
+costs nothing until one is used.
 """
 
-from clipforge.train.config import TrainConfig
-from clipforge.train.loop import fit, train
-from clipforge.train.loss import ClipLoss, SigLipLoss
+from __future__ import annotations
 
-__all__ = ["ClipLoss", "SigLipLoss", "TrainConfig", "fit", "train"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "clipforge.train.config",
+    "TrainHooks": "clipforge.train.hooks",
+    "Trainer": "clipforge.train.loop",
+    "fit": "clipforge.train.loop",
+    "train": "clipforge.train.loop",
+    "ClipLoss": "clipforge.train.loss",
+    "SigLipLoss": "clipforge.train.loss",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = list(_EXPORTS)
