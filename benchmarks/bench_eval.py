@@ -87,6 +87,7 @@ def slice_samples(shards: list[str], dst: Path, n: int) -> str:
 def run_ours(
     args, cifar: list[str], flickr: list[str], classnames: str, precision: str
 ) -> tuple[dict, object]:
+    from clipforge.evaluate.config import EvalConfig
     from clipforge.evaluate.embed import embed_images
     from clipforge.evaluate.recipes import DatasetSpec
     from clipforge.evaluate.runner import evaluate
@@ -102,10 +103,8 @@ def run_ours(
         DatasetSpec("cifar10", cifar, classnames, "cifar10", ("zeroshot",)),
         DatasetSpec("flickr8k", flickr, tasks=("retrieval",)),
     ]
-    rep = evaluate(
-        model, specs, images={"cifar10": imgs}, batch_size=args.batch_size, workers=args.workers, cache=False,
-        precision=precision,
-    )  # fmt: skip
+    cfg = EvalConfig(batch_size=args.batch_size, workers=args.workers, cache=False, precision=precision)
+    rep = evaluate(model, specs, cfg, images={"cifar10": imgs})
     total = time.perf_counter() - t0
     zs, rt = rep["results"]
     out = {
