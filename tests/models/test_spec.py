@@ -80,9 +80,18 @@ def test_py_factory_spec_checks_its_signature(tmp_path, monkeypatch):
         "    return load_model('scratch:vit-nano', embed_dim=dim)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert load_model("py:my_factory:make", dim=24).config.embed_dim == 24
+    assert load_model("py:my_factory:make", allow_code=True, dim=24).config.embed_dim == 24
     with pytest.raises(ConfigError, match="did you mean 'dim'"):
-        load_model("py:my_factory:make", dims=24)
+        load_model("py:my_factory:make", allow_code=True, dims=24)
+
+
+def test_py_spec_runs_no_code_unless_the_caller_allows_it(tmp_path):
+    """A spec read from a file (index manifest, captioner config) reaches load_model without
+    allow_code: naming code there must not import or call it."""
+    pwned = tmp_path / "pwned"
+    with pytest.raises(ValueError, match="imports and calls code"):
+        load_model("py:os:system", command=f"touch {pwned}")
+    assert not pwned.exists()
 
 
 def test_a_new_backend_is_one_table_entry(monkeypatch):

@@ -81,8 +81,11 @@ def test_killed_runs_temp_files_are_cleaned(flickr_slice, tmp_path):
 def test_resume_from_the_run_config_refuses_a_pipe_shard(flickr_slice, tmp_path):
     out = tmp_path / "run"
     train(_cfg(out, flickr_slice, steps=2))
-    cfg = config_from_args(_parse(["--output", str(out), "--resume", "--steps", "4"]))
-    assert cfg.data == flickr_slice and cfg.model == "py:tiny_model:make_tiny" and cfg.steps == 4
+    with pytest.raises(ConfigError, match="runs code: not taken from a file"):  # py: read back from a file
+        config_from_args(_parse(["--output", str(out), "--resume", "--steps", "4"]))
+    model = ["--model", "py:tiny_model:make_tiny"]  # (a scratch:/towers:/hf: spec needs no flag)
+    cfg = config_from_args(_parse([*model, "--output", str(out), "--resume", "--steps", "4"]))
+    assert cfg.data == flickr_slice and cfg.model_opts == {"lock_image": 1} and cfg.steps == 4
     assert train(cfg)["steps"] == 4
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -90,7 +93,7 @@ def test_resume_from_the_run_config_refuses_a_pipe_shard(flickr_slice, tmp_path)
     saved["data"] = [*flickr_slice, f"pipe:touch {pwned}; cat {flickr_slice[0]}"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(ValueError, match="refusing shard spec 'pipe:touch"):
-        config_from_args(_parse(["--output", str(out), "--resume", "--steps", "6"]))
+        config_from_args(_parse([*model, "--output", str(out), "--resume", "--steps", "6"]))
     assert not pwned.exists()
     # given on the command line, a pipe: spec is the user's own choice (and still honoured)
     ok = config_from_args(

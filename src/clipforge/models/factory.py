@@ -72,14 +72,24 @@ def load_saved(directory: str | Path) -> ClipModel:
     return model.eval()
 
 
-def load_model(spec_or_dir: str | Path | ModelSpec, **options: Any) -> ClipModel:
-    """A ready model (eval mode) from a spec string or a saved dir; ``options`` go into the config."""
+def load_model(spec_or_dir: str | Path | ModelSpec, *, allow_code: bool = False, **options: Any) -> ClipModel:
+    """A ready model (eval mode) from a spec string or a saved dir; ``options`` go into the config.
+
+    ``allow_code``: honour a spec that names code to run (``py:MODULE:FUNCTION``). Only for a spec the
+    user gave (command line, API), never for one read back from a file (manifests, saved configs).
+    """
     spec = parse_spec(spec_or_dir)
     if spec.backend == SAVED:
         if options:
             raise ValueError(f"options {sorted(options)} cannot change a saved model ({spec.target})")
         return load_saved(spec.target)
-    mod = get_backend(spec.backend).resolve()
+    backend = get_backend(spec.backend)
+    if backend.runs_code and not allow_code:
+        raise ValueError(
+            f"model spec {str(spec)[:200]!r} imports and calls code: honoured only where a user gives it "
+            "(clipforge train --model, or load_model(..., allow_code=True)), never from a file"
+        )
+    mod = backend.resolve()
     if hasattr(mod, "load"):  # no config of its own (py:MODULE:FUNCTION)
         return mod.load(spec, **options).eval()
     return construct(build_config(spec, **options)).eval()

@@ -28,6 +28,7 @@ class Backend:
     module: str  # the module implementing the protocol above
     syntax: str  # for help and error messages
     saved: bool = True  # can a saved dir's config.json name it (False: never rebuilt from a file)
+    runs_code: bool = False  # the spec names code to import and call: honoured only with allow_code=True
 
     def resolve(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -37,7 +38,7 @@ BACKENDS: dict[str, Backend] = {
     "towers": Backend("towers", "clipforge.models.towers", "towers:IMAGE+TEXT"),
     "hf": Backend("hf", "clipforge.models.hf", "hf:PATH_OR_ID"),
     "scratch": Backend("scratch", "clipforge.models.scratch", "scratch:NAME"),
-    "py": Backend("py", "clipforge.models.custom", "py:MODULE:FUNCTION", saved=False),
+    "py": Backend("py", "clipforge.models.custom", "py:MODULE:FUNCTION", saved=False, runs_code=True),
 }
 
 

@@ -42,13 +42,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cli)
 
 
-def saved_run_config(output: str | Path) -> dict[str, Any]:
-    """OUTPUT/config.yaml as a base for ``--resume``; its shard list is refused if it names a command."""
+def saved_run_config(output: str | Path, model_given: bool = False) -> dict[str, Any]:
+    """OUTPUT/config.yaml as a base for ``--resume``. It is data read back from a file: its shard list
+    is refused if it names a command, its model if it names code (``py:``) unless ``--model`` is given."""
+    from clipforge.config import ConfigError
     from clipforge.data.shards import shards_from_file
+    from clipforge.models.registry import BACKENDS
 
     path = Path(output) / "config.yaml"
     d = load_file(path)
     d["data"] = shards_from_file(d.get("data") or [], source=str(path), expand=False)
+    prefix = str(d.get("model", "")).partition(":")[0]
+    if not model_given and prefix in BACKENDS and BACKENDS[prefix].runs_code:
+        raise ConfigError(
+            f"{path} names model {str(d['model'])[:200]!r}, which runs code: not taken from a file; "
+            "give --model on the command line to resume it"
+        )
     return d
 
 
@@ -60,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     output = given.get("output", base.get("output"))
     if given.get("resume") and "data" not in given and "data" not in base and output:
         if (Path(output) / "config.yaml").is_file():
-            base = {**saved_run_config(output), **base}
+            base = {**saved_run_config(output, model_given="model" in given), **base}
     for length, other in (("steps", "epochs"), ("epochs", "steps")):
         if length in given and other not in given:  # --steps replaces a file's epochs (and vice versa)
             base.pop(other, None)

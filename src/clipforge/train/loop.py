@@ -95,7 +95,7 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def train(config: TrainConfig | dict | str | Path, hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Build ``config.model`` and train it; returns the result dict (also saved as OUTPUT/result.json)."""
     cfg = TrainConfig.from_any(config)
-    model = load_model(cfg.model, **cfg.model_opts)
+    model = load_model(cfg.model, allow_code=True, **cfg.model_opts)  # the user's own spec (see cli)
     return run(model, cfg, hooks)
 
 
