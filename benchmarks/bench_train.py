@@ -58,6 +58,7 @@ def _slice(src: list[str], limit: int, tmp: Path) -> list[str]:
 
 
 def bench_cache(args: argparse.Namespace) -> dict:
+    from clipforge.config import parse_kv
     from clipforge.train import train
 
     with tempfile.TemporaryDirectory() as d:
@@ -65,7 +66,7 @@ def bench_cache(args: argparse.Namespace) -> dict:
         shards = _slice(args.data, args.limit, tmp)
         base = dict(
             model=args.model,
-            model_opts=dict(kv.split("=", 1) for kv in args.model_opt),
+            model_opts=parse_kv(args.model_opt, "--model-opt"),  # typed as `clipforge train` does
             data=shards,
             epochs=1,
             batch_size=args.batch_size,
@@ -264,7 +265,11 @@ def main() -> int:
         help="pad text to the full context (77) as open_clip does: equal FLOPs, a pure step-speed ratio",
     )
     p.add_argument("--threads", type=int)
-    p.add_argument("--out", default=str(default_output("bench") / "bench_train.json"), help="result JSON (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=str(default_output("bench") / "bench_train.json"),
+        help="result JSON (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
