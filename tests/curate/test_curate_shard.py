@@ -73,3 +73,26 @@ def test_same_named_shard_from_elsewhere_is_not_resumed(tmp_path, monkeypatch):
     assert keys == ["from_b"] and s["bad_samples"] == {"stale_score_table": 1}
     monkeypatch.chdir(tmp_path)
     assert run(["b/part.tar"], tmp_path / "out")["shards_resumed"] == 1  # a relative path: same shard
+
+
+def test_rewritten_shard_is_rescored_not_a_crash(tmp_path, monkeypatch):
+    import clipforge.curate.shard as shard_mod
+
+    shard = write_shard(
+        tmp_path / "p.tar", [{"key": f"old{i}", "jpg": image_bytes(i), "txt": "x"} for i in range(3)]
+    )
+    out = tmp_path / "out"
+    run([shard], out)
+    write_shard(shard, [{"key": f"new{i}", "jpg": image_bytes(i), "txt": "y"} for i in range(4)])  # same path
+    s = run([shard], out)  # every stage done, but the shard changed (size/mtime): scored again
+    assert s["bad_samples"] == {"stale_score_table": 1} and s["shards_scored"] == 1
+    assert pq.read_table(out / "scores.parquet").column("key").to_pylist() == [f"new{i}" for i in range(4)]
+    # no size/mtime to compare (a remote shard): a partial resume finds the keys changed and rescores
+    monkeypatch.setattr(shard_mod, "source_stat", lambda url: None)
+    cfg = CurateConfig(stages=["text"], batch_size=4)
+    run_curation([str(shard)], tmp_path / "out2", cfg, progress=False)
+    write_shard(shard, [{"key": f"v3_{i}", "jpg": image_bytes(i), "txt": "z"} for i in range(2)])
+    s = run_curation([str(shard)], tmp_path / "out2", CurateConfig(stages=["text", "image"]), progress=False)
+    assert s["bad_samples"] == {"stale_score_table": 1} and s["rows"] == 2
+    t = pq.read_table(tmp_path / "out2" / "scores.parquet")
+    assert t.column("key").to_pylist() == ["v3_0", "v3_1"] and t.column("caption").to_pylist() == ["z", "z"]

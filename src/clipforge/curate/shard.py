@@ -137,7 +137,22 @@ def stages_done(
         if report is not None:
             report.add(table_path.name, "stale_score_table", f"scored from {was[:200]}, now {url[:200]}")
         return None
+    if url is not None and meta.get("source") and meta["source"] != source_stat(url):
+        if report is not None:
+            report.add(table_path.name, "stale_score_table", f"{url[:200]} was rewritten since it was scored")
+        return None
     return stages
+
+
+def source_stat(url: str) -> dict[str, int] | None:
+    """Size and mtime of a local shard (a rewritten shard is not resumed from its old table)."""
+    if is_remote(url):
+        return None
+    try:
+        st = os.stat(url)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def same_shard(a: str, b: str) -> bool:
@@ -149,79 +164,41 @@ def same_shard(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+class StaleTable(Exception):
+    """A saved shard table no longer matches its shard (the shard was rewritten since)."""
+
+
 def process_shard(url: str, stages: list[Stage], ctx: Context, out_dir: Path) -> dict[str, Any]:
-    """Score one shard with the sample stages it still lacks; write its table (+ embeddings) atomically."""
+    """Score one shard with the sample stages it still lacks; write its table (+ embeddings) atomically.
+
+    A table that does not match the shard any more (keys or row count changed) is not an error that
+    stops the run: the shard is scored again, whole, and the case is reported (``stale_score_table``).
+    """
     paths = shard_paths(out_dir, url)
     report = BadSampleReport()
     done = stages_done(paths["table"], url, report) or []
     todo = [s for s in stages if s.name not in done]
     if not todo:
         return {"url": url, "status": "done", "rows": pq.read_metadata(paths["table"]).num_rows, "bad": {}}
-    old = pq.read_table(paths["table"]) if done else None
-    if old is None:  # scoring from scratch: embeddings of an earlier table must not outlive it
+    t0 = time.perf_counter()
+    source = source_stat(url)  # before reading: a shard rewritten while it is scored is rescored next time
+    try:
+        table, embs = score_shard(url, todo, ctx, report, saved_scores(paths) if done else None)
+    except StaleTable as e:
+        report = BadSampleReport()  # the partial pass's records would count twice
+        report.add(paths["table"].name, "stale_score_table", str(e))
+        done, todo = [], list(stages)
+        table, embs = score_shard(url, todo, ctx, report, None)
+    if not done:  # scored from scratch: embeddings of an earlier table must not outlive it
         for n in ("image", "text"):
             paths[n].unlink(missing_ok=True)
-    old_emb = {
-        n: np.load(paths[n], mmap_mode="r")
-        for n in ("image", "text")
-        if old is not None and paths[n].exists()
+    meta = {
+        "stages": [*done, *(s.name for s in todo)],
+        "url": url,
+        "source": source,
+        "bad": report.to_dict()["counts"],
     }
-    cols: dict[str, list] = {}
-    embs: dict[str, list[np.ndarray]] = {}
-    t0 = time.perf_counter()
-    row = 0
-    for batch in iter_batches(url, ctx.config.batch_size, report):
-        n = len(batch["key"])
-        if old is not None:  # earlier stages' columns are inputs to the missing ones
-            part = old.slice(row, n)
-            if part.column("key").to_pylist() != batch["key"]:
-                raise RuntimeError(
-                    f"{paths['table']} does not match shard {url} any more: delete it to rescore"
-                )
-            for c in part.column_names:
-                batch.setdefault(c, part.column(c).to_pylist())
-            for name, arr in old_emb.items():  # reuse saved embeddings: never re-run the model
-                batch[f"__emb_{name}__"] = np.asarray(arr[row : row + n], dtype=np.float32)
-        for key in ("key", "shard", "caption", "caption_error"):
-            cols.setdefault(key, []).extend(batch[key])
-        for stage in todo:
-            new = stage.fn(batch, ctx)
-            for c, v in new.items():
-                if c in EMB_COLUMNS:
-                    embs.setdefault(EMB_COLUMNS[c], []).append(np.asarray(v, dtype=np.float16))
-                    batch[c] = v
-                    continue
-                if len(v) != n:
-                    raise RuntimeError(
-                        f"stage {stage.name} returned {len(v)} values for column {c}, batch has {n}"
-                    )
-                cols.setdefault(c, []).extend(v)
-                batch[c] = v
-        row += n
-    if old is not None:
-        if row != old.num_rows:
-            raise RuntimeError(
-                f"{paths['table']} has {old.num_rows} rows, shard {url} now has {row}: delete it"
-            )
-        table = old
-        for c, v in cols.items():
-            if c not in table.column_names:
-                table = table.append_column(c, pa.array(v, type=COLUMN_TYPES.get(c)))
-    else:
-        table = (
-            to_table(cols)
-            if cols
-            else to_table({k: [] for k in ("key", "shard", "caption", "caption_error")})
-        )
-    for name, parts in embs.items():  # embeddings first: a visible table implies its embeddings exist
-        with atomic_path(paths[name]) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.concatenate(parts))
-    meta = {"stages": [*done, *(s.name for s in todo)], "url": url, "bad": report.to_dict()["counts"]}
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    paths["table"].parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(paths["table"]) as tmp:
-        pq.write_table(table, tmp)
+    write_shard_scores(paths, table, embs, meta)
     return {
         "url": url,
         "status": "scored",
@@ -229,3 +206,76 @@ def process_shard(url: str, stages: list[Stage], ctx: Context, out_dir: Path) ->
         "seconds": time.perf_counter() - t0,
         "bad": report.to_dict(),
     }
+
+
+def saved_scores(paths: dict[str, Path]) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """A finished table and its embeddings (memory-mapped): the inputs of the stages still to run."""
+    embs = {n: np.load(paths[n], mmap_mode="r") for n in ("image", "text") if paths[n].exists()}
+    return pq.read_table(paths["table"]), embs
+
+
+def score_shard(
+    url: str,
+    todo: list[Stage],
+    ctx: Context,
+    report: BadSampleReport,
+    saved: tuple[pa.Table, dict[str, np.ndarray]] | None,
+) -> tuple[pa.Table, dict[str, list[np.ndarray]]]:
+    """Run ``todo`` over the shard's batches; with ``saved``, its columns are inputs and kept as they are."""
+    old, old_emb = saved if saved is not None else (None, {})
+    cols: dict[str, list] = {}
+    embs: dict[str, list[np.ndarray]] = {}
+    row = 0
+    for batch in iter_batches(url, ctx.config.batch_size, report):
+        n = len(batch["key"])
+        if old is not None:  # earlier stages' columns are inputs to the missing ones
+            part = old.slice(row, n)
+            if part.column("key").to_pylist() != batch["key"]:
+                raise StaleTable(f"keys differ from row {row} on")
+            for c in part.column_names:
+                batch.setdefault(c, part.column(c).to_pylist())
+            for name, arr in old_emb.items():  # reuse saved embeddings: never re-run the model
+                batch[f"__emb_{name}__"] = np.asarray(arr[row : row + n], dtype=np.float32)
+        for key in ("key", "shard", "caption", "caption_error"):
+            cols.setdefault(key, []).extend(batch[key])
+        for stage in todo:
+            run_stage(stage, batch, ctx, n, cols, embs)
+        row += n
+    if old is None:
+        return to_table(cols or {k: [] for k in ("key", "shard", "caption", "caption_error")}), embs
+    if row != old.num_rows:
+        raise StaleTable(f"the table has {old.num_rows} rows, the shard now {row}")
+    table = old
+    for c, v in cols.items():
+        if c not in table.column_names:
+            table = table.append_column(c, pa.array(v, type=COLUMN_TYPES.get(c)))
+    return table, embs
+
+
+def run_stage(
+    stage: Stage, batch: Batch, ctx: Context, n: int, cols: dict[str, list], embs: dict[str, list]
+) -> None:
+    """One stage on one batch: its columns go to ``cols`` (and into the batch for later stages)."""
+    for c, v in stage.fn(batch, ctx).items():
+        if c in EMB_COLUMNS:
+            embs.setdefault(EMB_COLUMNS[c], []).append(np.asarray(v, dtype=np.float16))
+            batch[c] = v
+            continue
+        if len(v) != n:
+            raise RuntimeError(f"stage {stage.name} returned {len(v)} values for column {c}, batch has {n}")
+        cols.setdefault(c, []).extend(v)
+        batch[c] = v
+
+
+def write_shard_scores(
+    paths: dict[str, Path], table: pa.Table, embs: dict[str, list[np.ndarray]], meta: dict[str, Any]
+) -> None:
+    """Embeddings first, then the table: a visible table implies its embeddings exist (resume relies on it)."""
+    for name, parts in embs.items():
+        with atomic_path(paths[name]) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate(parts))
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    paths["table"].parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths["table"]) as tmp:
+        pq.write_table(table, tmp)
