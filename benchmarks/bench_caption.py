@@ -1,0 +1,181 @@
+"""Caption-stage benchmark on flickr8k: a paired captioner trained on a CPU budget, scored on the test split.
+
+1. ``caption train --mode paired`` on flickr8k train (6,000 images x 5 captions) with frozen
+   multiscale EfficientNet-Lite0 features (the locked-tower feature cache), scored on flickr8k test
+   every ``--eval-every`` steps (greedy, BLEU-4 / CIDEr-D): the curve of BLEU-4 vs decoder-training
+   CPU minutes (OUTPUT/bleu4_vs_cpu.png).
+2. ``caption eval`` on flickr8k test (1,000 images x 5 references): greedy and beam-3, BLEU-1..4,
+   METEOR, ROUGE-L, CIDEr-D (PTB tokenizer), caption statistics, and the built-in baselines
+   (constant caption, nearest training image, kNN consensus k=40).
+3. Decoding throughput: greedy and beam-3 captions/s, batched (64) vs one by one.
+4. A caption grid (OUTPUT/caption_grid.png): test images with the generated and a reference caption.
+
+    python benchmarks/bench_caption.py [--epochs 6] [--threads 1] [--output runs/bench_caption] [--json]
+
+CPU time is ``time.process_time()`` of the training process (all its threads); note what else was
+running on the machine next to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from clipforge.caption.captioner import Captioner
+from clipforge.caption.decoding import DecodeOptions
+from clipforge.caption.evaluate import evaluate_captioning
+from clipforge.caption.features import shard_conditions
+from clipforge.caption.train import train_captioner
+from clipforge.utils import emit_json, format_table, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(os.environ.get("CLIPFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def throughput(cap: Captioner, cond: torch.Tensor, opts: DecodeOptions) -> dict[str, float]:
+    """Captions/s batched (opts.batch_size) and one by one, on the same conditions."""
+    out = {}
+    for name, bs in (("batched", opts.batch_size), ("one_by_one", 1)):
+        o = DecodeOptions(**{**opts.__dict__, "batch_size": bs})
+        n = cond.shape[0] if bs > 1 else min(cond.shape[0], 64)
+        t = time.perf_counter()
+        cap.caption(cond[:n], o)
+        out[name] = n / (time.perf_counter() - t)
+    return out
+
+
+def curve_png(eval_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in eval_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["train_cpu_minutes"] for r in rows], [r["bleu4"] for r in rows], marker="o")
+    ax.set_xlabel("decoder-training CPU minutes")
+    ax.set_ylabel("flickr8k test BLEU-4 (greedy)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def caption_grid(test_shard: str, samples: list[dict], png: Path, n: int = 8) -> None:
+    import io
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from clipforge.data.reader import iter_tar_samples
+
+    want = {s["key"]: s for s in samples[:n]}
+    images = {}
+    for s in iter_tar_samples(test_shard):
+        if s["__key__"] in want:
+            images[s["__key__"]] = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
+        if len(images) == len(want):
+            break
+    fig, axes = plt.subplots(2, (len(want) + 1) // 2, figsize=(3.2 * ((len(want) + 1) // 2), 9))
+    for ax, (k, s) in zip(axes.flat, want.items()):
+        ax.imshow(images[k])
+        ax.axis("off")
+        gen = "\n".join(textwrap.wrap("gen: " + s["caption"], 34))
+        ref = "\n".join(textwrap.wrap("ref: " + s["references"][0], 34))
+        ax.set_title(f"{gen}\n{ref}", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA / "flickr8k"))
+    p.add_argument("--train", default=None, help="training shards (default DATA/train-{000000..000005}.tar)")
+    p.add_argument("--test", default=None, help="test shard (default DATA/test-000000.tar)")
+    p.add_argument("--model", default="towers:efficientnet-lite0+minilm-l6")
+    p.add_argument(
+        "--model-opt", action="append", default=None, help="KEY=VALUE (default image_head=multiscale)"
+    )
+    p.add_argument("--decoder", default="4,256,4", help="layers,width,heads")
+    p.add_argument("--min-count", type=int, default=5)
+    p.add_argument("--output", default="runs/bench_caption")
+    p.add_argument("--epochs", type=float, default=6.0)
+    p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--skip-train", action="store_true", help="reuse OUTPUT/train")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    out = Path(a.output)
+    from clipforge.config import parse_kv
+
+    train = a.train or f"{a.data}/train-{{000000..000005}}.tar"
+    test = a.test or f"{a.data}/test-000000.tar"
+    model_opts = (
+        parse_kv([o for o in a.model_opt if o]) if a.model_opt is not None else {"image_head": "multiscale"}
+    )
+    layers, width, heads = (int(x) for x in a.decoder.split(","))
+    cfg = {
+        "data": [train], "output": str(out / "train"), "mode": "paired",
+        "model": a.model, "model_opts": model_opts,
+        "decoder": {"prefix_len": 4, "layers": layers, "width": width, "heads": heads, "dropout": 0.1},
+        "min_count": a.min_count, "epochs": a.epochs, "max_steps": a.max_steps, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
+        "label_smoothing": 0.1, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
+        "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "cache_dir": str(out / "feature_cache"),
+    }  # fmt: skip
+    if a.skip_train:
+        summary = json.loads((out / "train" / "summary.json").read_text())
+    else:
+        summary = train_captioner(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.json)
+    cap_dir = out / "train" / "captioner"
+    curve_png(out / "train" / "eval.jsonl", out / "bleu4_vs_cpu.png")
+    results = {
+        "train": summary,
+        "curve": [json.loads(x) for x in (out / "train" / "eval.jsonl").read_text().splitlines()],
+    }
+    for name, opts in (("greedy", DecodeOptions(method="greedy")), ("beam3", DecodeOptions(method="beam"))):
+        r = evaluate_captioning(cap_dir, test, scoring_model="none", decode=opts, baselines=name == "greedy",
+                                workers=a.workers, cache_dir=out / "feature_cache")  # fmt: skip
+        results[f"eval_{name}"] = r
+        if name == "greedy":
+            caption_grid(test, r["samples"], out / "caption_grid.png")
+    cap = Captioner.load(cap_dir)
+    cond = shard_conditions(cap.load_encoder(), test, cap.condition, workers=a.workers).cond[:256]
+    results["throughput"] = {
+        "greedy": throughput(cap, cond, DecodeOptions(method="greedy")),
+        "beam3": throughput(cap, cond, DecodeOptions(method="beam")),
+        "threads": torch.get_num_threads(),
+    }
+    write_json(out / "results.json", results)
+    if a.json:
+        emit_json(results)
+        return
+    cols = ["bleu1", "bleu4", "meteor", "rouge_l", "cider_d", "distinct", "mean_length", "novel_share"]
+    rows = []
+    for name in ("eval_greedy", "eval_beam3"):
+        for r in results[name]["results"]:
+            rows.append([f"{r['task']} ({name[5:]})", *(r["metrics"].get(c, float("nan")) for c in cols)])
+    print(format_table(rows, ["row", *cols]))
+    print(f"train: {summary['steps']} steps, {summary['train_cpu_s'] / 60:.1f} decoder-training CPU min, "
+          f"{summary['wall_s'] / 60:.1f} wall min (setup incl. feature cache {summary['prepare_cpu_s'] / 60:.1f} CPU min)")  # fmt: skip
+    for k, v in results["throughput"].items():
+        print(f"throughput {k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
