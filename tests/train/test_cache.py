@@ -79,3 +79,16 @@ def test_cache_key_is_the_one_model_identity(monkeypatch):
     assert before[0] != after[0] and before[1] != after[1]
     monkeypatch.setattr(encode, "fingerprint", lambda model, frozen_only=False: "same")
     assert fingerprint(a, True) == fingerprint(make_tiny(lock_image=1, lock_text=1, size=24), True)
+
+
+def test_stale_tmp_of_a_killed_run_is_cleaned_young_kept(tmp_path):
+    import os
+    import time
+
+    old, young = tmp_path / ".a.safetensors.x.tmp", tmp_path / ".b.safetensors.y.tmp"
+    old.write_bytes(b"half")
+    young.write_bytes(b"being written")
+    past = time.time() - 2 * cache_mod.STALE_TMP_S
+    os.utime(old, (past, past))
+    assert cache_mod.clean_stale_tmp(tmp_path) == 1
+    assert not old.exists() and young.exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,25 @@ def _shard_file(root: Path, url: str) -> Path:
         st = local.stat()
         ident = f"{url}|{st.st_size}|{st.st_mtime_ns}"
     return root / f"{shard_name(url)}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}.safetensors"
+
+
+STALE_TMP_S = 600.0  # a shard file is written in seconds: an older .tmp is a killed run's leftover
+
+
+def clean_stale_tmp(root: Path, min_age_s: float = STALE_TMP_S) -> int:
+    """Remove ``*.tmp`` files a killed run left in a cache dir. The dir is shared across runs, so a
+    young ``.tmp`` may belong to a live writer and is kept; returns how many were removed."""
+    n = 0
+    for p in root.glob("*.tmp") if root.is_dir() else ():
+        try:
+            if time.time() - p.stat().st_mtime >= min_age_s:
+                p.unlink()
+                n += 1
+        except FileNotFoundError:  # its writer finished (renamed it) meanwhile
+            pass
+    if n:
+        log.info("feature cache %s: removed %d stale .tmp file(s)", root, n)
+    return n
 
 
 def _load_shard(path: Path) -> dict[str, Any]:
@@ -248,6 +268,7 @@ def load_or_build_cache(
     device = device or torch.device("cpu")
     cache_text = bool(model.text_locked)
     root = Path(cache_root) / fingerprint(model, cache_text)
+    clean_stale_tmp(root)
     missing = [u for u in urls if not _shard_file(root, u).exists()]
     log.info("feature cache %s: %d/%d shards cached", root, len(urls) - len(missing), len(urls))
     if missing:
