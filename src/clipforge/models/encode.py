@@ -283,18 +283,13 @@ class Prepare:
 
 class EncodeDataset(ShardDataset):
     """ShardDataset whose map may work on the raw sample (``prepare.raw``), for stores that decode
-    optional fields themselves. Workers come from ShardDataset, so they die with their parent."""
+    optional fields themselves. Its workers die with their parent (ShardDataset calls
+    ``runtime.die_with_parent`` in every DataLoader worker)."""
 
     def _map(self, raw: dict[str, Any]) -> dict[str, Any]:
         if getattr(self.map_fn, "raw", False):
             return self.map_fn(raw)  # type: ignore[misc]
         return super()._map(raw)
-
-
-def _worker_init(_: int) -> None:
-    from clipforge.runtime import die_with_parent
-
-    die_with_parent()  # a kill -9 of the command must not leave decoders running
 
 
 @dataclass
@@ -360,7 +355,6 @@ def encode_shards(
         collate_fn=collate,
         persistent_workers=False,
         prefetch_factor=prefetch if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None,
     )
     dev = model_device(model)
     left = limit
