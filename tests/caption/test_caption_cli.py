@@ -23,6 +23,7 @@ from clipforge.caption.cli import register
 
 pytestmark = pytest.mark.slow
 
+ENC = ["--encoder", "py:caption_testutils:tiny_clip"]  # a py: spec saved in a file is never run by itself
 TINY = ["--model", "py:caption_testutils:tiny_clip", "--threads", "1", "--workers", "0", "--min-count", "1"]
 DECODER = [
     "--decoder.layers",
@@ -103,7 +104,7 @@ def test_run_writes_side_table_counts_bad_and_resumes(slices, trained, tmp_path,
     cap = str(trained[1] / "captioner")
     out = tmp_path / "recap"
     args = ["run", "--captioner", cap, "--data", slices[1], "--output", str(out), "--workers", "0",
-            "--decode.method", "beam"]  # fmt: skip
+            "--decode.method", "beam", *ENC]  # fmt: skip
     rc, s = cli(args, capsys)
     assert rc == 0 and s["captions"] == 6 and s["shards_done"] == 1
     assert s["bad_samples"]["total"] == 1 and "zz_broken" in json.dumps(s["bad_samples"]["keys"])
@@ -115,11 +116,14 @@ def test_run_writes_side_table_counts_bad_and_resumes(slices, trained, tmp_path,
     assert rc == 0 and s["shards_skipped_resume"] == 1 and s["shards_done"] == 0
     rc, s = cli(args, capsys)
     assert rc == 2 and "--overwrite" in s["error"]
+    no_enc = [a for a in args if a not in ENC]
+    rc, s = cli([*no_enc[:-4], "--output", str(tmp_path / "other")], capsys)
+    assert rc == 2 and "--encoder" in s["error"]  # the saved py: spec is not run
 
 
 def test_eval_reports_metrics_and_baselines(slices, trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
-    rc, r = cli(["eval", "--captioner", str(trained[1] / "captioner"), "--data", slices[1], "--knn-k", "5",
+    rc, r = cli(["eval", "--captioner", str(trained[1] / "captioner"), "--data", slices[1], "--knn-k", "5", *ENC,
                  "--decode.method", "greedy", "--output", str(tmp_path / "res.json")], capsys)  # fmt: skip
     assert rc == 0
     tasks = [x["task"] for x in r["results"]]
@@ -149,8 +153,26 @@ def test_text_only_mode_stores_memory_and_projects(slices, tmp_path, capsys):
     cap = Captioner.load(out / "captioner")
     assert cap.memory is not None and cap.memory.shape[0] == 24 * 5  # every training caption
     rc, r = cli(["run", "--captioner", str(out / "captioner"), "--data", slices[1], "--output",
-                 str(tmp_path / "r"), "--workers", "0", "--scoring-model", "none", "--decap-temperature", "0"],
+                 str(tmp_path / "r"), "--workers", "0", "--scoring-model", "none", "--decap-temperature", "0", *ENC],
                 capsys)  # fmt: skip
     assert rc == 0 and r["captions"] == 6
     t = pq.read_table(tmp_path / "r" / "captions" / "test.parquet").to_pylist()
     assert t[0]["decoding"].endswith("decap=0") and "clip_score_synthetic" not in t[0]
+
+
+def test_run_write_shards_keeps_the_original_in_json(slices, trained, tmp_path, capsys):
+    from clipforge.data.reader import iter_tar_samples
+
+    out = tmp_path / "recap"
+    rc, s = cli(["run", "--captioner", str(trained[1] / "captioner"), "--data", slices[1], "--output", str(out),
+                 "--workers", "0", "--scoring-model", "none", "--write-shards", *ENC], capsys)  # fmt: skip
+    assert rc == 0 and s["captions"] == 6
+    table = {r["key"]: r for r in pq.read_table(out / "captions" / "test.parquet").to_pylist()}
+    samples = list(iter_tar_samples(str(out / "shards" / "test-000.tar")))
+    assert sorted(x["__key__"] for x in samples) == sorted(table)  # the broken sample is not copied
+    for x in samples:
+        meta = json.loads(x["json"])
+        row = table[x["__key__"]]
+        assert x["txt"].decode() == row["caption_synthetic"] == meta["caption_synthetic"]
+        assert meta["caption_original"] == row["caption_original"] and len(meta["captions"]) == 5
+        assert "jpg" in x

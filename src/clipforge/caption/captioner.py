@@ -71,12 +71,25 @@ class Captioner:
         memory = load_file(str(mem_path))["memory"] if mem_path.is_file() else None
         return cls(decoder, vocab, meta, memory)
 
-    def load_encoder(self) -> Any:
-        """The CLIP model whose vectors this captioner reads, checked by fingerprint."""
+    def load_encoder(self, spec: str | None = None) -> Any:
+        """The CLIP model whose vectors this captioner reads, checked by fingerprint.
+
+        ``spec``: the user's own spec for it (needed for ``py:`` specs, which are never run because a
+        file names them); by default the spec saved in config.json.
+        """
         from clipforge.models import load_model
 
         enc = self.meta["encoder"]
-        model = load_model(enc["model"], **(enc.get("model_opts") or {}))
+        opts = enc.get("model_opts") or {}
+        if spec:
+            model = load_model(spec, allow_code=True, **opts)
+        elif str(enc["model"]).startswith("py:"):
+            raise ValueError(
+                f"the captioner's encoder {enc['model']!r} runs code: a spec read from a file is never "
+                "run; pass it yourself with --encoder"
+            )
+        else:
+            model = load_model(enc["model"], **opts)
         got = encoder_fingerprint(model, enc["condition"])
         if enc.get("fingerprint") and got != enc["fingerprint"]:
             raise ValueError(

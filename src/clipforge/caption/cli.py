@@ -140,7 +140,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not cfg.captioner or not cfg.data:
             raise ValueError("caption eval needs --captioner DIR and --data SHARDS")
         result = evaluate_captioning(
-            cfg.captioner, cfg.data, train_data=cfg.train_data or None, scoring_model=cfg.scoring_model or None,
+            cfg.captioner, cfg.data, train_data=cfg.train_data or None, encoder=cfg.encoder or None,
+            scoring_model=cfg.scoring_model or None,
             decode=cfg.decode, decap_temperature=cfg.decap_temperature, baselines=cfg.baselines,
             knn_k=cfg.knn_k, limit=cfg.limit, workers=cfg.workers, cache_dir=cfg.cache_dir,
         )  # fmt: skip

@@ -34,6 +34,9 @@ class CaptionEvalConfig:
         default_factory=list,
         metadata={"help": "training shards (baselines, novelty; default: the captioner's)"},
     )
+    encoder: str = field(
+        default="", metadata={"help": "the encoder's spec, if not the saved one (py: specs)"}
+    )
     scoring_model: str = field(
         default="",
         metadata={"help": "CLIP model for CLIPScore/self-retrieval (default: the encoder; 'none')"},
@@ -69,6 +72,7 @@ def evaluate_captioning(
     data: str | list[str],
     *,
     train_data: str | list[str] | None = None,
+    encoder: str | None = None,
     scoring_model: str | None = None,
     decode: DecodeOptions | None = None,
     decap_temperature: float | None = None,
@@ -81,7 +85,7 @@ def evaluate_captioning(
     """Captions for every image of ``data``, scored against its reference captions -> result dict.
 
     ``train_data`` (the captioner's training shards by default) gives the novel-caption share and
-    the baselines; ``scoring_model`` (default: the captioner's encoder, flagged in the output) scores
+    the baselines; ``encoder``: the encoder's spec when not the saved one (``py:`` specs); ``scoring_model`` (default: the captioner's encoder, flagged in the output) scores
     CLIPScore, RefCLIPScore and self-retrieval.
     """
     from clipforge.models import load_model
@@ -90,8 +94,8 @@ def evaluate_captioning(
     decode = decode or DecodeOptions()
     data = [data] if isinstance(data, str) else list(data)
     cap = Captioner.load(captioner)
-    encoder = cap.load_encoder()
-    test = shard_conditions(encoder, data, cap.condition, workers=workers)
+    enc_model = cap.load_encoder(encoder)
+    test = shard_conditions(enc_model, data, cap.condition, workers=workers)
     n = min(limit or len(test), len(test))
     keys, cond, refs = test.keys[:n], test.cond[:n], test.captions[:n]
     texts, _ = cap.caption(cond, decode, decap_temperature)
@@ -99,8 +103,8 @@ def evaluate_captioning(
     scorer_name = scoring_model or enc_name
     scorer, img = None, None
     if scorer_name != "none":
-        scorer = encoder if scorer_name == enc_name and not scoring_model else load_model(scorer_name)
-        if scorer is encoder and cap.condition == "embedding":
+        scorer = enc_model if scorer_name == enc_name and not scoring_model else load_model(scorer_name)
+        if scorer is enc_model and cap.condition == "embedding":
             img = cond.numpy()
         else:
             img = _scoring_images(scorer, data, keys, workers)
@@ -109,7 +113,9 @@ def evaluate_captioning(
     train = None
     if train_data:
         root = Path(cache_dir) if cache_dir else Path(captioner).resolve().parent.parent / ".feature_cache"
-        train = training_set(encoder, train_data, cap.condition, text=False, cache_root=root, workers=workers)
+        train = training_set(
+            enc_model, train_data, cap.condition, text=False, cache_root=root, workers=workers
+        )
 
     def score(captions: list[str]) -> dict[str, Any]:
         m = coco_scores(dict(zip(keys, captions)), dict(zip(keys, refs)))
@@ -124,7 +130,7 @@ def evaluate_captioning(
     dataset = ",".join(Path(d).name for d in data)
     shards = shard_fingerprint(data)
     extra = {"decoding": decode.describe(), "scoring_model": scorer_name,
-             "scoring_model_is_encoder": scorer is encoder, "n_images": n}  # fmt: skip
+             "scoring_model_is_encoder": scorer is enc_model, "n_images": n}  # fmt: skip
     results = [{"task": "captioning", "dataset": dataset, "shards": shards, "metrics": score(texts), **extra}]
     if baselines and train is not None:
         from clipforge.caption.baselines import baseline_captions

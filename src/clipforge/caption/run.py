@@ -39,11 +39,18 @@ class CaptionRunConfig:
     captioner: str = field(default="", metadata={"help": "captioner dir (OUTPUT/captioner of caption train)"})
     data: list[str] = field(default_factory=list, metadata={"help": "shards to recaption"})
     output: str = field(default="runs/recaption", metadata={"help": "side-table dir"})
+    encoder: str = field(
+        default="", metadata={"help": "the encoder's spec, if not the saved one (py: specs)"}
+    )
     scoring_model: str = field(
         default="encoder", metadata={"help": "CLIP model for clip scores: spec/dir, 'encoder' or 'none'"}
     )
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     decap_temperature: float | None = field(default=None, metadata={"help": "text-only: DeCap T (0: off)"})
+    write_shards: bool = field(
+        default=False,
+        metadata={"help": "also write OUTPUT/shards: KEY.txt = synthetic, original kept in KEY.json"},
+    )
     batch_size: int = 64
     workers: int = 1
     threads: int | None = None
@@ -129,6 +136,36 @@ def recaption_shard(
     return rows, c.bad
 
 
+def write_recaptioned_shard(url: str, rows: dict[str, list[Any]], out_dir: Path) -> str:
+    """A copy of the shard's captioned samples with ``KEY.txt`` = the synthetic caption and the original
+    kept in ``KEY.json`` (``caption_original``, ``caption_synthetic``, ``decoding``)."""
+    import json
+
+    from clipforge.data.reader import iter_tar_samples
+    from clipforge.data.writer import ShardWriter
+
+    by_key = {k: i for i, k in enumerate(rows["key"])}
+    stem = shard_name(url).removesuffix(".tar")
+    with ShardWriter(out_dir / f"{stem}-%03d.tar", maxcount=10**9, maxsize=1e15) as w:
+        for s in iter_tar_samples(url):
+            i = by_key.get(s["__key__"])
+            if i is None:  # a bad sample: counted in the summary, not copied
+                continue
+            try:
+                meta = json.loads(s["json"].decode("utf-8")) if "json" in s else {}
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                meta = {}
+            meta = meta if isinstance(meta, dict) else {}
+            meta.update(caption_original=rows["caption_original"][i], caption_synthetic=rows["caption_synthetic"][i],
+                        decoding=rows["decoding"][i])  # fmt: skip
+            sample = {k: v for k, v in s.items() if not k.startswith("__") and k not in TEXT_EXTS}
+            sample.update(
+                {"__key__": s["__key__"], "txt": rows["caption_synthetic"][i], "json": json.dumps(meta)}
+            )
+            w.write(sample)
+    return ",".join(Path(p).name for p in w.shards)
+
+
 def run_captions(
     cfg: CaptionRunConfig | dict[str, Any],
     *,
@@ -155,7 +192,7 @@ def run_captions(
     if resume:
         check_run_config(out / "config.yaml", cfg, ignore={"output", "workers", "threads", "batch_size"})
     write_run_config(out / "config.yaml", cfg)
-    encoder = cap.load_encoder()
+    encoder = cap.load_encoder(cfg.encoder or None)
     scorer_name = cap.meta["encoder"]["model"] if cfg.scoring_model == "encoder" else cfg.scoring_model
     scorer = None
     if cfg.scoring_model == "encoder":
@@ -176,6 +213,8 @@ def run_captions(
             report.add(name, "no_decodable_samples", str(e)[:300])
             continue
         report.merge(bad)
+        if cfg.write_shards:  # before the table: the table marks the shard done for --resume
+            write_recaptioned_shard(url, rows, out / "shards")
         _table(rows, path)
         done += 1
         rows_total += len(rows["key"])

@@ -213,7 +213,7 @@ def train_captioner(
     torch.manual_seed(cfg.seed)
     t0, c0 = time.perf_counter(), time.process_time()
 
-    encoder = load_model(cfg.model, **cfg.model_opts)
+    encoder = load_model(cfg.model, allow_code=True, **cfg.model_opts)  # the caller's own spec
     kind = _resolve_condition(cfg, encoder)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature_cache"
     ts = training_set(
