@@ -153,3 +153,24 @@ def test_malformed_filter_is_one_line_exit_2(scored, tmp_path, capsys, expr):
     assert len(line) < 2000 and not (tmp_path / "f").exists()
     assert curate("report", "--scores", str(scored), "--where", expr, "--examples", "0") == 2
     one_error_line(capsys)
+
+
+@pytest.mark.parametrize("extra", [["--maxcount", "0"], ["--prefix", "../escape"], ["--prefix", "a%d"]])
+def test_filter_bad_options_refused_before_touching_output(scored, tmp_path, capsys, extra):
+    out = tmp_path / "curated"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier result")
+    capsys.readouterr()
+    rc = curate(
+        "filter",
+        "--scores",
+        str(scored),
+        "--where",
+        "image_valid",
+        "--output",
+        str(out),
+        "--overwrite",
+        *extra,
+    )
+    assert rc == 2 and (out / "old.txt").exists() and not (tmp_path / "escape-000000.tar").exists()
+    one_error_line(capsys)

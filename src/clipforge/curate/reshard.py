@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,12 @@ def filter_run(
 
     from clipforge.data.writer import ShardWriter
 
+    if maxcount < 1:
+        raise ValueError(f"--maxcount must be >= 1, got {maxcount}")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", prefix):
+        raise ValueError(
+            f"--prefix must be a plain file-name part (letters, digits, _ . -), got {prefix[:100]!r}"
+        )
     table, manifest = load_run(scores_dir)
     mask, counts = apply_filters(table, expressions)
     keys = table.column("key").to_pylist()
