@@ -25,6 +25,7 @@ from clipforge.data.report import BadSampleReport
 from clipforge.utils import atomic_path, write_json
 
 SKIP_HIST = {"phash", "dhash"}
+MAX_EXAMPLES = 200  # pairs per contact sheet: one figure, drawn in memory
 THUMB = 256  # contact-sheet images are decoded at about this size (JPEG draft), never at full size
 
 
@@ -144,6 +145,10 @@ def build_report(
     ``output`` must be new or empty, or ``overwrite`` replaces it (no sheets of an earlier report left
     beside the new ones); the expressions are checked first.
     """
+    if not 0 <= examples <= MAX_EXAMPLES:
+        raise ValueError(
+            f"--examples must be in [0, {MAX_EXAMPLES}] (pairs per contact sheet), got {examples}"
+        )
     table, manifest = load_run(scores_dir)
     filtered = apply_filters(table, expressions) if expressions else None
     inputs = [Path(scores_dir) / "scores.parquet", Path(scores_dir) / "manifest.json", *manifest["urls"]]
