@@ -116,6 +116,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=False,
+                   help="build the locked-tower feature cache (also ~30k MiniLM caption passes) instead of "
+                   "encoding the images in memory")  # fmt: skip
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--skip-train", action="store_true", help="reuse OUTPUT/train")
@@ -136,7 +139,8 @@ def main() -> None:
         "decoder": {"prefix_len": 4, "layers": layers, "width": width, "heads": heads, "dropout": 0.1},
         "min_count": a.min_count, "epochs": a.epochs, "max_steps": a.max_steps, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
         "label_smoothing": 0.1, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
-        "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "cache_dir": str(out / "feature_cache"),
+        "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "feature_cache": a.feature_cache,
+        "cache_dir": str(out / "feature_cache"),
     }  # fmt: skip
     if a.skip_train:
         summary = json.loads((out / "train" / "summary.json").read_text())

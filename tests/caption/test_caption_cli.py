@@ -176,3 +176,21 @@ def test_run_write_shards_keeps_the_original_in_json(slices, trained, tmp_path, 
         assert x["txt"].decode() == row["caption_synthetic"] == meta["caption_synthetic"]
         assert meta["caption_original"] == row["caption_original"] and len(meta["captions"]) == 5
         assert "jpg" in x
+
+
+def test_caption_images_matches_the_shard_path(slices, trained):
+    """PIL uploads (the server's path) get the same captions as the same images read from shards."""
+    import io
+
+    from PIL import Image
+
+    from clipforge.caption.decoding import DecodeOptions
+    from clipforge.caption.features import shard_conditions
+    from clipforge.data.reader import iter_tar_samples
+
+    cap = Captioner.load(trained[1] / "captioner")
+    enc = cap.load_encoder("py:caption_testutils:tiny_clip")
+    opts = DecodeOptions(method="greedy")
+    cond = shard_conditions(enc, slices[0][0], cap.condition, workers=0)
+    images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in iter_tar_samples(slices[0][0])][:4]
+    assert cap.caption_images(enc, images, opts) == cap.caption(cond.cond[:4], opts)[0]

@@ -121,3 +121,13 @@ class Captioner:
             cond = F.normalize(cond.float(), dim=-1)
         seqs, scores = generate(self.decoder, cond.float(), opts, self.ids)
         return [self.vocab.decode(s) for s in seqs], scores
+
+    def caption_images(
+        self, encoder: Any, images: list[Any], opts: DecodeOptions, decap_temperature: float | None = None
+    ) -> list[str]:
+        """PIL images -> captions (what ``POST /caption`` needs): encoder from :meth:`load_encoder`."""
+        from clipforge.caption.features import image_conditions
+
+        if not images:
+            return []
+        return self.caption(image_conditions(encoder, images, self.condition), opts, decap_temperature)[0]

@@ -47,7 +47,9 @@ class CaptionEvalConfig:
     knn_k: int = 40
     limit: int | None = field(default=None, metadata={"help": "score only the first N images"})
     workers: int = 1
-    cache_dir: str | None = field(default=None, metadata={"help": "feature cache of the training shards"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "feature cache of the training shards (used when it exists)"}
+    )
 
 
 def _scoring_images(scorer: Any, data: list[str], keys: list[str], workers: int) -> np.ndarray:
@@ -113,6 +115,7 @@ def evaluate_captioning(
     train = None
     if train_data:
         root = Path(cache_dir) if cache_dir else Path(captioner).resolve().parent.parent / ".feature_cache"
+        root = root if root.is_dir() else None  # no cache yet: encode in memory, build none here
         train = training_set(
             enc_model, train_data, cap.condition, text=False, cache_root=root, workers=workers
         )

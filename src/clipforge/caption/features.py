@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
-from clipforge.models.encode import embed_texts, encode_shards, eval_mode
+from clipforge.models.encode import embed_pil_images, embed_texts, encode_shards, eval_mode, model_device
 
 KINDS = ("features", "embedding")
 
@@ -75,6 +75,17 @@ def check_kind(model: Any, kind: str) -> None:
         raise ValueError(f"condition kind {kind!r}: one of {', '.join(KINDS)}")
     if kind == "features" and not model.image_locked:
         raise ValueError("condition=features needs a locked image tower (its frozen features); use embedding")
+
+
+@torch.inference_mode()
+def image_conditions(model: Any, images: list[Any], kind: str) -> torch.Tensor:
+    """Condition vectors of PIL images (the server's uploads), same preprocessing as the shard loop."""
+    check_kind(model, kind)
+    if kind == "embedding":
+        return torch.from_numpy(np.array(embed_pil_images(model, images)))
+    pixels = torch.stack([model.preprocess(im) for im in images]).to(model_device(model))
+    with eval_mode(model):
+        return pool_features(model.image_features(pixels)).float().cpu()
 
 
 def shard_conditions(

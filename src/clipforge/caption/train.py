@@ -84,6 +84,13 @@ class CaptionTrainConfig:
     seed: int = 0
     threads: int | None = None
     workers: int = 1
+    feature_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "use the locked-tower feature cache (it also caches text features of every caption, "
+            "reused by text-only runs); off: encode the images once, in memory"
+        },
+    )
     cache_dir: str | None = field(
         default=None, metadata={"help": "feature cache (default OUTPUT/../.feature_cache)"}
     )
@@ -207,7 +214,7 @@ def train_captioner(
         check_run_config(
             out / "config.yaml",
             cfg,
-            ignore={"output", "cache_dir", "max_steps", "threads", "workers", "eval_every"},
+            ignore={"output", "cache_dir", "feature_cache", "max_steps", "threads", "workers", "eval_every"},
         )
     write_run_config(out / "config.yaml", cfg)
     torch.manual_seed(cfg.seed)
@@ -215,7 +222,11 @@ def train_captioner(
 
     encoder = load_model(cfg.model, allow_code=True, **cfg.model_opts)  # the caller's own spec
     kind = _resolve_condition(cfg, encoder)
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature_cache"
+    cache_root = (
+        (Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature_cache")
+        if cfg.feature_cache
+        else None
+    )
     ts = training_set(
         encoder, cfg.data, kind, text=cfg.mode == "text-only", cache_root=cache_root, workers=cfg.workers,
         progress=progress,
