@@ -117,13 +117,11 @@ def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_spec(monkeypatch, tiny_model):
     """Resolve the spec 'tiny' to the tiny test model wherever the index code loads models."""
     import clipforge.index.build as build_mod
-    import clipforge.index.encode as enc
 
-    real = enc.load_model_spec
+    real = build_mod.load_model_spec
 
     def fake(spec, **kw):
         return tiny_model if spec in ("tiny", "test:tiny") else real(spec, **kw)
 
-    monkeypatch.setattr(enc, "load_model_spec", fake)
     monkeypatch.setattr(build_mod, "load_model_spec", fake)
     return "tiny"

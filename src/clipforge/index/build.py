@@ -26,7 +26,6 @@ from clipforge.data.shards import expand_shards
 from clipforge.index import ann
 from clipforge.index.config import RESUME_MAY_CHANGE, RUN_CONFIG, BuildOptions, BuildRun  # noqa: F401
 from clipforge.index.embed import EmbedSettings, embed_shard
-from clipforge.index.encode import load_model_spec
 from clipforge.models.base import ClipModel
 from clipforge.models.encode import fingerprint, normalize_rows
 from clipforge.utils import atomic_path, prepare_output_dir, write_json
@@ -34,6 +33,16 @@ from clipforge.utils import atomic_path, prepare_output_dir, write_json
 log = logging.getLogger(__name__)
 
 FORMAT = "clipforge-index/1"
+
+
+def load_model_spec(spec: str | ClipModel, **options: Any) -> ClipModel:
+    """A model (eval mode) from a spec string or saved dir via ``clipforge.models.load_model``;
+    a ClipModel passes through (so builds accept loaded models and test doubles)."""
+    if isinstance(spec, ClipModel):
+        return spec.eval()
+    from clipforge.models import load_model
+
+    return load_model(spec, **options).eval()
 
 
 def prepare_build_dir(output: Path, run: BuildRun, *, overwrite: bool = False, resume: bool = False) -> Path:

@@ -108,7 +108,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from clipforge.data.decode import SkipSample
-    from clipforge.index.encode import load_model_spec
+    from clipforge.index.build import load_model_spec
     from clipforge.index.query import load_image_query, looks_like_image_ref
     from clipforge.index.store import ClipIndex, FilterError
     from clipforge.models.encode import embed_pil_images, embed_texts, fingerprint

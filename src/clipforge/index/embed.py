@@ -4,8 +4,9 @@ A part is ``parts/<shard name>-<url hash>.{npy,parquet,json}``, each file writte
 JSON last, so a part whose JSON exists is complete. Rerunning a build skips complete parts made by
 the same model and settings: an interrupted build over many shards loses at most the shard it was on.
 Encoding is the one shard loop (:func:`clipforge.models.encode.encode_shards` over ``ShardDataset``),
-so bad samples are skipped and counted, never fatal; a thumbnail JPEG of every image rides in the row, which is what the server
-shows at ``/images/{key}`` (no second pass over the shards, and remote shards work too).
+so bad samples are skipped and counted, never fatal; a thumbnail JPEG of every image rides in the
+row, which is what the server shows at ``/images/{key}`` (no second pass over the shards, and remote
+shards work too).
 """
 
 from __future__ import annotations
