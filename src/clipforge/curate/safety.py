@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clipforge.curate.clipscore import embed_images
+from clipforge.curate.clipscore import image_embeddings
 from clipforge.curate.stages import Batch, Columns, Context, data_path, read_json, register_stage
+from clipforge.models import encode
 
 
 def prompt_bank(ctx: Context) -> tuple[list[str], np.ndarray, np.ndarray, float]:
@@ -24,8 +25,9 @@ def prompt_bank(ctx: Context) -> tuple[list[str], np.ndarray, np.ndarray, float]
         if not prompts:
             raise ValueError("safety prompt file has no prompts")
         model = ctx.model
-        with torch.inference_mode():
-            emb = model.encode_text(model.tokenize([p for _, p in prompts])).float().cpu().numpy()
+        texts = [p for _, p in prompts]
+        emb = encode.embed_texts(model, texts, batch_size=len(texts))  # the one encode loop, one batch
+        with torch.no_grad():
             scale = float(model.logit_scale.exp().clamp(max=100.0))
         return cats, emb, np.array([ci for ci, _ in prompts]), scale
 
@@ -37,7 +39,7 @@ def safety_stage(batch: Batch, ctx: Context) -> Columns:
     """Per category, the softmax mass of its prompts vs. all prompts; ``unsafe_score`` = max unsafe."""
     cats, bank, cat_of, scale = prompt_bank(ctx)
     spec_unsafe = [c for c in cats if c != "safe"]
-    img = embed_images(batch, ctx)
+    img = image_embeddings(batch, ctx)
     logits = scale * (np.nan_to_num(img) @ bank.T)  # [B, P]
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
