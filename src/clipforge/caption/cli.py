@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
         description="Flags come from CaptionTrainConfig (caption/train.py); e.g. --data SHARDS "
         "--output runs/cap --mode paired --model-opt image_head=multiscale --decoder.layers 4.",
     )
-    add_arguments(t, CaptionTrainConfig, rename=RENAME)
+    add_arguments(t, CaptionTrainConfig, rename=RENAME, skip={"decoder.vocab_size", "decoder.cond_dim"})
     _common(t)
     t.set_defaults(func=cmd_train)
 

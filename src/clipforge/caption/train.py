@@ -55,7 +55,8 @@ class CaptionTrainConfig:
     condition: str = field(
         default="auto",
         metadata={
-            "help": "features | embedding | auto (paired: features of a locked tower; text-only: embedding)"
+            "help": "features | embedding | auto (paired: features of a locked tower; text-only: embedding)",
+            "choices": ("auto", "features", "embedding"),
         },
     )
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
