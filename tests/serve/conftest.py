@@ -73,3 +73,76 @@ def sample_jpeg(tiny_index_dir) -> bytes:
 
     raw = next(iter(iter_tar_samples(str(tiny_index_dir.parent / "b-000001.tar"))))
     return raw["jpg"]
+
+
+CAPTIONS = {"red": "a red square", "green": "a green square", "blue": "a blue square"}
+
+
+def train_tiny_captioner(model, steps: int = 150):
+    """A tiny decoder that learns (for the serve tests' TinyClip) colour -> "a <colour> square"."""
+    import torch
+
+    from clipforge.caption.captioner import Captioner, encoder_fingerprint
+    from clipforge.caption.decoder import CaptionDecoder, DecoderConfig
+    from clipforge.caption.train import caption_loss, pad_tokens
+    from clipforge.caption.vocab import build_vocab
+    from clipforge.data.decode import decode_image
+    from clipforge.models.encode import embed_pixels
+
+    names = list(fixtures.COLORS)
+    pixels = [
+        model.preprocess(decode_image(fixtures._jpeg(fixtures.COLORS[n], s))) for s in range(4) for n in names
+    ]
+    texts = [CAPTIONS[n] for _ in range(4) for n in names]
+    cond = torch.from_numpy(embed_pixels(model, torch.stack(pixels))).float()
+    vocab = build_vocab(texts, min_count=1)
+    torch.manual_seed(0)
+    cfg = DecoderConfig(
+        vocab_size=len(vocab), cond_dim=model.config.embed_dim, width=32, heads=2, layers=1, prefix_len=2,
+        dropout=0.0, max_len=16,
+    )  # fmt: skip
+    dec = CaptionDecoder(cfg)
+    tokens = pad_tokens(vocab.encode(texts), vocab.pad_id)
+    opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
+    dec.train()
+    for _ in range(steps):
+        loss = caption_loss(dec, cond, tokens, vocab.pad_id, 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    meta = {
+        "mode": "paired",
+        "encoder": {
+            "model": model.config.spec, "model_opts": {}, "condition": "embedding",
+            "fingerprint": encoder_fingerprint(model, "embedding"),
+        },
+    }  # fmt: skip
+    return Captioner(dec.eval(), vocab, meta)
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tiny_model_serve):
+    return train_tiny_captioner(tiny_model_serve)
+
+
+@pytest.fixture(scope="session")
+def captioner_dir(tmp_path_factory, tiny_captioner) -> Path:
+    return tiny_captioner.save(tmp_path_factory.mktemp("captioner") / "cap")
+
+
+def make_caption_server(model, captioner, index_dir=None, **cfg):
+    from clipforge.index import ClipIndex
+    from clipforge.serve.app import create_app
+    from clipforge.serve.server import ServerThread
+    from clipforge.serve.service import ClipService, ServeConfig
+
+    index = ClipIndex.load(index_dir) if index_dir is not None else None
+    return ServerThread(create_app(ClipService(model, index, ServeConfig(**cfg), captioner=captioner)))
+
+
+@pytest.fixture(scope="module")
+def caption_url(tiny_model_serve, tiny_captioner):
+    with make_caption_server(
+        tiny_model_serve, tiny_captioner, max_upload_bytes=200_000, max_image_pixels=1_000_000
+    ) as url:
+        yield url

@@ -25,7 +25,8 @@ def register(subparsers: Any) -> None:
     from clipforge.serve.config import ServeConfig
 
     p = subparsers.add_parser(
-        "serve", help="serve search, zero-shot classification and embeddings over HTTP (+ a web page)"
+        "serve",
+        help="serve search, zero-shot classification, embeddings and captions over HTTP (+ a web page)",
     )
     p.add_argument("model", nargs="?", default=None, help="model spec or dir (default: the index's model)")
     p.add_argument("--index", default=None, help="index directory from `clipforge index build`")

@@ -125,3 +125,15 @@ class Client:
 
     def image(self, key: str) -> bytes:
         return self._check(self.http.get(f"/images/{key}")).content
+
+    def caption(
+        self, image: ImageRef | None = None, url: str | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """``POST /caption``: the response (``captions``, ``caption``, ``settings``, ``took_ms``).
+        ``options``: strategy, beam_width, max_length, min_length, temperature, top_k, top_p, seed, ..."""
+        if image is None:
+            if url is None:
+                raise ValueError("give an image or a url")
+            return self._check(self.http.post("/caption", json={"url": url, **options})).json()
+        data = {k: str(v) for k, v in options.items() if v is not None}
+        return self._check(self.http.post("/caption", data=data, files={"file": _image_file(image)})).json()

@@ -48,6 +48,12 @@ class ServeConfig:
     label_sets: dict[str, str] = _f({}, "extra label set NAME=FILE, one label a line (repeatable)")
     decode_threads: int = _f(2, "threads decoding uploaded images")
     fetch_threads: int = _f(4, "threads fetching image URLs (apart from decoding)")
+    captioner: str | None = _f(
+        None, "captioner dir (clipforge caption train) for POST /caption; trained on this model's vectors"
+    )
+    max_caption_beams: int = _f(8, "largest beam width a /caption request may ask for")
+    max_caption_length: int = _f(40, "largest max_length (tokens) a /caption request may ask for")
+    max_captions: int = _f(5, "captions per /caption request (num_captions > 1 needs strategy=sample)")
     precision: str = _f(
         "fp32",
         "fp32 | bf16 | auto (bf16 autocast where native: ~3x for text on AVX512-BF16/AMX)",
@@ -69,7 +75,13 @@ class ServeConfig:
             "max_prompts",
             "max_filter_values",
         )
-        positive += ("decode_threads", "fetch_threads")
+        positive += (
+            "decode_threads",
+            "fetch_threads",
+            "max_caption_beams",
+            "max_caption_length",
+            "max_captions",
+        )
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise C.ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -81,6 +93,11 @@ class ServeConfig:
         for name, path in self.label_sets.items():
             if not name or not Path(path).is_file():
                 raise C.ConfigError(f"label set needs NAME=FILE with an existing file, got {name}={path}")
+
+        if self.captioner is not None and not Path(self.captioner).is_dir():
+            raise C.ConfigError(
+                f"captioner must be a directory from `clipforge caption train`: {self.captioner}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | ServeConfig | None) -> ServeConfig:

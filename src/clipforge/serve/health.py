@@ -33,6 +33,27 @@ def _index_view(service: ClipService, full: bool) -> dict[str, Any] | None:
     return d
 
 
+def _captioning_view(service: ClipService, full: bool) -> dict[str, Any]:
+    cfg, cap = service.cfg, service.captioner
+    if cap is None:
+        return {"enabled": False, "detail": "started without --captioner DIR: POST /caption answers 501"}
+    enc = cap.meta.get("encoder", {})
+    where = cfg.captioner or "(in memory)"
+    return {
+        "enabled": True,
+        "captioner": where if full else strip_paths(where),
+        "mode": cap.mode,
+        "condition": cap.condition,
+        "encoder_fingerprint": enc.get("fingerprint"),
+        "vocab_size": len(cap.vocab),
+        "limits": {
+            "max_beams": cfg.max_caption_beams,
+            "max_length": min(cfg.max_caption_length, cap.decoder.cfg.max_len - 1),
+            "max_captions": cfg.max_captions,
+        },
+    }
+
+
 def health_payload(service: ClipService, full: bool) -> dict[str, Any]:
     """The /health body; ``full`` only for a request that carried the configured API key."""
     cfg = service.cfg
@@ -43,6 +64,7 @@ def health_payload(service: ClipService, full: bool) -> dict[str, Any]:
         "embed_dim": service.model.config.embed_dim,
         "index": _index_view(service, full),
         "model_matches_index": service.model_matches_index,
+        "captioning": _captioning_view(service, full),
         "precision": {"text": service.precision, "image": service.image_precision},
         "batching": {"enabled": cfg.batching, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms},
         "stats": service.stats(),

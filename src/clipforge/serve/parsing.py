@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -317,3 +318,194 @@ def check_filters(filters: Any, cfg: ServeConfig) -> None:
         for v in values:
             if (why := _bad_filter_value(v, cfg)) is not None:
                 raise ApiError(400, "bad_filters", f"filter {col!r}: value is {why}")
+
+
+# -- /caption ------------------------------------------------------------------------------------------
+CAPTION_FIELDS: dict[str, Any] = {
+    "url": {"type": "string"},
+    "strategy": {"type": "string", "enum": ["greedy", "beam", "sample"], "description": "default beam"},
+    "beam_width": {"type": "integer", "description": "beam: hypotheses kept (1..max_caption_beams)"},
+    "length_penalty": {"type": "number", "description": "beam: score = logp / length**this (0..5)"},
+    "max_length": {"type": "integer", "description": "tokens generated at most, EOS included"},
+    "min_length": {"type": "integer", "description": "words before the caption may end"},
+    "temperature": {"type": "number", "description": "sample: (0, 100]"},
+    "top_k": {"type": "integer", "description": "sample: among the k most likely words (0: all)"},
+    "top_p": {"type": "number", "description": "sample: nucleus mass (0, 1]"},
+    "repetition_penalty": {"type": "number", "description": "penalty on words already said (0, 10]"},
+    "no_repeat_ngram": {"type": "integer", "description": "forbid repeating any n-gram (0: off)"},
+    "seed": {"type": "integer", "description": "sample: seed (same seed, image and settings: same captions)"},
+    "num_captions": {"type": "integer", "description": "captions to return (> 1 needs strategy=sample)"},
+}
+CAPTION_OPTIONS = tuple(k for k in CAPTION_FIELDS if k != "url")
+MAX_SEED = (1 << 32) - 1
+INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+class CaptionRequest(BaseModel):
+    """JSON body of /caption (an image URL; needs --allow-image-urls) with the same options as the form."""
+
+    url: str
+    strategy: str | None = None
+    beam_width: int | None = None
+    length_penalty: float | None = None
+    max_length: int | None = None
+    min_length: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram: int | None = None
+    seed: int | None = None
+    num_captions: int | None = None
+
+
+def need_captioner(service: ClipService) -> None:
+    if service.captioner is None:
+        raise ApiError(
+            501,
+            "captioning_off",
+            "captioning is off: this server was started without --captioner DIR (see GET /health)",
+        )
+
+
+def _opt_int(fields: Any, name: str, lo: int, hi: int, default: int) -> int:
+    v = fields.get(name)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return default
+    bad = ApiError(400, "bad_option", f"{name} must be an integer in {lo}..{hi}, got {str(v)[:40]!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise bad
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise bad
+        n = int(v)
+    elif isinstance(v, str):
+        if len(v) > 40 or not INT_RE.fullmatch(v.strip()):
+            raise bad
+        n = int(v.strip())
+    else:
+        n = v
+    if not lo <= n <= hi:
+        raise ApiError(
+            400, "bad_option", f"{name} must be in {lo}..{hi}, got {n if abs(n) < 1e12 else str(n)[:20]}"
+        )
+    return n
+
+
+def _opt_float(fields: Any, name: str, lo: float, hi: float, default: float, lo_open: bool = False) -> float:
+    v = fields.get(name)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return default
+    span = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+    try:
+        if isinstance(v, bool) or (isinstance(v, str) and len(v) > 40):
+            raise ValueError
+        x = float(v)
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(400, "bad_option", f"{name} must be a number in {span}, got {str(v)[:40]!r}") from None
+    if not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
+        raise ApiError(400, "bad_option", f"{name} must be a number in {span}, got {x:g}")
+    return x
+
+
+def _unknown_fields(names: Any, allowed: set[str]) -> None:
+    import difflib
+
+    for name in names:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), sorted(allowed), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(sorted(allowed))
+            raise ApiError(400, "unknown_field", f"unknown field {str(name)[:60]!r}{hint}; known: {known}")
+
+
+@dataclass
+class CaptionArgs:
+    opts: Any  # clipforge.caption.decoding.DecodeOptions
+    num: int
+    settings: dict[str, Any]
+
+
+def caption_args(fields: Any, service: ClipService) -> CaptionArgs:
+    """Decoding settings of a /caption request, each checked against the server's limits (400 if not)."""
+    from clipforge.caption.decoding import METHODS, DecodeOptions
+
+    cfg = service.cfg
+    assert service.captioner is not None
+    base = DecodeOptions()
+    strategy = fields.get("strategy")
+    strategy = base.method if strategy is None or strategy == "" else strategy
+    if strategy not in METHODS:
+        raise ApiError(
+            400, "bad_option", f"strategy must be one of {', '.join(METHODS)}, got {str(strategy)[:40]!r}"
+        )
+    max_len_limit = min(cfg.max_caption_length, service.captioner.decoder.cfg.max_len - 1)
+    max_len = _opt_int(fields, "max_length", 1, max_len_limit, min(base.max_len, max_len_limit))
+    min_len = _opt_int(fields, "min_length", 0, max_len - 1, min(base.min_len, max_len - 1))
+    beams = min(base.beam_width, cfg.max_caption_beams)
+    opts = DecodeOptions(
+        method=strategy,
+        max_len=max_len,
+        min_len=min_len,
+        repetition_penalty=_opt_float(fields, "repetition_penalty", 0.0, 10.0, base.repetition_penalty, True),
+        no_repeat_ngram=_opt_int(fields, "no_repeat_ngram", 0, max_len_limit, base.no_repeat_ngram),
+        beam_width=_opt_int(fields, "beam_width", 1, cfg.max_caption_beams, beams),
+        length_penalty=_opt_float(fields, "length_penalty", 0.0, 5.0, base.length_penalty),
+        temperature=_opt_float(fields, "temperature", 0.0, 100.0, base.temperature, True),
+        top_k=_opt_int(fields, "top_k", 0, 1 << 20, base.top_k),
+        top_p=_opt_float(fields, "top_p", 0.0, 1.0, base.top_p, True),
+        seed=_opt_int(fields, "seed", 0, MAX_SEED, base.seed),
+    )
+    num = _opt_int(fields, "num_captions", 1, cfg.max_captions, 1)
+    if num > 1 and strategy != "sample":
+        raise ApiError(
+            400, "bad_option", f"num_captions={num} needs strategy=sample ({strategy} gives one caption)"
+        )
+    return _caption_args(opts, num)
+
+
+def _caption_args(opts: Any, num: int) -> CaptionArgs:
+    """Settings that do not affect the strategy are reset (so equal requests batch together) and left
+    out of the reported settings."""
+    from dataclasses import replace
+
+    settings: dict[str, Any] = {"strategy": opts.method}
+    if opts.method == "beam":
+        settings.update(beam_width=opts.beam_width, length_penalty=opts.length_penalty)
+    else:
+        opts = replace(opts, beam_width=1, length_penalty=1.0)
+    if opts.method == "sample":
+        settings.update(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
+    else:
+        opts = replace(opts, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    settings.update(
+        max_length=opts.max_len,
+        min_length=opts.min_len,
+        repetition_penalty=opts.repetition_penalty,
+        no_repeat_ngram=opts.no_repeat_ngram,
+        num_captions=num,
+        describe=opts.describe(),
+    )
+    return CaptionArgs(opts, num, settings)
+
+
+async def caption_request(request: Request, service: ClipService) -> tuple[Any, CaptionArgs]:
+    """(pixels, settings) of a /caption request: multipart (file or url + options) or JSON (url + options).
+    Options are checked before the image is decoded or fetched."""
+    if is_json(request):
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_json", "body must be a JSON object")
+        _unknown_fields(body, set(CAPTION_FIELDS))
+        args = caption_args(body, service)
+        url = body.get("url")
+        if not isinstance(url, str) or not url.strip():
+            raise ApiError(400, "missing_image", "JSON body needs 'url' (or send multipart field 'file')")
+        return await load_url(service, url.strip()), args
+    form = await read_form(request)
+    _unknown_fields(form.keys(), {"file", "_", *CAPTION_FIELDS})  # "_": an empty part that forces multipart
+    for name in CAPTION_OPTIONS:
+        if name in form and not isinstance(form[name], str):
+            raise ApiError(400, "bad_option", f"{name} must be a form value, not a file")
+    args = caption_args(form, service)
+    return await image_from_form(service, form), args

@@ -8,6 +8,7 @@ dependency instead of a closure. Endpoints (OpenAPI docs at ``/docs``)::
     POST /embed/image      multipart file=@img, or form/JSON url= (when --allow-image-urls)
     POST /classify         multipart file=@img (or url=) + labels="cat,dog" | label_set=cifar10 [+ templates, top_k]
     POST /search           {"text": ..., "k": 10, "filters": {...}} | {"image_url": ...} | multipart file=@img
+    POST /caption          multipart file=@img (or url=; JSON {"url": ...}) [+ strategy, beam_width, ...]
     GET  /images/{key}     JPEG thumbnail of an indexed image
 """
 
@@ -122,6 +123,22 @@ async def search(request: Request, service: Service) -> dict[str, Any]:
         "query": {"kind": q.kind, "text": q.text, "k": q.k, "filters": q.filters},
         "results": service.results(hits),
         "took_ms": _ms_since(t),
+    }
+
+
+@router.post("/caption", openapi_extra=P.upload_body(P.CAPTION_FIELDS, json_model=P.CaptionRequest))
+async def caption(request: Request, service: Service) -> dict[str, Any]:
+    P.need_captioner(service)
+    t = time.perf_counter()
+    pixels, args = await P.caption_request(request, service)
+    t_model = time.perf_counter()
+    out = await service.caption(pixels, args.opts, args.num)
+    return {
+        "captions": [{"text": c, "score": s} for c, s in zip(out.texts, out.scores)],
+        "caption": out.texts[0],
+        "settings": args.settings,
+        "took_ms": _ms_since(t),
+        "caption_ms": _ms_since(t_model),
     }
 
 

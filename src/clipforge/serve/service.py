@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipforge.caption.captioner import Captioner
+from clipforge.caption.decoding import DecodeOptions
 from clipforge.data.decode import decode_image
 from clipforge.data.fetch import FetchError, safe_fetch
 from clipforge.index.query import check_image_size
@@ -33,6 +35,13 @@ from clipforge.models.encode import (
     resolve_precision,
 )
 from clipforge.serve.batcher import MicroBatcher
+from clipforge.serve.captioning import (
+    CaptionEngine,
+    CaptionJob,
+    CaptionResult,
+    check_captioner,
+    load_captioner,
+)
 from clipforge.serve.config import ServeConfig
 from clipforge.serve.labels import DEFAULT_TEMPLATES, builtin_label_sets, fill_template, read_labels
 
@@ -73,11 +82,22 @@ def index_matches(model: ClipModel, index: ClipIndex) -> bool:
 
 class ClipService:
     def __init__(
-        self, model: ClipModel, index: ClipIndex | None, config: ServeConfig | dict | None = None
+        self,
+        model: ClipModel,
+        index: ClipIndex | None,
+        config: ServeConfig | dict | None = None,
+        captioner: Captioner | None = None,
     ) -> None:
+        """``captioner``: an in-memory one (tests); else ``config.captioner`` names a dir to load. Either
+        is checked against ``model`` (ValueError when it was trained on another model's vectors)."""
         self.model = model.eval()
         self.index = index
         self.cfg = ServeConfig.from_dict(config)
+        if captioner is None and self.cfg.captioner:
+            captioner = load_captioner(self.cfg.captioner, model)
+        elif captioner is not None:
+            check_captioner(captioner, model)
+        self.captioner = captioner
         self.model_matches_index = index_matches(model, index) if index is not None else None
         self.precision = resolve_precision(model, self.cfg.precision)
         # Text towers (matmuls) gain ~3x from bf16 on AVX512-BF16 CPUs; a CPU convnet image tower gains
@@ -110,6 +130,15 @@ class ClipService:
         self.text_batcher = MicroBatcher(self._embed_texts, self.model_pool, mb, wait, name="text")
         self.image_batcher = MicroBatcher(self._embed_images, self.model_pool, mib, wait, name="image")
         self.search_batcher = MicroBatcher(self._search, self.model_pool, mb, wait, name="search")
+        self.caption_engine = None
+        self.batchers = [self.text_batcher, self.image_batcher, self.search_batcher]
+        if self.captioner is not None:
+            self.caption_engine = CaptionEngine(self.captioner, self.model, self.image_precision, mib)
+            self.caption_engine.probe()
+            self.caption_batcher = MicroBatcher(
+                self.caption_engine, self.model_pool, mb, wait, name="caption"
+            )
+            self.batchers.append(self.caption_batcher)
 
     # -- model-thread functions (called by the batchers with a list of items) ------------------
     def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
@@ -181,6 +210,12 @@ class ClipService:
     ) -> list[Hit]:
         return await self.search_batcher.submit(SearchItem(text, vector, k, filters or None))
 
+    async def caption(self, pixels: torch.Tensor, opts: DecodeOptions, num: int = 1) -> CaptionResult:
+        """Captions of one image (``num`` > 1: sampled); batched with concurrent /caption requests."""
+        if self.captioner is None:
+            raise RuntimeError("this service has no captioner")
+        return await self.caption_batcher.submit(CaptionJob(pixels, opts, num))
+
     def label_set(self, name: str) -> list[str]:
         if name not in self.label_sets:
             raise KeyError(name)
@@ -249,12 +284,10 @@ class ClipService:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {
-            b.name: b.stats.to_dict() for b in (self.text_batcher, self.image_batcher, self.search_batcher)
-        }
+        return {b.name: b.stats.to_dict() for b in self.batchers}
 
     async def close(self) -> None:
-        for b in (self.text_batcher, self.image_batcher, self.search_batcher):
+        for b in self.batchers:
             await b.close()
         self.model_pool.shutdown(wait=False, cancel_futures=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
