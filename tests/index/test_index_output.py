@@ -159,3 +159,23 @@ def test_kill_9_of_build_leaves_no_decode_worker(tmp_path):
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "DataLoader worker outlived its killed parent"
+
+
+def test_search_never_runs_code_named_by_a_manifest(tmp_path, tiny_model, shard_dir, monkeypatch, capsys):
+    """A shared index dir is data: its manifest's model may not be a py:MODULE:FUNCTION to import."""
+    from clipforge.cli import main
+
+    out = tmp_path / "idx"
+    build_index(str(shard_dir / "a-000000.tar"), tiny_model, out, _opts(), progress=False)
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    marker = tmp_path / "imported"
+    (pkg / "evil_factory.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef make(**kw):\n    raise SystemExit\n"
+    )
+    monkeypatch.syspath_prepend(str(pkg))
+    mf = json.loads((out / "manifest.json").read_text())
+    mf["model"] = "py:evil_factory:make"
+    (out / "manifest.json").write_text(json.dumps(mf))
+    assert main(["index", "search", str(out), "a red square"]) == 2
+    assert not marker.exists()

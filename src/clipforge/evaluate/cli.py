@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
             if task
             else [d.strip() for d in args.datasets.split(",") if d.strip()]
         )
-        model = load_model(args.model)
+        model = load_model(args.model, allow_code=True)  # --model is the user's own argument
         report = evaluate(model, datasets, cfg)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

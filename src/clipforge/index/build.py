@@ -35,14 +35,15 @@ log = logging.getLogger(__name__)
 FORMAT = "clipforge-index/1"
 
 
-def load_model_spec(spec: str | ClipModel, **options: Any) -> ClipModel:
+def load_model_spec(spec: str | ClipModel, allow_code: bool = False, **options: Any) -> ClipModel:
     """A model (eval mode) from a spec string or saved dir via ``clipforge.models.load_model``;
-    a ClipModel passes through (so builds accept loaded models and test doubles)."""
+    a ClipModel passes through (so builds accept loaded models and test doubles). ``allow_code`` only
+    for a spec the user gave (a ``py:MODULE:FUNCTION`` spec imports code), never for one from a file."""
     if isinstance(spec, ClipModel):
         return spec.eval()
     from clipforge.models import load_model
 
-    return load_model(spec, **options).eval()
+    return load_model(spec, allow_code=allow_code, **options).eval()
 
 
 def prepare_build_dir(output: Path, run: BuildRun, *, overwrite: bool = False, resume: bool = False) -> Path:
@@ -135,10 +136,12 @@ def build_index(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    allow_code: bool = False,
 ) -> dict[str, Any]:
     """Embed ``shards`` with ``model`` and write an index directory; returns the manifest.
 
     Rerunning the same build continues it; see :func:`prepare_build_dir` for the output-dir rule.
+    ``allow_code``: honour a ``py:MODULE:FUNCTION`` model spec (the caller's own argument only).
     """
     import faiss
     import pyarrow.parquet as pq
@@ -150,7 +153,7 @@ def build_index(
     output = Path(output)
     urls = expand_shards(shards)
     model_ref = model if isinstance(model, str) else model.config.spec
-    m = load_model_spec(model)
+    m = load_model_spec(model, allow_code=allow_code)
     settings = EmbedSettings(fingerprint(m), opt.thumb_size, opt.max_per_shard)
     full_dim = int(m.config.embed_dim)
     if opt.dims is not None and not 0 < opt.dims <= full_dim:

@@ -76,9 +76,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         base = {"refine": REFINE[args.refine]} if "refine" in args else {}
         opt = from_args(BuildOptions, args, base=base)
-        mf = build_index(
-            args.data, args.model, args.output, opt, overwrite=args.overwrite, resume=args.resume
-        )
+        mf = build_index(  # --model is the user's own argument: a py:MODULE:FUNCTION spec is honoured
+            args.data, args.model, args.output, opt, overwrite=args.overwrite, resume=args.resume,
+            allow_code=True,
+        )  # fmt: skip
     except (ConfigError, OutputExistsError) as e:
         log.error("%s", e)
         return 2
@@ -123,7 +124,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
-    model = load_model_spec(args.model or index.model_ref)
+    try:  # a model named on the command line may be code (py:...); one read from the manifest never
+        model = load_model_spec(args.model or index.model_ref, allow_code=bool(args.model))
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
     if fingerprint(model) != index.manifest.get("model_fingerprint"):
         log.warning("model weights differ from the ones that built this index: scores will be meaningless")
     as_image = args.image or (not args.text and looks_like_image_ref(args.query))
