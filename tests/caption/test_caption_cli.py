@@ -194,3 +194,10 @@ def test_caption_images_matches_the_shard_path(slices, trained):
     cond = shard_conditions(enc, slices[0][0], cap.condition, workers=0)
     images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in iter_tar_samples(slices[0][0])][:4]
     assert cap.caption_images(enc, images, opts) == cap.caption(cond.cond[:4], opts)[0]
+
+
+def test_cpu_budget_stops_training(slices, tmp_path, capsys):
+    rc, s = cli(["train", "--data", *slices[0], "--output", str(tmp_path / "budget"), *TINY, *DECODER, *STEPS,
+                 "--max-steps", "100000", "--cpu-budget-minutes", "0.02"], capsys)  # fmt: skip
+    assert rc == 0 and 0 < s["steps"] < 100000 and s["train_cpu_s"] >= 1.2
+    assert (tmp_path / "budget" / "captioner" / "model.safetensors").exists()

@@ -63,6 +63,13 @@ class CaptionTrainConfig:
     min_count: int = field(default=5, metadata={"help": "words seen fewer times map to [UNK]"})
     epochs: float = field(default=6.0, metadata={"help": "passes over all (image, caption) pairs"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
+    cpu_budget_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "decoder-training CPU minutes: cosine over the spent share, stop when spent "
+            "(then a resume is not bit-exact: the schedule follows measured time)"
+        },
+    )
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -103,6 +110,8 @@ class CaptionTrainConfig:
             raise ConfigError(f"condition {self.condition!r}: features | embedding | auto")
         if self.mode == "text-only" and self.condition == "features":
             raise ConfigError("text-only captioners read embeddings (a text has no image features)")
+        if self.cpu_budget_minutes is not None and self.cpu_budget_minutes <= 0:
+            raise ConfigError("cpu_budget_minutes must be > 0")
         if self.batch_size < 1 or self.epochs <= 0 or self.noise_std < 0:
             raise ConfigError("batch_size >= 1, epochs > 0 and noise_std >= 0 are required")
 
@@ -174,6 +183,14 @@ def batch_inputs(
 
 
 # -- the loop ----------------------------------------------------------------------------------------
+
+
+def lr_by_fraction(step: int, frac: float, cfg: CaptionTrainConfig) -> float:
+    """Warmup over steps, then cosine decay over the spent share of the CPU budget."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    r = cfg.min_lr_ratio
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0))))
 
 
 def caption_loss(model: CaptionDecoder, cond: torch.Tensor, tokens: torch.Tensor, pad: int, smoothing: float):
@@ -281,13 +298,20 @@ def train_captioner(
     batches: list[torch.Tensor] = []
     epoch = -1
     loss_sum, loss_n, tick = 0.0, 0, time.perf_counter()
+    budget = 60 * cfg.cpu_budget_minutes if cfg.cpu_budget_minutes else None
     while step < total:
+        if budget is not None and train_cpu() >= budget:  # the CPU budget is spent: stop here
+            total = step
+            break
         if step // per_epoch != epoch:
             epoch = step // per_epoch
             batches = epoch_batches(pairs, cfg.batch_size, cfg.seed, epoch)
         idx = batches[step % per_epoch]
         cond, tokens = batch_inputs(idx, pairs, ts.cond.cond, ts.text, cfg, step, vocab.pad_id)
-        lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr_ratio)
+        if budget is None:
+            lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr_ratio)
+        else:
+            lr = lr_by_fraction(step, train_cpu() / budget, cfg)
         set_lr(opt, lr)
         loss = caption_loss(model, cond, tokens, vocab.pad_id, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -296,7 +320,8 @@ def train_captioner(
         opt.step()
         step += 1
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        if step % cfg.log_every == 0 or step == total:
+        last = step == total or (budget is not None and train_cpu() >= budget)
+        if step % cfg.log_every == 0 or last:
             dt = time.perf_counter() - tick
             logger.log({"step": step, "loss": loss_sum / loss_n, "lr": lr, "grad_norm": gnorm,
                         "epoch": step / per_epoch, "steps_per_s": loss_n / max(dt, 1e-9),
@@ -304,9 +329,9 @@ def train_captioner(
             if progress:
                 log.info("step %d/%d loss %.4f lr %.2e", step, total, loss_sum / loss_n, lr)
             loss_sum, loss_n, tick = 0.0, 0, time.perf_counter()
-        if step % cfg.ckpt_every == 0 and step < total:
+        if step % cfg.ckpt_every == 0 and not last:
             save(step)
-        if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+        if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0 and not last:
             e0 = time.process_time()
             evaluator(captioner(), step, train_cpu())
             eval_cpu += time.process_time() - e0
