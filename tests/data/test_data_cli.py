@@ -34,3 +34,16 @@ def test_inspect_flickr_train_counts_6000(shared_data: Path, tmp_path: Path, cap
     assert all(v["samples"] == 1000 for v in summary["per_shard"].values())
     assert summary["image_sizes_top"] == [["224x224", 6000]]
     assert (tmp_path / "contact_sheet.png").stat().st_size > 100_000
+
+
+def test_inspect_default_output_is_under_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 10: one default root; ``data inspect`` used to write ./inspect_out/."""
+    from data_testutils import good_sample, write_tar
+
+    monkeypatch.chdir(tmp_path)
+    write_tar(tmp_path / "s.tar", [good_sample("a")])
+    assert main(["data", "inspect", "s.tar", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["good"] == 1
+    assert (tmp_path / "runs" / "inspect" / "inspect.json").exists() and not (
+        tmp_path / "inspect_out"
+    ).exists()
