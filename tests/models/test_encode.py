@@ -59,13 +59,13 @@ class Tiny(ClipModel):
         return self.txt(feats["x"])
 
 
-def _shard(path: Path, n: int, bad: int = 0) -> Path:
+def _shard(path: Path, n: int, bad: int = 0, bad_at: tuple[int, ...] = ()) -> Path:
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w") as tf:
         for i in range(n):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(buf, format="PNG")
-            data = b"broken" if i < bad else buf.getvalue()
+            data = b"broken" if i < bad or i in bad_at else buf.getvalue()
             members = {
                 f"{i:04d}.png": data,
                 f"{i:04d}.cls": str(i % 3).encode(),
@@ -184,3 +184,14 @@ def test_encode_shards_goes_through_shard_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(enc.EncodeDataset, "__init__", spy)
     list(enc.encode_shards(Tiny(), [str(_shard(tmp_path / "a.tar", 2))], workers=0))
     assert seen == [True]
+
+
+def test_encode_shards_limit_cuts_before_the_forward_and_reads_no_further(tmp_path):
+    m = Tiny()
+    shard = str(_shard(tmp_path / "a.tar", 12, bad=0))
+    got = [b for b in enc.encode_shards(m, [shard], batch_size=4, workers=0, limit=6)]
+    assert [len(b) for b in got] == [4, 2] and got[1].emb.shape[0] == 2
+    report = BadSampleReport()  # sample 5 is bad but lies in the batch after the limit: never read
+    later = str(_shard(tmp_path / "b.tar", 12, bad_at=(5,)))
+    assert len(list(enc.encode_shards(m, [later], batch_size=4, workers=0, limit=4, report=report))) == 1
+    assert report.total == 0

@@ -362,8 +362,6 @@ def encode_shards(
         if channels_last and not features:
             model.to(memory_format=torch.channels_last)
         for batch in loader:
-            if left is not None and left <= 0:
-                break
             bad = list(batch.get("__bad__", []))
             if report is not None:
                 for k, r, d in bad:
@@ -387,6 +385,8 @@ def encode_shards(
             else:
                 emb = embed_pixels(model, batch["pixels"], precision, channels_last)
                 yield EncodedBatch(list(batch["key"]), emb, extra, bad)
+            if left is not None and left <= 0:
+                break  # no further batch is read: nothing past the limit is decoded or reported
 
 
 def _head(batch: dict[str, Any], n: int) -> dict[str, Any]:
