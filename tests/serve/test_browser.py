@@ -115,3 +115,50 @@ def test_page_search_and_classify(server_factory, tmp_path, tiny_model_serve, ti
         finally:
             driver.quit()
     assert (shots / "clipforge-page.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_page_shows_the_caption_under_an_uploaded_image(
+    tmp_path, tiny_model_serve, tiny_captioner, sample_jpeg
+):
+    """With --captioner, choosing an image shows its generated caption under the preview; a second
+    image replaces it; without a captioner no caption line appears (and nothing fails)."""
+    from selenium.webdriver.common.by import By
+
+    from conftest import fixtures, make_caption_server, make_server
+
+    red, blue = tmp_path / "red.jpg", tmp_path / "blue.jpg"
+    red.write_bytes(sample_jpeg)  # the first sample of the b shard: a red square
+    blue.write_bytes(fixtures._jpeg(fixtures.COLORS["blue"], 5))
+    shots = Path(os.environ.get("CLIPFORGE_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    driver = _driver(tmp_path)
+    try:
+        driver.set_page_load_timeout(30)
+        with make_caption_server(tiny_model_serve, tiny_captioner) as url:
+            driver.get(url + "/")
+            _wait(lambda: "captions on" in driver.find_element(By.ID, "info").text, what="health info")
+            driver.find_element(By.ID, "file").send_keys(str(red))
+            cap = driver.find_element(By.ID, "caption")
+            _wait(lambda: cap.text == "a red square", what="the red square's caption")
+            assert driver.find_element(By.ID, "preview").is_displayed() and cap.is_displayed()
+            below = driver.execute_script(
+                "const p=$('preview').getBoundingClientRect(), c=$('caption').getBoundingClientRect();"
+                "return c.top >= p.bottom - 1 && c.left < p.right;"
+            )
+            assert below, "the caption is not under the image"
+            assert _wait(lambda: driver.execute_script("return $('preview').naturalWidth"), what="preview")
+            driver.save_screenshot(str(shots / "clipforge-caption.png"))
+            driver.find_element(By.ID, "file").send_keys(str(blue))
+            _wait(lambda: cap.text == "a blue square", what="the blue square's caption")
+        with make_server(tiny_model_serve, None) as url:
+            driver.get(url + "/")
+            _wait(lambda: "no index" in driver.find_element(By.ID, "info").text, what="health info")
+            assert "captions on" not in driver.find_element(By.ID, "info").text
+            driver.find_element(By.ID, "file").send_keys(str(red))
+            _wait(lambda: driver.find_element(By.ID, "preview").is_displayed(), what="preview")
+            time.sleep(0.5)
+            assert not driver.find_element(By.ID, "caption").is_displayed()
+    finally:
+        driver.quit()
+    assert (shots / "clipforge-caption.png").stat().st_size > 5_000
