@@ -48,7 +48,7 @@ from clipforge.train.hooks import TrainHooks
 from clipforge.train.logger import MetricsLogger, plot_curves
 from clipforge.train.loss import build_loss
 from clipforge.train.optim import build_optimizer, clip_grad, lr_at, set_lr
-from clipforge.train.step import embed_images, embed_texts, forward_backward
+from clipforge.train.step import forward_backward, forward_image, forward_text
 from clipforge.utils import clean_stale_tmp, format_table, setup_torch_threads, write_json
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,9 @@ class Trainer:
             )
         self.user_model = model
         self.model = self._prepare_model(model)
-        self.embed = (embed_images, embed_texts)
+        self.embed = (forward_image, forward_text)
         if cfg.compile:
-            self.embed = (torch.compile(embed_images), torch.compile(embed_texts))
+            self.embed = (torch.compile(forward_image), torch.compile(forward_text))
         self.loss_fn = build_loss(cfg.loss, cfg.local_loss)
         self.report = BadSampleReport()
         self.urls = expand_shards(cfg.data)
