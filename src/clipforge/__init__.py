@@ -14,11 +14,6 @@ def load_model(spec_or_dir: str, **kwargs: Any):
     return _load(spec_or_dir, **kwargs)
 
 
-def train(config: Any):
-    """Train a model from a :class:`clipforge.train.TrainConfig` (or a dict / YAML path)."""
-    from clipforge.train import train as _train
-
-    return _train(config)
-
-
-__all__ = ["__version__", "load_model", "train"]
+# Training is ``from clipforge.train import train`` (a function here named ``train`` would be replaced by
+# the ``clipforge.train`` subpackage as soon as anything imports it).
+__all__ = ["__version__", "load_model"]
