@@ -245,11 +245,14 @@ def read_local(path: str, root: str | None, cap: int, missing: str) -> bytes | N
         raise SkipSample("file_too_large", f"{printable(path)}: {st.st_size} bytes > cap {cap}")
     try:
         with open(real, "rb") as f:
-            data = f.read(cap + 1)
+            data = f.read(st.st_size + 1)  # not cap + 1: read(n) allocates n bytes up front
     except OSError as e:
         raise SkipSample(missing, f"{type(e).__name__}: {e}") from None
-    if len(data) > cap:
-        raise SkipSample("file_too_large", f"{printable(path)}: > cap {cap} bytes")
+    if len(data) > st.st_size:  # grew after stat: read no further than the cap
+        with open(real, "rb") as f:
+            data = f.read(cap + 1)
+        if len(data) > cap:
+            raise SkipSample("file_too_large", f"{printable(path)}: > cap {cap} bytes")
     return data
 
 

@@ -230,7 +230,7 @@ def iter_tar_samples(
                     current = None
                 if compressed:
                     allowed = max(limits.max_inflate_bytes, limits.max_inflate_ratio * counted.nread)
-                    if member.offset_data + max(member.size, 0) > allowed:
+                    if tf.offset > allowed:  # where the next header starts, in inflated bytes
                         raise _Bomb(
                             f"compressed shard would inflate past {int(allowed)} bytes "
                             f"({counted.nread} compressed bytes read; member {printable(member.name)} "
