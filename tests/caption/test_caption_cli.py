@@ -112,6 +112,10 @@ def test_run_writes_side_table_counts_bad_and_resumes(slices, trained, tmp_path,
     assert len(t) == 6 and all(r["caption_synthetic"] and r["caption_original"] for r in t)
     assert {"clip_score_original", "clip_score_synthetic", "decoding", "scoring_model"} <= set(t[0])
     assert t[0]["decoding"].startswith("beam w=3")
+    rc, s = cli([*args, "--decode.num-candidates", "3", "--output", str(tmp_path / "k3")], capsys)
+    assert rc == 0
+    for r in pq.read_table(tmp_path / "k3" / "captions" / "test.parquet").to_pylist():
+        assert len(r["caption_candidates"]) == 3 and r["caption_synthetic"] in r["caption_candidates"]
     rc, s = cli([*args, "--resume"], capsys)
     assert rc == 0 and s["shards_skipped_resume"] == 1 and s["shards_done"] == 0
     rc, s = cli(args, capsys)

@@ -136,3 +136,20 @@ def test_options_are_checked():
         DecodeOptions(method="nucleus").validate()
     with pytest.raises(ValueError):
         DecodeOptions(min_len=5, max_len=5).validate()
+
+
+@pytest.mark.parametrize("method", ["beam", "sample"])
+def test_candidates_first_is_the_single_caption(memorized, method):
+    from clipforge.caption.decoding import generate_candidates
+
+    model, _, cond, ids = memorized
+    noisy = cond + 0.8 * torch.randn(cond.shape, generator=torch.Generator().manual_seed(3))
+    opts = DecodeOptions(method=method, beam_width=3, num_candidates=3, seed=4)
+    cands, scores = generate_candidates(model, noisy, opts, ids)
+    single, _ = generate(model, noisy, DecodeOptions(method=method, beam_width=3, seed=4), ids)
+    assert [c[0] for c in cands] == single and all(len(c) == 3 for c in cands)
+    if method == "beam":
+        assert all(s == sorted(s, reverse=True) for s in scores)  # best first
+        assert all(len({tuple(x) for x in c}) == 3 for c in cands)  # distinct hypotheses
+    with pytest.raises(ValueError):
+        DecodeOptions(method="greedy", num_candidates=2).validate()

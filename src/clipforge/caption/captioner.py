@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clipforge.caption.decoder import CaptionDecoder, load_decoder, save_decoder
-from clipforge.caption.decoding import DecodeOptions, SpecialIds, generate
+from clipforge.caption.decoding import DecodeOptions, SpecialIds, generate_candidates
 from clipforge.caption.vocab import CaptionVocab
 
 
@@ -111,16 +111,24 @@ class Captioner:
             out.append(F.normalize(w @ mem, dim=-1))
         return torch.cat(out)
 
-    def caption(
+    def candidates(
         self, cond: torch.Tensor, opts: DecodeOptions, decap_temperature: float | None = None
-    ) -> tuple[list[str], list[float]]:
-        """Condition vectors [N, C] -> (captions, decoder scores)."""
+    ) -> tuple[list[list[str]], list[list[float]]]:
+        """Condition vectors [N, C] -> ``opts.num_candidates`` captions per row (best first), scores."""
         if self.mode == "text-only":
             t = self.meta.get("decap_temperature") if decap_temperature is None else decap_temperature
             cond = self.project(cond, t)
             cond = F.normalize(cond.float(), dim=-1)
-        seqs, scores = generate(self.decoder, cond.float(), opts, self.ids)
-        return [self.vocab.decode(s) for s in seqs], scores
+        seqs, scores = generate_candidates(self.decoder, cond.float(), opts, self.ids)
+        return [[self.vocab.decode(s) for s in row] for row in seqs], scores
+
+    def caption(
+        self, cond: torch.Tensor, opts: DecodeOptions, decap_temperature: float | None = None
+    ) -> tuple[list[str], list[float]]:
+        """Condition vectors [N, C] -> (captions, decoder scores): one caption per row."""
+        opts = DecodeOptions(**{**opts.__dict__, "num_candidates": 1})
+        texts, scores = self.candidates(cond, opts, decap_temperature)
+        return [t[0] for t in texts], [s[0] for s in scores]
 
     def caption_images(
         self, encoder: Any, images: list[Any], opts: DecodeOptions, decap_temperature: float | None = None

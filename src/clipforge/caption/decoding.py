@@ -41,6 +41,9 @@ class DecodeOptions:
     allow_unk: bool = field(default=False, metadata={"help": "let the decoder produce [UNK]"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     batch_size: int = field(default=64, metadata={"help": "inputs decoded together"})
+    num_candidates: int = field(
+        default=1, metadata={"help": "captions per input (beam: n best hypotheses <= width; sample: n draws)"}
+    )
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +54,10 @@ class DecodeOptions:
             raise ConfigError(f"min_len {self.min_len} must be in [0, max_len {self.max_len})")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ConfigError("temperature must be > 0, top_p in (0, 1], top_k >= 0")
+        if self.num_candidates < 1 or (self.method == "greedy" and self.num_candidates > 1):
+            raise ConfigError("num_candidates must be >= 1, and 1 for greedy decoding")
+        if self.method == "beam" and self.num_candidates > self.beam_width:
+            raise ConfigError(f"num_candidates {self.num_candidates} > beam_width {self.beam_width}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram < 0:
             raise ConfigError("repetition_penalty must be > 0 and no_repeat_ngram >= 0")
 
@@ -63,6 +70,8 @@ class DecodeOptions:
             parts += [f"t={self.temperature:g}", f"k={self.top_k}", f"p={self.top_p:g}", f"seed={self.seed}"]
         parts += [f"rep={self.repetition_penalty:g}", f"ngram={self.no_repeat_ngram}"]
         parts += [f"len={self.min_len}-{self.max_len}"]
+        if self.num_candidates > 1:
+            parts.append(f"n={self.num_candidates}")
         return " ".join(parts)
 
 
@@ -155,7 +164,7 @@ def _strip(seq: list[int], ids: SpecialIds) -> list[int]:
 
 def _beam(
     model: CaptionDecoder, cond: torch.Tensor, opts: DecodeOptions, ids: SpecialIds
-) -> tuple[list[list[int]], list[float]]:
+) -> tuple[list[list[list[int]]], list[list[float]]]:
     b, w, alpha = cond.shape[0], opts.beam_width, opts.length_penalty
     dev = cond.device
     logits, cache = model.start(cond, ids.bos)
@@ -214,36 +223,53 @@ def _beam(
                 s = float(scores[i, k])
                 if s != float("-inf"):
                     hyps.append((norm(s, seqs.shape[1]), seqs[i * w + k].tolist()))
-        best = max(hyps, key=lambda h: h[0]) if hyps else (float("-inf"), [])
-        out.append(_strip(best[1], ids))
-        out_scores.append(best[0])
+        hyps.sort(key=lambda h: -h[0])
+        hyps = hyps[: opts.num_candidates] or [(float("-inf"), [])]
+        out.append([_strip(h[1], ids) for h in hyps])
+        out_scores.append([h[0] for h in hyps])
     return out, out_scores
 
 
 @torch.inference_mode()
-def generate(
+def generate_candidates(
     model: CaptionDecoder, cond: torch.Tensor, opts: DecodeOptions, ids: SpecialIds
-) -> tuple[list[list[int]], list[float]]:
-    """Word ids (no BOS/EOS) and a score (sum of log-probs; length-normalized for beam) per row."""
+) -> tuple[list[list[list[int]]], list[list[float]]]:
+    """``num_candidates`` captions per row, best first (beam: the n best hypotheses; sampling: n draws
+    with seeds ``seed``, ``seed + 1``, ...), and their scores."""
     opts.validate()
     opts = DecodeOptions(**{**opts.__dict__, "max_len": min(opts.max_len, model.cfg.max_len - 1)})
     was_training = model.training
     model.eval()
-    seqs: list[list[int]] = []
-    scores: list[float] = []
+    seqs: list[list[list[int]]] = []
+    scores: list[list[float]] = []
     try:
         for s in range(0, cond.shape[0], opts.batch_size):
             chunk = cond[s : s + opts.batch_size]
             if opts.method == "beam":
                 a, b = _beam(model, chunk, opts, ids)
             else:
-                gen = torch.Generator(device=chunk.device).manual_seed(opts.seed + s)
-                a, b = _greedy_or_sample(model, chunk, opts, ids, gen)
+                a, b = [[] for _ in range(len(chunk))], [[] for _ in range(len(chunk))]
+                for j in range(opts.num_candidates):
+                    gen = torch.Generator(device=chunk.device).manual_seed(opts.seed + j * 1_000_003 + s)
+                    x, y = _greedy_or_sample(model, chunk, opts, ids, gen)
+                    for r in range(len(chunk)):
+                        a[r].append(x[r])
+                        b[r].append(y[r])
             seqs += a
             scores += b
     finally:
         model.train(was_training)
     return seqs, scores
+
+
+def generate(
+    model: CaptionDecoder, cond: torch.Tensor, opts: DecodeOptions, ids: SpecialIds
+) -> tuple[list[list[int]], list[float]]:
+    """Word ids (no BOS/EOS) and a score (sum of log-probs; length-normalized for beam) per row: the
+    first candidate of :func:`generate_candidates`."""
+    opts = DecodeOptions(**{**opts.__dict__, "num_candidates": 1})
+    seqs, scores = generate_candidates(model, cond, opts, ids)
+    return [c[0] for c in seqs], [c[0] for c in scores]
 
 
 def ngram_repeats(seq: list[int], n: int) -> int:

@@ -107,24 +107,41 @@ def recaption_shard(
     prep = RunPrepare(encoder.preprocess)
     c = shard_conditions(encoder, [url], kind, batch_size=cfg.batch_size, workers=cfg.workers, prepare=prep,
                          fields=(), decode=DecodeConfig(image=True, caption=False))  # fmt: skip
-    texts, dec_scores = cap.caption(c.cond, cfg.decode, cfg.decap_temperature)
+    cands, cand_scores = cap.candidates(c.cond, cfg.decode, cfg.decap_temperature)
     originals = [str(x) for x in c.fields.get("caption", [""] * len(c))]
+    img = None
+    if scorer is not None:
+        if scorer is encoder and kind == "embedding":
+            img = c.cond.numpy()
+        else:
+            sc = shard_conditions(scorer, [url], "embedding", batch_size=cfg.batch_size, workers=cfg.workers,
+                                  prepare=RunPrepare(scorer.preprocess), fields=(),
+                                  decode=DecodeConfig(image=True, caption=False))  # fmt: skip
+            pos = {k: i for i, k in enumerate(sc.keys)}
+            missing = [k for k in c.keys if k not in pos]
+            if missing:
+                raise ValueError(
+                    f"the scoring model could not read {len(missing)} samples, e.g. {missing[0]}"
+                )
+            img = sc.cond.numpy()[[pos[k] for k in c.keys]]
+    chosen = [0] * len(c)
+    if img is not None and cfg.decode.num_candidates > 1:  # the candidate the scoring model likes best
+        flat = [t for row in cands for t in row]
+        rep = np.repeat(np.arange(len(c)), [len(row) for row in cands])
+        s = np.array([-1.0 if v is None else v for v in _scores(scorer, img[rep], flat)])
+        offs = np.cumsum([0, *(len(row) for row in cands)])
+        chosen = [int(np.argmax(s[offs[i] : offs[i + 1]])) for i in range(len(c))]
+    texts = [row[j] for row, j in zip(cands, chosen)]
     rows: dict[str, list[Any]] = {
         "key": c.keys,
         "shard": [shard_name(url)] * len(c),
         "caption_original": originals,
         "caption_synthetic": texts,
-        "decoder_score": [float(s) for s in dec_scores],
+        "decoder_score": [float(cs[j]) for cs, j in zip(cand_scores, chosen)],
     }
-    if scorer is not None:
-        if scorer is encoder and kind == "embedding":
-            img = c.cond.numpy()
-        else:
-            img = shard_conditions(scorer, [url], "embedding", batch_size=cfg.batch_size, workers=cfg.workers,
-                                   prepare=RunPrepare(scorer.preprocess), fields=(),
-                                   decode=DecodeConfig(image=True, caption=False))  # fmt: skip
-            pos = {k: i for i, k in enumerate(img.keys)}
-            img = img.cond.numpy()[[pos[k] for k in c.keys]]
+    if cfg.decode.num_candidates > 1:
+        rows["caption_candidates"] = cands
+    if img is not None:
         rows["clip_score_original"] = _scores(scorer, img, originals)
         rows["clip_score_synthetic"] = _scores(scorer, img, texts)
     decoding = cfg.decode.describe()
