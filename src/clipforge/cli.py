@@ -11,6 +11,7 @@ import sys
 STAGES = [
     ("data", "clipforge.data.cli"),
     ("curate", "clipforge.curate.cli"),
+    ("caption", "clipforge.caption.cli"),
     ("train", "clipforge.train.cli"),
     ("eval", "clipforge.evaluate.cli"),
     ("index", "clipforge.index.cli"),
