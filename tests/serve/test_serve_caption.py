@@ -200,10 +200,10 @@ def test_image_checks_like_the_other_uploads(caption_url):
         assert h.get("/health").status_code == 200
 
 
-def test_without_captioner_caption_is_a_clear_501(client, server_url):
+def test_without_captioner_caption_is_a_clear_404(client, server_url):
     with httpx.Client(base_url=server_url, timeout=30) as h:
         r = _post(h, _jpeg("red"))
-        assert r.status_code == 501
+        assert r.status_code == 404
         assert r.json()["error"] == "captioning_off" and "--captioner" in r.json()["detail"]
         assert h.get("/health").json()["captioning"]["enabled"] is False
 

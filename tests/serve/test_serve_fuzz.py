@@ -335,6 +335,69 @@ def test_lone_surrogates_are_400_not_500(client, server_url):
         assert h.get("/health").status_code == 200
 
 
+CAPTION_VALUES = NUMBERS + STRINGS + ["greedy", "beam", "sample", "3", "0.9", "1e999", "nan", "-0", " 2 "]
+
+
+def caption_fields(r: random.Random) -> dict[str, Any]:
+    """Decoding options for /caption: mostly valid values, some out of range, some of the wrong type."""
+    valid: dict[str, Any] = {
+        "strategy": r.choice(["greedy", "beam", "sample"]),
+        "beam_width": r.randint(1, 8),
+        "length_penalty": r.choice([0, 0.5, 1, 2]),
+        "max_length": r.randint(1, 15),
+        "min_length": r.randint(0, 3),
+        "temperature": r.choice([0.5, 1, 3, 100]),
+        "top_k": r.choice([0, 1, 5, 1000]),
+        "top_p": r.choice([0.1, 0.9, 1]),
+        "repetition_penalty": r.choice([0.5, 1, 2]),
+        "no_repeat_ngram": r.randint(0, 4),
+        "seed": r.randint(0, 2**32 - 1),
+        "num_captions": r.randint(1, 5),
+    }
+    out = {}
+    for name in r.sample(sorted(valid), r.randint(0, len(valid))):
+        out[name] = valid[name] if r.random() < 0.7 else r.choice(CAPTION_VALUES + [None, [1], {"a": 1}])
+    if r.random() < 0.1:
+        out[r.choice(["beams", "strategy ", "file2", "Seed"])] = "1"
+    return out
+
+
+def caption_request(r: random.Random) -> tuple[str, str, dict[str, Any]]:
+    """One random /caption request: multipart with options, JSON bodies, broken bodies."""
+    pick = r.randrange(6)
+    opts = caption_fields(r)
+    if pick <= 2:  # a good image with random options: these reach the model thread
+        data = {k: form_value(str(v)) for k, v in opts.items()}
+        return "POST", "/caption", {"data": data, "files": {"file": ("a.png", SMALL_PNG, "image/png")}}
+    if pick == 3:
+        kw = multipart(r, "/caption")
+        if "data" in kw and r.random() < 0.5:
+            kw["data"] = {**kw["data"], **{k: form_value(str(v)) for k, v in opts.items()}}
+        return "POST", "/caption", kw
+    if pick == 4:
+        body = r.choice([{"url": url(r), **opts}, opts, value(r), {"url": value(r), **opts}])
+        return "POST", "/caption", as_json(body)
+    ctype = r.choice(["application/json", "text/plain", "", "multipart/form-data"])
+    return "POST", "/caption", {"content": raw_json(r), "headers": {"content-type": ctype}}
+
+
+def test_fuzz_caption(caption_url, server_url):
+    """/caption with random decoding options, images and bodies: answered, 4xx with a code, in time; a
+    server without a captioner answers every /caption with 404 captioning_off."""
+    out = fuzz(caption_url, max(N // 2, 50), SEED + 2, caption_request)
+    print(f"\ncaption fuzz: {out['statuses']} slowest={out['slowest_s']:.3f}s total={out['total_s']:.1f}s")
+    assert not out["failures"], out["failures"][:20]
+    assert out["healthy"] and out["statuses"].get(200, 0) > 10  # many requests reached the decoder
+    with httpx.Client(base_url=caption_url) as h:
+        r = h.post("/caption", data={"strategy": "greedy"}, files={"file": ("a.png", SMALL_PNG)})
+        assert r.status_code == 200 and r.json()["captions"]
+        stats = h.get("/health").json()["stats"]["caption"]
+        assert stats["items"] >= out["statuses"][200]
+    off = fuzz(server_url, 30, SEED + 3, caption_request)
+    assert not off["failures"], off["failures"][:20]
+    assert set(off["statuses"]) <= {400, 404, 413, 415, 422}
+
+
 @pytest.mark.parametrize("seed", [SEED + 100])
 def test_fuzz_is_reproducible(seed):
     a = [request(random.Random(seed)) for _ in range(1)]

@@ -361,8 +361,8 @@ class CaptionRequest(BaseModel):
 
 def need_captioner(service: ClipService) -> None:
     if service.captioner is None:
-        raise ApiError(
-            501,
+        raise ApiError(  # 404 like no_index: a client asking for what this server does not serve
+            404,
             "captioning_off",
             "captioning is off: this server was started without --captioner DIR (see GET /health)",
         )
