@@ -1,6 +1,6 @@
 """Caption-stage benchmark on flickr8k: a paired captioner trained on a CPU budget, scored on the test split.
 
-1. ``caption train --mode paired`` on flickr8k train (6,000 images x 5 captions) with frozen
+1. ``caption train --mode paired`` (optionally on a decoder-training CPU budget) on flickr8k train (6,000 images x 5 captions) with frozen
    multiscale EfficientNet-Lite0 features (the locked-tower feature cache), scored on flickr8k test
    every ``--eval-every`` steps (greedy, BLEU-4 / CIDEr-D): the curve of BLEU-4 vs decoder-training
    CPU minutes (OUTPUT/bleu4_vs_cpu.png).
@@ -10,7 +10,8 @@
 3. Decoding throughput: greedy and beam-3 captions/s, batched (64) vs one by one.
 4. A caption grid (OUTPUT/caption_grid.png): test images with the generated and a reference caption.
 
-    python benchmarks/bench_caption.py [--epochs 6] [--threads 1] [--output runs/bench_caption] [--json]
+    python benchmarks/bench_caption.py [--epochs 6 | --cpu-budget 12 --epochs 20] [--threads 1]
+        [--output runs/bench_caption] [--json]
 
 CPU time is ``time.process_time()`` of the training process (all its threads); note what else was
 running on the machine next to the figures.
@@ -40,6 +41,7 @@ DEFAULT_DATA = Path(os.environ.get("CLIPFORGE_SHARED_DATA", REPO.parent / "share
 def throughput(cap: Captioner, cond: torch.Tensor, opts: DecodeOptions) -> dict[str, float]:
     """Captions/s batched (opts.batch_size) and one by one, on the same conditions."""
     out = {}
+    cap.caption(cond[:4], opts)  # warm-up
     for name, bs in (("batched", opts.batch_size), ("one_by_one", 1)):
         o = DecodeOptions(**{**opts.__dict__, "batch_size": bs})
         n = cond.shape[0] if bs > 1 else min(cond.shape[0], 64)
@@ -112,6 +114,13 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=6.0)
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument(
+        "--cpu-budget",
+        type=float,
+        default=None,
+        help="decoder-training CPU minutes (cosine over the budget; --epochs is then an upper bound)",
+    )
+    p.add_argument("--curve-images", type=int, default=500, help="test images scored at each curve point")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
@@ -124,6 +133,9 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true", help="reuse OUTPUT/train")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    from clipforge.runtime import setup_process
+
+    setup_process(a.threads)
     out = Path(a.output)
     from clipforge.config import parse_kv
 
@@ -137,7 +149,8 @@ def main() -> None:
         "data": [train], "output": str(out / "train"), "mode": "paired",
         "model": a.model, "model_opts": model_opts,
         "decoder": {"prefix_len": 4, "layers": layers, "width": width, "heads": heads, "dropout": 0.1},
-        "min_count": a.min_count, "epochs": a.epochs, "max_steps": a.max_steps, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
+        "min_count": a.min_count, "epochs": a.epochs, "max_steps": a.max_steps,
+        "cpu_budget_minutes": a.cpu_budget, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
         "label_smoothing": 0.1, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
         "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "feature_cache": a.feature_cache,
         "cache_dir": str(out / "feature_cache"),
@@ -154,12 +167,13 @@ def main() -> None:
     }
     for name, opts in (("greedy", DecodeOptions(method="greedy")), ("beam3", DecodeOptions(method="beam"))):
         r = evaluate_captioning(cap_dir, test, scoring_model="none", decode=opts, baselines=name == "greedy",
+                                train_data=None if name == "greedy" else [], encoder=a.model,  # baselines once
                                 workers=a.workers, cache_dir=out / "feature_cache")  # fmt: skip
         results[f"eval_{name}"] = r
         if name == "greedy":
             caption_grid(test, r["samples"], out / "caption_grid.png")
     cap = Captioner.load(cap_dir)
-    cond = shard_conditions(cap.load_encoder(), test, cap.condition, workers=a.workers).cond[:256]
+    cond = shard_conditions(cap.load_encoder(a.model), test, cap.condition, workers=a.workers).cond[:256]
     results["throughput"] = {
         "greedy": throughput(cap, cond, DecodeOptions(method="greedy")),
         "beam3": throughput(cap, cond, DecodeOptions(method="beam")),
