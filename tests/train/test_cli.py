@@ -159,14 +159,22 @@ def test_every_old_flag_still_works():
 
 
 def test_every_field_has_a_flag_with_help():
-    from dataclasses import fields
+    from dataclasses import fields, is_dataclass
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers())
     sub = p._subparsers._group_actions[0].choices["train"]
     dests = {a.dest: a for a in sub._actions}
-    for f in fields(TrainConfig):
-        assert f.name in dests and dests[f.name].help, f.name
+
+    def check(cls, prefix=""):
+        for f in fields(cls):
+            if is_dataclass(f.default_factory if callable(f.default_factory) else None):
+                check(f.default_factory, f"{prefix}{f.name}.")  # nested config: one flag per sub-field
+                continue
+            assert prefix + f.name in dests and dests[prefix + f.name].help, prefix + f.name
+
+    check(TrainConfig)
+    assert "caption.width" in dests
 
 
 def test_unknown_model_option_fails_before_training(tmp_path, capsys):

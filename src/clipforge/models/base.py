@@ -104,6 +104,19 @@ class ClipModel(nn.Module):
             self.logit_bias,
         )
 
+    # -- captioning (a model trained with --loss coca) ---------------------------------------
+    def caption(self, images: list[Any], options: Any = None) -> list[str]:
+        """PIL images -> one caption each, through the CoCa decoder saved with this model.
+
+        ``options``: a :class:`clipforge.caption.decoding.DecodeOptions` (default: its defaults).
+        """
+        captioner = getattr(self, "captioner", None)
+        if captioner is None:
+            raise ValueError(f"model {self.config.spec} has no captioner (train it with --loss coca)")
+        from clipforge.caption.decoding import DecodeOptions
+
+        return captioner.caption_images(self, list(images), options or DecodeOptions())
+
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files) atomically into ``directory``.

@@ -12,7 +12,7 @@ from typing import Any
 
 from clipforge.config import ConfigError, check_keys
 from clipforge.models.base import ClipModel
-from clipforge.models.io import load_weights, read_saved
+from clipforge.models.io import CAPTIONER, load_weights, read_saved
 from clipforge.models.registry import SAVED, get_backend
 from clipforge.models.spec import ModelSpec, parse_spec
 from clipforge.models.tokenizer import Tokenizer
@@ -69,6 +69,10 @@ def load_saved(directory: str | Path) -> ClipModel:
     config, tokenizer, partial = read_saved(directory)
     model = construct(config, tokenizer=tokenizer, pretrained=partial)
     load_weights(model, directory, partial)
+    if (Path(directory) / CAPTIONER).is_dir():  # trained with --loss coca: it captions too
+        from clipforge.caption.captioner import Captioner
+
+        model.captioner = Captioner.load(Path(directory) / CAPTIONER)
     return model.eval()
 
 

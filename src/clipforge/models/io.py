@@ -28,6 +28,7 @@ from clipforge.models.tokenizer import Tokenizer
 from clipforge.models.types import CONFIG, ModelConfig, read_config
 
 WEIGHTS = "model.safetensors"
+CAPTIONER = "captioner"  # optional subdir: a clipforge.caption.captioner.Captioner reading this model
 
 
 def _state_for_saving(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -67,6 +68,9 @@ def save_model(model: nn.Module, directory: str | Path, trainable_only: bool = F
         tok = getattr(model, "tokenizer", None)
         if isinstance(tok, Tokenizer):
             tok.save(tmp / "tokenizer")
+        captioner = getattr(model, "captioner", None)  # a CoCa decoder (train --loss coca) rides along
+        if captioner is not None:
+            captioner.save(tmp / CAPTIONER)
         old = None
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{os.getpid()}.tmp"  # a stale one is cleaned

@@ -23,6 +23,45 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 
 
 @dataclass
+class CaptionConfig:
+    """The CoCa captioning decoder trained beside the contrastive loss (``loss: coca``).
+
+    Shape knobs are :class:`clipforge.caption.decoder.DecoderConfig`'s; the vocabulary is built from the
+    training captions before step 0 (:func:`clipforge.caption.vocab.build_vocab`).
+    """
+
+    condition: str = _f(
+        "auto",
+        "what the decoder reads: features (pooled frozen image features; locked tower), embedding (the "
+        "image embedding, so caption gradients reach the image head), auto: features when locked",
+        choices=["auto", "features", "embedding"],
+    )
+    prefix_len: int = _f(4, "learned prefix vectors per image")
+    width: int = _f(256, "decoder width")
+    layers: int = _f(4, "decoder transformer blocks")
+    heads: int = _f(4, "decoder attention heads")
+    max_len: int = _f(32, "caption tokens incl. BOS/EOS (longer captions are cut)")
+    dropout: float = _f(0.1, "decoder dropout")
+    label_smoothing: float = _f(0.1, "label smoothing of the caption cross-entropy")
+    vocab_min_count: int = _f(5, "caption vocabulary: words seen at least this often")
+    vocab_max_size: int | None = _f(None, "caption vocabulary: at most this many entries")
+    lr_scale: float = _f(1.0, "decoder learning rate = lr x this")
+
+    def validate(self) -> None:
+        if self.condition not in ("auto", "features", "embedding"):
+            raise ConfigError(
+                f"caption.condition must be auto, features or embedding, got {self.condition!r}"
+            )
+        if self.vocab_min_count < 1 or self.lr_scale <= 0 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError("caption: vocab_min_count >= 1, lr_scale > 0, label_smoothing in [0, 1)")
+        if self.max_len < 3:
+            raise ConfigError("caption.max_len must be >= 3 (BOS, a word, EOS)")
+
+
+LOSSES = ("clip", "siglip", "coca")
+
+
+@dataclass
 class TrainConfig:
     model: str = _f(
         "scratch:vit-tiny",
@@ -43,7 +82,11 @@ class TrainConfig:
     betas: tuple[float, float] = _f((0.9, 0.98), "AdamW betas")
     eps: float = _f(1e-6, "AdamW eps")
     grad_clip: float | None = _f(1.0, "max global grad norm (0 or none = off)")
-    loss: str = _f("clip", "contrastive loss", choices=["clip", "siglip"])
+    loss: str = _f(
+        "clip", "contrastive loss; coca: clip + a captioning decoder (see caption.*)", choices=list(LOSSES)
+    )
+    caption_weight: float = _f(2.0, "coca: loss = contrastive + this x caption cross-entropy (open_clip: 2)")
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
     local_loss: bool = _f(True, "each rank scores its rows against all gathered columns")
     multi_positive: int = _f(0, "K > 1: K captions per image in a batch, all positives")
     precision: str = _f("fp32", "autocast precision", choices=["fp32", "bf16"])
@@ -91,8 +134,13 @@ class TrainConfig:
             self.grad_clip = None
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError("give exactly one of steps or epochs")
-        if self.loss not in ("clip", "siglip"):
-            raise ConfigError(f"loss must be clip or siglip, got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if isinstance(self.caption, dict):
+            self.caption = from_dict(CaptionConfig, self.caption, "train config.caption")
+        self.caption.validate()
+        if self.caption_weight < 0:
+            raise ConfigError("caption_weight must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.accum < 1 or self.batch_size < 1:
@@ -135,5 +183,11 @@ RESUME_MAY_CHANGE = (
 
 
 def check_resume_config(path: str | Path, cfg: TrainConfig) -> None:
-    """The run at ``path`` (its config.yaml) must have trained what ``cfg`` continues."""
-    check_run_config(path, cfg, ignore=RESUME_MAY_CHANGE)
+    """The run at ``path`` (its config.yaml) must have trained what ``cfg`` continues.
+
+    The caption settings matter only to a ``coca`` run: a clip/siglip run written before they existed
+    resumes."""
+    ignore = list(RESUME_MAY_CHANGE)
+    if cfg.loss != "coca":
+        ignore += ["caption_weight", "caption", *(f"caption.{k}" for k in to_dict(CaptionConfig()))]
+    check_run_config(path, cfg, ignore=ignore)

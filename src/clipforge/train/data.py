@@ -186,6 +186,7 @@ class StreamingBatches:
         k = len(b["texts"][0])
         out = {
             "keys": list(b["key"]),
+            "captions": [ts[0] for ts in b["texts"]],  # one per image (the CoCa decoder's target)
             "image": {"pixels": b["pixels"]},
             "text": dict(self.tokenize(texts)),
             "image_cached": False,
@@ -253,6 +254,7 @@ class CachedBatches:
         cap_rows = torch.stack([(first + j) % ncap for j in range(self.k)], 1)  # [per, k] caption index
         out: dict[str, Any] = {
             "keys": [self.data.keys[i] for i in idx.tolist()],
+            "captions": [self.data.captions[i][int(r[0])] for i, r in zip(idx.tolist(), cap_rows)],
             "epoch": epoch,
             "image": self.data.image_rows(idx),
             "image_cached": True,

@@ -31,6 +31,7 @@ from clipforge.data.shards import expand_shards
 from clipforge.models import load_model
 from clipforge.models.base import ClipModel
 from clipforge.train import checkpoint as ckpt
+from clipforge.train import coca as coca_mod
 from clipforge.train.cache import load_or_build_cache
 from clipforge.train.config import TrainConfig, check_resume_config
 from clipforge.train.data import CachedBatches, StreamingBatches, TrainSampleMap, count_samples
@@ -163,7 +164,7 @@ class Trainer:
         self.embed = (forward_image, forward_text)
         if cfg.compile:
             self.embed = (torch.compile(forward_image), torch.compile(forward_text))
-        self.loss_fn = build_loss(cfg.loss, cfg.local_loss)
+        self.loss_fn = build_loss("clip" if cfg.loss == "coca" else cfg.loss, cfg.local_loss)
         self.report = BadSampleReport()
         self.urls = expand_shards(cfg.data)
         if not self.urls:
@@ -180,8 +181,16 @@ class Trainer:
         self.total = (
             int(cfg.steps) if cfg.steps else max(int(cfg.epochs * self.n_samples) // cfg.batch_size, 1)
         )
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.wd, tuple(cfg.betas), cfg.eps)
+        self.coca = self._setup_coca() if cfg.loss == "coca" else None
+        self.optimizer = build_optimizer(
+            self.model, cfg.lr, cfg.wd, tuple(cfg.betas), cfg.eps,
+            lr_scales={coca_mod.ATTR: cfg.caption.lr_scale} if self.coca else None,
+        )  # fmt: skip
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        dec = coca_mod.decoder_of(self.model)
+        dec_ids = {id(p) for p in dec.parameters()} if dec is not None else set()
+        self.dec_params = [p for p in self.trainable if id(p) in dec_ids]  # clipped apart from the rest
+        self.clip_params = [p for p in self.trainable if id(p) not in dec_ids]
         self.step_no, state = self._resume()
         if not self.cached:  # after the RNG restore: the DataLoader draws its seed from it
             self.source = self._streaming_source(state.get("data", {}))
@@ -286,6 +295,30 @@ class Trainer:
             loader_batches=per_rank[self.rank] if self.rank < len(per_rank) else 0,
         )
 
+    def _setup_coca(self) -> coca_mod.CocaHead:
+        """The caption vocabulary (from the training captions) and the decoder, attached to the model."""
+        cfg, model = self.cfg, self.model
+        if self.fsdp:
+            raise ValueError("loss=coca does not support fsdp yet (the decoder would be replicated)")
+        all_caps = cfg.caption_field == "captions"
+        cached_data = self.source.data if self.cached else None
+        condition = coca_mod.resolve_condition(cfg.caption.condition, model)
+
+        def captions() -> list[str]:
+            if cached_data is not None:
+                return [c for caps in cached_data.captions for c in (caps if all_caps else caps[:1])]
+            return coca_mod.shard_captions(self.urls, all_caps)
+
+        vocab = coca_mod.load_or_build_vocab(self.out, captions, cfg.caption, cfg.resume, self.dist.main)
+        dim = coca_mod.condition_dim(model, condition, cached_data.image if cached_data is not None else None)
+        decoder = coca_mod.build_decoder(cfg.caption, len(vocab), dim, cfg.seed)
+        model.add_module(coca_mod.ATTR, decoder.to(self.device))
+        log.info(
+            "coca: %s-conditioned decoder, %.2fM parameters, vocabulary %d, caption_weight %g",
+            condition, decoder.num_params() / 1e6, len(vocab), cfg.caption_weight,
+        )  # fmt: skip
+        return coca_mod.CocaHead(vocab, condition, cfg.caption, cfg.caption_weight)
+
     # -- resume ---------------------------------------------------------------------------------
     def _resume(self) -> tuple[int, dict[str, Any]]:
         """(step, checkpoint state) of the latest checkpoint when resuming, else (0, {})."""
@@ -311,18 +344,29 @@ class Trainer:
         cfg, model = self.cfg, self.model
         lr = lr_at(self.step_no, cfg.lr, cfg.warmup, self.total, cfg.min_lr_ratio)
         set_lr(self.optimizer, lr)
+        if self.coca is not None:
+            batch["caption_tokens"] = self.coca.tokens(batch["captions"])
         batch = _to(batch, self.device)
         set_train_mode(model)
         self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
         loss = forward_backward(
-            model, self.loss_fn, batch, cfg.accum, self.device, cfg.precision, embed=self.embed
-        )
+            model, self.loss_fn, batch, cfg.accum, self.device, cfg.precision, embed=self.embed,
+            coca=self.coca, stats=stats,
+        )  # fmt: skip
         all_reduce_grads(self.trainable, self.world)
-        gnorm = clip_grad(self.trainable, cfg.grad_clip)
+        gnorm = clip_grad(self.clip_params, cfg.grad_clip)
+        dec_gnorm = clip_grad(self.dec_params, cfg.grad_clip) if self.coca is not None else None
         self.optimizer.step()
         self.step_no += 1
         self.seen += cfg.batch_size
         self.loss_v = mean_across(float(loss), self.world, self.device)
+        extra: dict[str, float] = {}
+        if self.coca is not None:
+            cap = mean_across(stats["caption_loss"], self.world, self.device)
+            extra = {"contrastive_loss": self.loss_v, "caption_loss": cap, "caption_grad_norm": dec_gnorm}
+            self.loss_v = self.loss_v + self.coca.weight * cap
+            self.cap_v = cap
         if self.cached:
             epoch = batch.get("epoch", self.step_no // max(self.steps_per_epoch, 1))
         else:
@@ -335,6 +379,7 @@ class Trainer:
             "grad_norm": gnorm,
             "scale": float(model.logit_scale.detach().exp()),
             "samples_per_s": self.seen / max(time.perf_counter() - self.t0, 1e-9),
+            **extra,
         }
 
     # -- save -----------------------------------------------------------------------------------
@@ -412,6 +457,7 @@ class Trainer:
         if self.total > 0:
             self.last_ckpt = self.save()
         self.metrics.close()
+        decoder = coca_mod.detach_decoder(self.model)  # the model dir holds a plain CLIP model ...
         model = self.model
         if self.fsdp:  # every rank's caller gets the trained weights, unsharded, on the model's own device
             self.user_model.load_state_dict(
@@ -433,8 +479,17 @@ class Trainer:
             "cache_dir": str(self.cache_dir) if self.cache_dir else None,
             "bad_samples": self.report.to_dict()["counts"],
         }
+        if self.coca is not None and decoder is not None:  # ... and the decoder beside it
+            result["caption_loss"] = getattr(self, "cap_v", float("nan"))
+            result["caption_vocab"] = len(self.coca.vocab)
+            run = {"data": self.cfg.data, "steps": self.step_no, "caption_weight": self.cfg.caption_weight}
+            self.user_model.captioner = self.coca.captioner(model, decoder.cpu(), run)
+            if model is not self.user_model:
+                model.captioner = self.user_model.captioner
         if self.dist.main:
             result["model_dir"] = str(model.save(out / "model"))
+            if self.coca is not None and not (out / "model" / coca_mod.CAPTIONER_DIR).is_dir():
+                coca_mod.save_captioner(model.captioner, out / "model")  # a model whose save() is its own
             self.report.save(out / "bad_samples.json")
             png = plot_curves(out / "metrics.jsonl", out / "curves.png")
             result["metrics"] = str(out / "metrics.jsonl")

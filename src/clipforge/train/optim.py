@@ -25,16 +25,28 @@ def wants_decay(name: str, param: torch.Tensor, owner: nn.Module | None = None) 
     return not ("embed" in leaf or leaf.startswith("logit_") or "norm" in leaf)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """Decay / no-decay groups; ``lr_scales``: submodule name -> lr multiplier (its own groups, after)."""
     owners = {}
     for mname, mod in model.named_modules():
         for pname, _ in mod.named_parameters(recurse=False):
             owners[f"{mname}.{pname}" if mname else pname] = mod
-    decay, no_decay = [], []
+    scales = dict(lr_scales or {})
+    by_scale: dict[str | None, tuple[list, list]] = {None: ([], [])}
     for name, p in model.named_parameters():
         if p.requires_grad:
+            sub = name.split(".", 1)[0]
+            decay, no_decay = by_scale.setdefault(sub if sub in scales else None, ([], []))
             (decay if wants_decay(name, p, owners.get(name)) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for sub, (decay, no_decay) in by_scale.items():
+        extra = {} if sub is None else {"lr_scale": float(scales[sub])}
+        groups += [
+            {"params": decay, "weight_decay": weight_decay, **extra},
+            {"params": no_decay, "weight_decay": 0.0, **extra},
+        ]
     return [g for g in groups if g["params"]]
 
 
@@ -44,8 +56,9 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
+    lr_scales: dict[str, float] | None = None,
 ) -> torch.optim.AdamW:
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, lr_scales)
     if not groups:
         raise ValueError("the model has no trainable parameters (all towers locked and no heads?)")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
@@ -61,7 +74,7 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_lr_ratio: floa
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def clip_grad(params: Iterable[torch.Tensor], max_norm: float | None) -> float:

@@ -85,22 +85,36 @@ def forward_backward(
     device: torch.device | None = None,
     precision: str = "fp32",
     embed: tuple[Callable, Callable] | None = None,
+    coca: Any = None,
+    stats: dict[str, float] | None = None,
 ) -> torch.Tensor:
-    """Accumulate the full-batch loss gradient into ``model``'s ``.grad``; return the (local) loss.
+    """Accumulate the full-batch loss gradient into ``model``'s ``.grad``; return the (local) contrastive loss.
 
     ``embed``: the (image, text) embedding functions, e.g. torch.compile'd versions of the defaults.
+    ``coca``: a :class:`~clipforge.train.coca.CocaHead`: ``coca.weight`` x its caption loss on
+    ``batch["caption_tokens"]`` (one caption per image) is added; its value goes to ``stats["caption_loss"]``.
+    The caption loss is a per-image mean, so with GradCache each micro-batch adds its share of it in
+    pass 3 (weighted by its share of the target tokens): the gradient is still the full batch's.
     """
     device = device or torch.device("cpu")
     embed_images, embed_texts = embed or (_embed_images, _embed_texts)
     ic, tc = bool(batch.get("image_cached")), bool(batch.get("text_cached"))
     ids = (batch.get("img_ids"), batch.get("txt_ids"))
+    tokens = batch.get("caption_tokens") if coca is not None else None
     if accum <= 1:
         with autocast(precision, device):
             img = embed_images(model, batch["image"], ic)
             txt = embed_texts(model, batch["text"], tc)
         scale, bias = scale_and_bias(model)
         loss = loss_fn(img, txt, scale, bias, *ids)
-        loss.backward()
+        total = loss
+        if tokens is not None:
+            with autocast(precision, device):
+                cap = coca.loss(model, batch["image"], ic, img, tokens)
+            total = loss + coca.weight * cap
+            if stats is not None:
+                stats["caption_loss"] = float(cap.detach())
+        total.backward()
         return loss.detach()
 
     img_parts = split_features(batch["image"], accum)
@@ -123,11 +137,22 @@ def forward_backward(
     after = _rng_state()
     img_grads = torch.split(img_all.grad, [e.shape[0] for e in img_embs])
     txt_grads = torch.split(txt_all.grad, [e.shape[0] for e in txt_embs])
-    for part, st, g in zip(img_parts, img_rng, img_grads):  # pass 3: re-forward with grad
+    tok_parts = torch.tensor_split(tokens, accum) if tokens is not None else [None] * accum
+    n_targets = max(coca.n_targets(tokens), 1) if tokens is not None else 1
+    cap_total = 0.0
+    for part, st, g, tp in zip(img_parts, img_rng, img_grads, tok_parts):  # pass 3: re-forward with grad
         _set_rng_state(st)
         with autocast(precision, device):
             emb = embed_images(model, part, ic)
-        (emb.float() * g).sum().backward()
+        out = (emb.float() * g).sum()
+        if tp is not None and len(tp):
+            with autocast(precision, device):
+                cap = coca.loss(model, part, ic, emb, tp) * (coca.n_targets(tp) / n_targets)
+            out = out + coca.weight * cap
+            cap_total += float(cap.detach())
+        out.backward()
+    if tokens is not None and stats is not None:
+        stats["caption_loss"] = cap_total
     for part, st, g in zip(txt_parts, txt_rng, txt_grads):
         _set_rng_state(st)
         with autocast(precision, device):

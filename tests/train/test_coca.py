@@ -1,0 +1,178 @@
+"""`clipforge train --loss coca`: contrastive + captioning decoder on the same batches, one model dir that
+embeds and captions, exact resume, both losses in metrics.jsonl, strict nested config."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from clipforge.caption.decoding import DecodeOptions
+from clipforge.config import ConfigError
+from clipforge.train import train
+from clipforge.train.cli import config_from_args, register
+from clipforge.train.config import TrainConfig
+from clipforge.train.hooks import TrainHooks
+from clipforge.train.loop import fit
+from conftest import write_slice
+
+SMALL_DECODER = {"vocab_min_count": 2, "width": 32, "layers": 1, "heads": 2, "prefix_len": 2, "dropout": 0.0}
+
+
+def _cfg(out: Path, **kw) -> dict:
+    base = {
+        "output": str(out),
+        "steps": 12,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "workers": 0,
+        "progress": False,
+        "tensorboard": False,
+        "threads": 1,
+        "loss": "coca",
+        "caption": dict(SMALL_DECODER),
+    }
+    return {**base, **kw}
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _images(shard: str, n: int) -> list[Image.Image]:
+    out = []
+    with tarfile.open(shard) as tf:
+        for m in tf:
+            if m.name.endswith(".jpg"):
+                out.append(Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB"))
+            if len(out) == n:
+                break
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@pytest.fixture
+def shards(flickr_test_shard, tmp_path) -> list[str]:
+    return write_slice(flickr_test_shard, tmp_path / "s", 2, 8, corrupt=False)
+
+
+def test_coca_trains_both_losses_and_the_saved_dir_embeds_and_captions(shards, tmp_path):
+    from clipforge.models import load_model
+
+    model = load_model("scratch:vit-nano")
+    out = tmp_path / "run"
+    fit(model, shards, _cfg(out, steps=16))
+    rows = _rows(out)
+    assert {"loss", "contrastive_loss", "caption_loss", "caption_grad_norm"} <= set(rows[0])
+    for col in ("contrastive_loss", "caption_loss"):
+        first, last = _mean([r[col] for r in rows[:3]]), _mean([r[col] for r in rows[-3:]])
+        assert last < first, (col, first, last)
+    r = rows[-1]
+    assert r["loss"] == pytest.approx(r["contrastive_loss"] + 2.0 * r["caption_loss"], rel=1e-5)
+    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "caption_vocab.json").is_file()
+
+    model_dir = out / "model"
+    assert (model_dir / "captioner" / "vocab.json").is_file()
+    loaded = load_model(model_dir)
+    assert not any(k.startswith("caption_decoder") for k in load_file(str(model_dir / "model.safetensors")))
+    pixels = torch.randn(3, 3, 64, 64)
+    tokens = model.tokenize(["a dog runs", "two people", "a red car"])
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model.encode_image(pixels), loaded.encode_image(pixels))
+        assert torch.equal(model.encode_text(tokens), loaded.encode_text(tokens))
+    imgs = _images(shards[0], 4)
+    greedy = DecodeOptions(method="greedy")
+    caps = model.caption(imgs, greedy)
+    assert caps == loaded.caption(imgs, greedy)
+    assert len(caps) == 4 and all(c.strip() for c in caps)
+    assert loaded.captioner.meta["coca"] and loaded.captioner.condition == "embedding"
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_at(n: int) -> TrainHooks:
+    def hook(step: int) -> None:
+        if step == n:
+            raise _Crash(f"killed at step {n}")
+
+    return TrainHooks(on_step_end=hook)
+
+
+@pytest.mark.parametrize(
+    "model,opts,mode",
+    [
+        ("py:tiny_model:make_tiny", {"lock_image": 1, "lock_text": 1}, "cached"),
+        ("scratch:vit-nano", {}, "streaming"),
+    ],
+)
+def test_coca_resume_reproduces_the_same_losses(model, opts, mode, shards, tmp_path):
+    kw = {"model": model, "model_opts": opts, "data": shards, "steps": 8, "save_every": 3}
+    ref = train(_cfg(tmp_path / "ref", **kw))
+    assert ref["mode"] == mode
+    with pytest.raises(_Crash):
+        train(_cfg(tmp_path / "cut", **kw), _crash_at(5))
+    resumed = train(_cfg(tmp_path / "cut", resume=True, **kw))
+    assert resumed["steps"] == 8
+    cols = ("step", "loss", "contrastive_loss", "caption_loss")
+    assert [[r[c] for c in cols] for r in _rows(tmp_path / "cut")] == [
+        [r[c] for c in cols] for r in _rows(tmp_path / "ref")
+    ]
+    for name in ("checkpoints/step-0000008/model.safetensors",):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and any(k.startswith("caption_decoder.") for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_coca_on_a_locked_tower_leaves_the_contrastive_side_as_a_clip_run(shards, tmp_path):
+    """features condition: the decoder reads cached frozen features, so the heads train exactly as
+    with --loss clip (own init seed, own grad clipping) while the decoder learns to caption."""
+    kw = {"model": "py:tiny_model:make_tiny", "model_opts": {"lock_image": 1, "lock_text": 1}, "data": shards}
+    coca = train(_cfg(tmp_path / "coca", **kw))
+    clip = train(_cfg(tmp_path / "clip", **{**kw, "loss": "clip"}))
+    assert coca["mode"] == clip["mode"] == "cached"
+    assert [r["contrastive_loss"] for r in _rows(tmp_path / "coca")] == [
+        r["loss"] for r in _rows(tmp_path / "clip")
+    ]
+    a = load_file(str(tmp_path / "coca" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "clip" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cap = json.loads((tmp_path / "coca" / "model" / "captioner" / "config.json").read_text())
+    assert cap["encoder"]["condition"] == "features"
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    return p.parse_args(["train", *argv])
+
+
+def test_coca_config_is_strict_and_has_flags(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'width'"):
+        TrainConfig.from_any({"loss": "coca", "data": ["a.tar"], "steps": 1, "caption": {"widht": 64}})
+    bad = tmp_path / "cfg.yaml"
+    bad.write_text(yaml.safe_dump({"loss": "coca", "data": ["a.tar"], "steps": 1, "caption": {"layrs": 2}}))
+    with pytest.raises(ConfigError, match="did you mean 'layers'"):
+        config_from_args(_parse(["--config", str(bad)]))
+    cfg = config_from_args(
+        _parse(["--data", "a.tar", "--steps", "1", "--loss", "coca", "--caption-weight", "1.5",
+                "--caption.width", "64", "--caption.condition", "embedding"])
+    )  # fmt: skip
+    assert cfg.caption_weight == 1.5 and cfg.caption.width == 64 and cfg.caption.condition == "embedding"
+    assert TrainConfig.from_any({"data": ["a.tar"], "steps": 1}).caption_weight == 2.0
+    with pytest.raises(ConfigError, match="caption.condition"):
+        TrainConfig.from_any({"data": ["a.tar"], "steps": 1, "caption": {"condition": "pixels"}})
