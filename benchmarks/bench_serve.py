@@ -11,7 +11,11 @@
 4. malformed requests (empty text, k out of range, garbage image, path traversal, bad JSON, huge
    body...) must all get 4xx, and ``/health`` must still answer afterwards;
 5. classify throughput (cifar10 label set, image uploads) with micro-batching on, then again on a
-   server started with ``--no-batching``.
+   server started with ``--no-batching``;
+6. with ``--captioner DIR``: ``POST /caption`` throughput (captions/s) for greedy and beam-3 on
+   flickr8k test images, batching on vs off (``--caption-only`` skips the index and steps 1-5):
+
+    python benchmarks/bench_serve.py --captioner runs/captioner --caption-only --json
 
 The load generator shares the machine with the server: on a 2-core box its own CPU use (a few
 hundred microseconds per request) is part of the cost. Figures on a shared machine are noisy.
@@ -80,10 +84,11 @@ def ensure_index(args: argparse.Namespace) -> Path:
 class Server:
     """``clipforge serve`` in a subprocess on 127.0.0.1; stopped with SIGINT (uvicorn's clean shutdown)."""
 
-    def __init__(self, args: argparse.Namespace, index: Path, extra: list[str]) -> None:
+    def __init__(self, args: argparse.Namespace, index: Path | None, extra: list[str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "clipforge.cli", "serve", args.model, "--index", str(index)]
+        cmd = [sys.executable, "-m", "clipforge.cli", "serve", args.model]
+        cmd += ["--index", str(index)] if index is not None else []
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
@@ -369,6 +374,38 @@ async def _chunks(mib: int):
         yield b"0" * (1 << 20)
 
 
+def caption_phases(args: argparse.Namespace) -> dict:
+    """captions/s of greedy and beam-3 over HTTP, micro-batching on vs off (same images, same requests)."""
+    test = [str(DATA / "flickr8k" / "test-*.tar")]
+    images = sample_images(test, max(8, args.caption_requests))
+    out: dict = {"captioner": args.captioner, "images": len(images)}
+    strategies = {"greedy": {"strategy": "greedy"}, "beam3": {"strategy": "beam", "beam_width": "3"}}
+    for batching in ("batched", "unbatched"):
+        extra = ["--captioner", args.captioner] + (["--no-batching"] if batching == "unbatched" else [])
+        srv = Server(args, None, extra)
+        try:
+            for name, opts in strategies.items():
+
+                def req(c: httpx.AsyncClient, i: int, opts=opts):
+                    fname, data = images[i % len(images)]
+                    return c.post("/caption", files={"file": (fname, data)}, data=opts)
+
+                asyncio.run(run_load(srv.url, req, 4, 2, 60))  # warm-up
+                res = measured(
+                    srv,
+                    lambda req=req, srv=srv: asyncio.run(
+                        run_load(srv.url, req, args.caption_requests, args.caption_concurrency, args.duration)
+                    ),
+                )
+                res["captions_per_s"] = res.pop("qps")
+                out[f"{name}_{batching}"] = res
+                log(f"caption {name} ({batching}): {res}")
+            out[f"stats_{batching}"] = httpx.get(srv.url + "/health").json()["stats"]["caption"]
+        finally:
+            srv.stop()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="towers:efficientnet-lite0+minilm-l6")
@@ -388,11 +425,31 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="server torch threads")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="server --precision")
     p.add_argument("--skip-no-batching", action="store_true")
+    p.add_argument("--captioner", default=None, help="captioner dir: also measure POST /caption")
+    p.add_argument("--caption-only", action="store_true", help="with --captioner: only the caption phases")
+    p.add_argument("--caption-requests", type=int, default=64, help="requests per caption phase")
+    p.add_argument("--caption-concurrency", type=int, default=16)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
     from clipforge.utils import emit_json, format_table, write_json
 
+    if args.caption_only:
+        if not args.captioner:
+            p.error("--caption-only needs --captioner DIR")
+        results = {"model": args.model, "caption": caption_phases(args)}
+        results["cpu_count"] = os.cpu_count()
+        results["loadavg_after"] = os.getloadavg()
+        write_json(Path(args.work) / "bench_serve_caption.json", results)
+        if args.json:
+            emit_json(results)
+        else:
+            print(caption_table(results["caption"]))
+        return (
+            0
+            if all(v.get("errors", 0) == 0 for v in results["caption"].values() if isinstance(v, dict))
+            else 1
+        )
     ensure_model(args)
     index = ensure_index(args)
     queries = captions(index, args.requests)
@@ -442,6 +499,8 @@ def main() -> int:
             log(f"search (batching off): {results['search_unbatched']}")
         finally:
             srv.stop()
+    if args.captioner:
+        results["caption"] = caption_phases(args)
     results["cpu_count"] = os.cpu_count()
     results["loadavg_after"] = os.getloadavg()
     write_json(Path(args.work) / "bench_serve.json", results)
@@ -481,12 +540,25 @@ def main() -> int:
         if "precision_agreement" in results:
             print(f"precision vs fp32: {results['precision_agreement']}")
         print(f"malformed: {m['requests']} requests -> {m['status']}, healthy after: {m['healthy_after']}")
+        if "caption" in results:
+            print(caption_table(results["caption"]))
     ok = (
         results["search"]["errors"] == 0
         and not results["malformed"]["not_4xx"]
         and results["malformed"]["healthy_after"]
     )
     return 0 if ok else 1
+
+
+def caption_table(res: dict) -> str:
+    from clipforge.utils import format_table
+
+    rows = []
+    for k, r in res.items():
+        if isinstance(r, dict) and "captions_per_s" in r:
+            rows.append([k, r["requests"], r["captions_per_s"], r["p50_ms"], r["p99_ms"], r["errors"],
+                         r["server_cpu_ms_per_req"]])  # fmt: skip
+    return format_table(rows, ["phase", "requests", "captions/s", "p50_ms", "p99_ms", "errors", "srv_cpu_ms"])
 
 
 if __name__ == "__main__":

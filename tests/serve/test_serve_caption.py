@@ -280,3 +280,16 @@ def test_openapi_documents_caption(caption_url):
     assert "beam_width" in body["multipart/form-data"]["schema"]["properties"]
     assert "url" in body["application/json"]["schema"]["properties"]
     assert "$ref" not in json.dumps(body)
+
+
+def test_client_caption(caption_url):
+    from clipforge.serve import Client, ClientError
+
+    with Client(caption_url) as c:
+        out = c.caption(_jpeg("red"), strategy="greedy")
+        assert out["caption"] == "a red square" and out["settings"]["strategy"] == "greedy"
+        with pytest.raises(ClientError) as e:
+            c.caption(_jpeg("red"), beam_width=99)
+        assert e.value.status == 400 and e.value.code == "bad_option"
+        with pytest.raises(ValueError):
+            c.caption()

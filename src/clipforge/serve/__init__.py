@@ -1,4 +1,5 @@
-"""Serve a model (and optionally an index) over HTTP: search, zero-shot classification, embeddings.
+"""Serve a model (and optionally an index, a captioner) over HTTP: search, zero-shot classification,
+embeddings and captions (``POST /caption`` with ``--captioner DIR``).
 
 ``Client`` needs only httpx; ``create_app`` / ``ClipService`` need the ``serve`` extra (fastapi, uvicorn).
 """
