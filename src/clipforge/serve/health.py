@@ -36,7 +36,10 @@ def _index_view(service: ClipService, full: bool) -> dict[str, Any] | None:
 def _captioning_view(service: ClipService, full: bool) -> dict[str, Any]:
     cfg, cap = service.cfg, service.captioner
     if cap is None:
-        return {"enabled": False, "detail": "started without --captioner DIR: POST /caption answers 404 captioning_off"}
+        return {
+            "enabled": False,
+            "detail": "started without --captioner DIR: POST /caption answers 404 captioning_off",
+        }
     enc = cap.meta.get("encoder", {})
     where = cfg.captioner or "(in memory)"
     return {
