@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="bf16", help="decoder training: fp32 | bf16 | auto")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=False,
                    help="build the locked-tower feature cache (also ~30k MiniLM caption passes) instead of "
@@ -150,7 +151,7 @@ def main() -> None:
         "model": a.model, "model_opts": model_opts,
         "decoder": {"prefix_len": 4, "layers": layers, "width": width, "heads": heads, "dropout": 0.1},
         "min_count": a.min_count, "epochs": a.epochs, "max_steps": a.max_steps,
-        "cpu_budget_minutes": a.cpu_budget, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
+        "cpu_budget_minutes": a.cpu_budget, "precision": a.precision, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
         "label_smoothing": 0.1, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
         "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "feature_cache": a.feature_cache,
         "cache_dir": str(out / "feature_cache"),

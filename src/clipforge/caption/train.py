@@ -37,6 +37,7 @@ from clipforge.caption.decoding import DecodeOptions
 from clipforge.caption.features import training_set
 from clipforge.caption.vocab import CaptionVocab, build_vocab
 from clipforge.config import ConfigError, check_run_config, from_dict, to_dict, write_run_config
+from clipforge.models.encode import autocast
 from clipforge.utils import prepare_output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,14 @@ class CaptionTrainConfig:
     eval_every: int = field(default=0, metadata={"help": "steps between eval_data scores (0: end only)"})
     eval_limit: int = field(default=1000, metadata={"help": "images of eval_data scored"})
     decode: DecodeOptions = field(default_factory=lambda: DecodeOptions(method="greedy"))
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32 | bf16 | auto: bf16 autocast of the decoder (1.5x less CPU per step on "
+            "AVX512-BF16 CPUs; weights and optimizer stay fp32)",
+            "choices": ("fp32", "bf16", "auto"),
+        },
+    )
     seed: int = 0
     threads: int | None = None
     workers: int = 1
@@ -313,7 +322,8 @@ def train_captioner(
         else:
             lr = lr_by_fraction(step, train_cpu() / budget, cfg)
         set_lr(opt, lr)
-        loss = caption_loss(model, cond, tokens, vocab.pad_id, cfg.label_smoothing)
+        with autocast(cfg.precision):
+            loss = caption_loss(model, cond, tokens, vocab.pad_id, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_grad(model.parameters(), cfg.grad_clip)
