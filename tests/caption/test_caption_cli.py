@@ -149,11 +149,13 @@ def test_eval_reports_metrics_and_baselines(slices, trained, tmp_path, capsys, m
     assert json.loads((tmp_path / "res.json").read_text())["results"][0]["task"] == "captioning"
 
 
-def test_text_only_mode_stores_memory_and_projects(slices, tmp_path, capsys):
+@pytest.mark.parametrize("cache", ["--feature-cache", "--no-feature-cache"])
+def test_text_only_mode_stores_memory_and_projects(slices, tmp_path, capsys, cache):
     out = tmp_path / "textonly"
     rc, s = cli(["train", "--mode", "text-only", "--data", *slices[0], "--output", str(out), *TINY, *DECODER,
-                 *STEPS, "--max-steps", "10", "--decap-temperature", "0.05"], capsys)  # fmt: skip
+                 *STEPS, "--max-steps", "10", "--decap-temperature", "0.05", cache], capsys)  # fmt: skip
     assert rc == 0 and s["condition"] == "embedding" and s["mode"] == "text-only"
+    assert (s["feature_cache"] is None) == (cache == "--no-feature-cache")
     cap = Captioner.load(out / "captioner")
     assert cap.memory is not None and cap.memory.shape[0] == 24 * 5  # every training caption
     rc, r = cli(["run", "--captioner", str(out / "captioner"), "--data", slices[1], "--output",
