@@ -99,6 +99,11 @@ def test_coca_trains_both_losses_and_the_saved_dir_embeds_and_captions(shards, t
     assert caps == loaded.caption(imgs, greedy)
     assert len(caps) == 4 and all(c.strip() for c in caps)
     assert loaded.captioner.meta["coca"] and loaded.captioner.condition == "embedding"
+    # caption run / eval read MODEL_DIR/captioner as any captioner: its encoder is the model dir
+    from clipforge.caption.captioner import Captioner
+
+    cap = Captioner.load(model_dir / "captioner")
+    assert cap.caption_images(cap.load_encoder(), imgs, greedy) == caps
 
 
 class _Crash(RuntimeError):

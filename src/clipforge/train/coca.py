@@ -150,14 +150,18 @@ class CocaHead:
     def n_targets(self, tokens: torch.Tensor) -> int:
         return int((tokens[:, 1:] != self.vocab.pad_id).sum())
 
-    def captioner(self, model: ClipModel, decoder: CaptionDecoder, run: dict[str, Any]) -> Captioner:
-        """A :class:`Captioner` whose encoder is the model dir it is saved in (``model: ".."``)."""
+    def captioner(
+        self, model: ClipModel, decoder: CaptionDecoder, run: dict[str, Any], model_dir: str | Path
+    ) -> Captioner:
+        """A :class:`Captioner` whose encoder is the model dir it is saved in (``MODEL_DIR/captioner``):
+        ``model`` names that dir (absolute, for ``caption run/eval`` as they are); ``in_model_dir`` says
+        the encoder is the captioner dir's parent, wherever the pair is moved."""
         meta = {
             "mode": "paired",
             "coca": True,
             "encoder": {
-                "model": "..",
-                "model_relative": True,  # relative to the captioner dir: the model dir it lives in
+                "model": str(Path(model_dir).resolve()),
+                "in_model_dir": True,
                 "model_opts": {},
                 "condition": self.condition,
                 "fingerprint": encoder_fingerprint(model, self.condition),

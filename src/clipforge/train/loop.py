@@ -483,13 +483,13 @@ class Trainer:
             result["caption_loss"] = getattr(self, "cap_v", float("nan"))
             result["caption_vocab"] = len(self.coca.vocab)
             run = {"data": self.cfg.data, "steps": self.step_no, "caption_weight": self.cfg.caption_weight}
-            self.user_model.captioner = self.coca.captioner(model, decoder.cpu(), run)
+            self.user_model.captioner = self.coca.captioner(model, decoder.cpu(), run, out / "model")
             if model is not self.user_model:
                 model.captioner = self.user_model.captioner
         if self.dist.main:
             result["model_dir"] = str(model.save(out / "model"))
-            if self.coca is not None and not (out / "model" / coca_mod.CAPTIONER_DIR).is_dir():
-                coca_mod.save_captioner(model.captioner, out / "model")  # a model whose save() is its own
+            if self.coca is not None:  # (again: a model's own save() may not write it, or leave an old one)
+                coca_mod.save_captioner(model.captioner, out / "model")
             self.report.save(out / "bad_samples.json")
             png = plot_curves(out / "metrics.jsonl", out / "curves.png")
             result["metrics"] = str(out / "metrics.jsonl")
