@@ -130,7 +130,7 @@ def captioner_dir(tmp_path_factory, tiny_captioner) -> Path:
     return tiny_captioner.save(tmp_path_factory.mktemp("captioner") / "cap")
 
 
-def make_caption_server(model, captioner, index_dir=None, **cfg):
+def _make_caption_server(model, captioner, index_dir=None, **cfg):
     from clipforge.index import ClipIndex
     from clipforge.serve.app import create_app
     from clipforge.serve.server import ServerThread
@@ -142,7 +142,37 @@ def make_caption_server(model, captioner, index_dir=None, **cfg):
 
 @pytest.fixture(scope="module")
 def caption_url(tiny_model_serve, tiny_captioner):
-    with make_caption_server(
+    with _make_caption_server(
         tiny_model_serve, tiny_captioner, max_upload_bytes=200_000, max_image_pixels=1_000_000
     ) as url:
         yield url
+
+
+# Test modules get these through fixtures, not `from conftest import`: several test dirs have a conftest.py,
+# and in one pytest session the module name "conftest" may be another dir's.
+@pytest.fixture(scope="session")
+def make_caption_server():
+    """make_caption_server(model, captioner, index_dir=None, **ServeConfig fields) -> ServerThread."""
+    return _make_caption_server
+
+
+@pytest.fixture(scope="session")
+def captioner_trainer():
+    """train_tiny_captioner(model, steps=150) -> Captioner (colour -> "a <colour> square")."""
+    return train_tiny_captioner
+
+
+@pytest.fixture(scope="session")
+def colour_jpeg():
+    """colour_jpeg("red", seed=7) -> JPEG bytes of a noisy square of that colour; .captions: the targets."""
+
+    def make(name: str, seed: int = 7) -> bytes:
+        return fixtures._jpeg(fixtures.COLORS[name], seed)
+
+    make.captions = CAPTIONS
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_class():
+    return fixtures.TinyClip

@@ -119,17 +119,15 @@ def test_page_search_and_classify(server_factory, tmp_path, tiny_model_serve, ti
 
 @pytest.mark.slow
 def test_page_shows_the_caption_under_an_uploaded_image(
-    tmp_path, tiny_model_serve, tiny_captioner, sample_jpeg
+    tmp_path, tiny_model_serve, tiny_captioner, sample_jpeg, colour_jpeg, make_caption_server, server_factory
 ):
     """With --captioner, choosing an image shows its generated caption under the preview; a second
     image replaces it; without a captioner no caption line appears (and nothing fails)."""
     from selenium.webdriver.common.by import By
 
-    from conftest import fixtures, make_caption_server, make_server
-
     red, blue = tmp_path / "red.jpg", tmp_path / "blue.jpg"
     red.write_bytes(sample_jpeg)  # the first sample of the b shard: a red square
-    blue.write_bytes(fixtures._jpeg(fixtures.COLORS["blue"], 5))
+    blue.write_bytes(colour_jpeg("blue", 5))
     shots = Path(os.environ.get("CLIPFORGE_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     driver = _driver(tmp_path)
@@ -151,7 +149,7 @@ def test_page_shows_the_caption_under_an_uploaded_image(
             driver.save_screenshot(str(shots / "clipforge-caption.png"))
             driver.find_element(By.ID, "file").send_keys(str(blue))
             _wait(lambda: cap.text == "a blue square", what="the blue square's caption")
-        with make_server(tiny_model_serve, None) as url:
+        with server_factory(tiny_model_serve, None) as url:
             driver.get(url + "/")
             _wait(lambda: "no index" in driver.find_element(By.ID, "info").text, what="health info")
             assert "captions on" not in driver.find_element(By.ID, "info").text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sys
 
 import httpx
 import pytest
@@ -16,7 +17,11 @@ import torch
 from PIL import Image
 
 from clipforge.data.decode import decode_image
-from conftest import CAPTIONS, fixtures, make_caption_server, train_tiny_captioner
+
+CAPTIONS = {"red": "a red square", "green": "a green square", "blue": "a blue square"}
+
+
+fixtures = sys.modules["clipforge_index_test_fixtures"]  # the index tests' helpers, loaded by conftest.py
 
 
 def _jpeg(name: str, seed: int = 7) -> bytes:
@@ -53,7 +58,9 @@ def test_default_is_beam_and_settings_are_reported(caption_url):
     assert s["describe"].startswith("beam w=3")
 
 
-def test_greedy_and_beam_are_deterministic_and_batch_independent(tiny_model_serve, tiny_captioner):
+def test_greedy_and_beam_are_deterministic_and_batch_independent(
+    make_caption_server, tiny_model_serve, tiny_captioner
+):
     """The same image gives the same caption alone and inside a micro-batch with other requests."""
     imgs = [_jpeg(n, seed) for seed in (3, 4) for n in ("red", "green", "blue")]
     with make_caption_server(tiny_model_serve, tiny_captioner, max_wait_ms=300.0, max_batch=32) as url:
@@ -81,7 +88,7 @@ def test_greedy_and_beam_are_deterministic_and_batch_independent(tiny_model_serv
     assert stats["max_batch_seen"] > 1  # the concurrent requests really shared model calls
 
 
-def test_sampling_same_seed_same_captions(tiny_model_serve, tiny_captioner):
+def test_sampling_same_seed_same_captions(make_caption_server, tiny_model_serve, tiny_captioner):
     img = _jpeg("green")
     opts = {"strategy": "sample", "seed": 5, "num_captions": 4, "temperature": 3.0}
     with make_caption_server(tiny_model_serve, tiny_captioner, max_wait_ms=200.0) as url:
@@ -142,7 +149,7 @@ def test_options_out_of_bounds_are_400(caption_url, opts, match):
     assert body["error"] in ("bad_option", "unknown_field") and re.search(match, body["detail"]), body
 
 
-def test_server_limits_are_flags(tiny_model_serve, tiny_captioner):
+def test_server_limits_are_flags(make_caption_server, tiny_model_serve, tiny_captioner):
     cfg = {"max_caption_beams": 2, "max_caption_length": 6, "max_captions": 2}
     with make_caption_server(tiny_model_serve, tiny_captioner, **cfg) as url:
         with httpx.Client(base_url=url, timeout=30) as h:
@@ -170,7 +177,7 @@ def test_json_body_with_options(caption_url):
         assert r.status_code == 400 and r.json()["error"] == "bad_json"
 
 
-def test_image_urls_use_the_safe_fetch_path(tiny_model_serve, tiny_captioner):
+def test_image_urls_use_the_safe_fetch_path(make_caption_server, tiny_model_serve, tiny_captioner):
     with make_caption_server(
         tiny_model_serve, tiny_captioner, allow_image_urls=True, url_timeout_s=2.0
     ) as url:
@@ -208,10 +215,10 @@ def test_without_captioner_caption_is_a_clear_404(client, server_url):
         assert h.get("/health").json()["captioning"]["enabled"] is False
 
 
-def test_fingerprint_mismatch_is_refused(tiny_captioner, captioner_dir):
+def test_fingerprint_mismatch_is_refused(tiny_captioner, captioner_dir, tiny_clip_class, captioner_trainer):
     from clipforge.serve.service import ClipService, ServeConfig
 
-    other = fixtures.TinyClip().eval()
+    other = tiny_clip_class().eval()
     with torch.no_grad():
         other.img.weight.add_(0.01)  # same class, config and shapes; other weights
     with pytest.raises(ValueError, match="fingerprint .* its captions would be meaningless"):
@@ -219,15 +226,15 @@ def test_fingerprint_mismatch_is_refused(tiny_captioner, captioner_dir):
     with pytest.raises(ValueError, match="fingerprint"):
         ClipService(other, None, captioner=tiny_captioner)
     with pytest.raises(ValueError, match="expects 32-d embeddings, the model gives 16-d"):
-        narrow = fixtures.TinyClip(dim=16).eval()
-        cap = train_tiny_captioner(fixtures.TinyClip().eval(), steps=0)
+        narrow = tiny_clip_class(dim=16).eval()
+        cap = captioner_trainer(tiny_clip_class().eval(), steps=0)
         cap.meta["encoder"]["fingerprint"] = __import__(
             "clipforge.caption.captioner", fromlist=["x"]
         ).encoder_fingerprint(narrow, "embedding")
         ClipService(narrow, None, captioner=cap)
 
 
-def test_cli_captioner_flag(monkeypatch, tiny_model_serve, captioner_dir, tmp_path):
+def test_cli_captioner_flag(monkeypatch, tiny_model_serve, captioner_dir, tmp_path, tiny_clip_class):
     import clipforge.models
     from clipforge.cli import build_parser, main
     from clipforge.serve.cli import make_service
@@ -248,7 +255,7 @@ def test_cli_captioner_flag(monkeypatch, tiny_model_serve, captioner_dir, tmp_pa
     svc = make_service(args)
     assert svc.captioner is not None and svc.cfg.max_caption_beams == 4 and svc.cfg.max_captions == 2
     assert main(["serve", "tiny", "--captioner", str(tmp_path / "missing")]) == 2
-    other = fixtures.TinyClip().eval()
+    other = tiny_clip_class().eval()
     with torch.no_grad():
         other.words.weight.mul_(2)
     monkeypatch.setattr(clipforge.models, "load_model", lambda spec, **kw: other)
