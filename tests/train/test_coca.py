@@ -181,3 +181,54 @@ def test_coca_config_is_strict_and_has_flags(tmp_path):
     assert TrainConfig.from_any({"data": ["a.tar"], "steps": 1}).caption_weight == 2.0
     with pytest.raises(ConfigError, match="caption.condition"):
         TrainConfig.from_any({"data": ["a.tar"], "steps": 1, "caption": {"condition": "pixels"}})
+
+
+@pytest.mark.parametrize("condition,lock", [("embedding", 0), ("features", 1)])
+def test_coca_gradcache_equals_full_batch(condition, lock):
+    """accum > 1: each micro-batch adds its token share of the caption loss in pass 3; the gradients
+    (contrastive and caption, decoder and image side) are the full batch's."""
+    from tiny_model import make_tiny
+
+    from clipforge.caption.vocab import build_vocab
+    from clipforge.train import coca
+    from clipforge.train.config import CaptionConfig
+    from clipforge.train.loss import ClipLoss
+    from clipforge.train.step import forward_backward
+
+    model = make_tiny(seed=3, lock_image=lock)
+    g = torch.Generator().manual_seed(1)
+    words = ["dog", "cat", "red", "ball", "grass", "runs", "a", "the", "man", "sky"]
+    texts = [
+        " ".join(words[int(i)] for i in torch.randint(0, 10, (2 + j % 5,), generator=g)) for j in range(12)
+    ]
+    ccfg = CaptionConfig(**{**SMALL_DECODER, "vocab_min_count": 1, "condition": condition})
+    head = coca.CocaHead(build_vocab(texts, min_count=1), condition, ccfg, 2.0)
+    model.add_module(
+        coca.ATTR, coca.build_decoder(ccfg, len(head.vocab), 16 if condition == "embedding" else 128, 0)
+    )
+    model.eval()
+    batch = {
+        "image": {"pixels": torch.randn(12, 3, 16, 16, generator=g)},
+        "text": dict(model.tokenize(texts)),
+        "caption_tokens": head.tokens(texts),
+    }
+
+    def grads(accum):
+        model.zero_grad(set_to_none=True)
+        stats = {}
+        loss = forward_backward(model, ClipLoss(), batch, accum, coca=head, stats=stats)
+        return (
+            loss.item(),
+            stats["caption_loss"],
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
+
+    loss1, cap1, full = grads(1)
+    assert any(n.startswith(coca.ATTR) for n in full)
+    assert ("img_proj.0.weight" in full) and (("conv.0.weight" in full) == (not lock))
+    for accum in (3, 4):
+        loss, cap, acc = grads(accum)
+        assert loss == pytest.approx(loss1, rel=1e-5) and cap == pytest.approx(cap1, rel=1e-5)
+        assert acc.keys() == full.keys()
+        for n in full:
+            torch.testing.assert_close(acc[n], full[n], rtol=1e-4, atol=1e-6, msg=n)
