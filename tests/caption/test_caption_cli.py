@@ -118,6 +118,7 @@ def test_run_writes_side_table_counts_bad_and_resumes(slices, trained, tmp_path,
         assert len(r["caption_candidates"]) == 3 and r["caption_synthetic"] in r["caption_candidates"]
     rc, s = cli([*args, "--resume"], capsys)
     assert rc == 0 and s["shards_skipped_resume"] == 1 and s["shards_done"] == 0
+    assert s["bad_samples"]["total"] == 1  # the resumed shard's bad sample still counts
     rc, s = cli(args, capsys)
     assert rc == 2 and "--overwrite" in s["error"]
     no_enc = [a for a in args if a not in ENC]

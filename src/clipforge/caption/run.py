@@ -3,6 +3,8 @@
     OUTPUT/captions/SHARD.parquet  key, shard, caption_original, caption_synthetic, decoder_score,
                                    clip_score_original, clip_score_synthetic (under ``scoring_model``),
                                    decoding, captioner
+    OUTPUT/captions/SHARD.bad.json the shard's bad samples (a resumed run still reports them)
+    OUTPUT/shards/SHARD-000.tar    with --write-shards: KEY.txt = synthetic caption, original in KEY.json
     OUTPUT/config.yaml             the run's settings (checked on --resume)
     OUTPUT/summary.json            counts, bad samples by reason and key, timings
 
@@ -13,6 +15,7 @@ whose image cannot be decoded are counted by reason and key, never silently drop
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -156,8 +159,6 @@ def recaption_shard(
 def write_recaptioned_shard(url: str, rows: dict[str, list[Any]], out_dir: Path) -> str:
     """A copy of the shard's captioned samples with ``KEY.txt`` = the synthetic caption and the original
     kept in ``KEY.json`` (``caption_original``, ``caption_synthetic``, ``decoding``)."""
-    import json
-
     from clipforge.data.reader import iter_tar_samples
     from clipforge.data.writer import ShardWriter
 
@@ -221,8 +222,11 @@ def run_captions(
     done = skipped = rows_total = 0
     for url, name in tqdm(list(zip(urls, names)), desc="caption run", unit="shard", disable=not progress):
         path = out / "captions" / f"{name.removesuffix('.tar')}.parquet"
-        if path.exists():
+        bad_path = path.with_suffix(".bad.json")
+        if path.exists():  # done by an earlier run: its bad samples still count in this summary
             skipped += 1
+            if bad_path.exists():
+                report.merge(json.loads(bad_path.read_text()))
             continue
         try:
             rows, bad = recaption_shard(url, cap, encoder, scorer, cfg, scorer_name)
@@ -230,6 +234,7 @@ def run_captions(
             report.add(name, "no_decodable_samples", str(e)[:300])
             continue
         report.merge(bad)
+        write_json(bad_path, bad.to_dict())
         if cfg.write_shards:  # before the table: the table marks the shard done for --resume
             write_recaptioned_shard(url, rows, out / "shards")
         _table(rows, path)
