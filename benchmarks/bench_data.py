@@ -8,6 +8,13 @@
    package's tar iterator, over the flickr8k train shards (page cache warmed first).
 
     python benchmarks/bench_data.py [--images 1000] [--procs 1,2] [--json]
+
+3. ``--decode-memory``: peak RSS of ``clipforge data ingest`` over a folder of COUNT PNGs of MP
+   megapixels with ``--workers W``, for each decode pixel budget in ``--budgets`` (MP;
+   ``CLIPFORGE_DECODE_BUDGET_MP``, 0 = off). ``--src DIR`` runs another checkout's ``src`` (the code
+   before the budget) for a before/after figure (issue 11.15).
+
+    python benchmarks/bench_data.py --decode-memory [--mp 50 --count 8 --workers 8 --budgets 0,100]
 """
 
 from __future__ import annotations
@@ -113,13 +120,89 @@ def read_mb_s(urls: list[str], how: str) -> float:
     return nbytes / 1e6 / (time.perf_counter() - t)
 
 
+def make_pngs(folder: Path, count: int, mp: float) -> None:
+    """COUNT RGB PNGs of ``mp`` megapixels (a compressible pattern: small files, full-size decodes)."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    w = int((mp * 1e6 * 3 / 2) ** 0.5)
+    h = int(mp * 1e6 / w)
+    yy, xx = np.indices((h, w), dtype=np.uint32)
+    for i in range(count):
+        arr = np.stack([(xx + i) % 256, (yy * 3) % 256, (xx ^ yy) % 256], axis=-1).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i}.png", compress_level=1)
+        (folder / f"img{i}.txt").write_text(f"pattern {i}")
+
+
+def ingest_peak_rss(folder: Path, out: Path, workers: int, budget_mp: float, src: str | None) -> dict:
+    """Run ``clipforge data ingest`` in a child process; its own peak RSS (wait4) and wall time."""
+    import subprocess
+
+    env = {**os.environ, "CLIPFORGE_DECODE_BUDGET_MP": str(budget_mp)}
+    if src:
+        env["PYTHONPATH"] = src
+    cmd = [sys.executable, "-m", "clipforge.cli", "data", "ingest", str(folder), "--output", str(out)]
+    cmd += ["--workers", str(workers), "--json"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    stdout = proc.stdout.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    written = None
+    if proc.returncode == 0:
+        import json
+
+        written = json.loads(stdout.decode().strip().splitlines()[-1])["written"]
+    return {
+        "budget_mp": budget_mp,
+        "src": src or "this checkout",
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "wall_s": time.monotonic() - t0,
+        "written": written,
+        "rc": proc.returncode,
+    }
+
+
+def decode_memory(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "pngs"
+        print(f"writing {args.count} PNGs of {args.mp} MP...", file=sys.stderr)
+        # in a spawned child: a parent that held the arrays would pass its RSS high-water mark to every
+        # forked ingest child (ru_maxrss counts the pages shared before exec)
+        maker = mp.get_context("spawn").Process(target=make_pngs, args=(folder, args.count, args.mp))
+        maker.start()
+        maker.join()
+        runs = []
+        for i, b in enumerate(float(x) for x in args.budgets.split(",")):
+            runs.append(ingest_peak_rss(folder, Path(tmp) / f"out{i}", args.workers, b, args.src))
+    rows = [
+        [r["src"], r["budget_mp"], f"{r['peak_rss_mb']:.0f}", f"{r['wall_s']:.1f}", r["written"]]
+        for r in runs
+    ]
+    out = sys.stderr if args.json else sys.stdout
+    print(format_table(rows, ["code", "budget MP", "peak RSS MB", "wall s", "written"]), file=out)
+    if args.json:
+        emit_json({"count": args.count, "mp": args.mp, "workers": args.workers, "runs": runs})
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--decode-memory", action="store_true", help="peak RSS of ingest over big PNGs only")
+    ap.add_argument("--mp", type=float, default=50.0, help="--decode-memory: megapixels per PNG")
+    ap.add_argument("--count", type=int, default=8, help="--decode-memory: number of PNGs")
+    ap.add_argument("--workers", type=int, default=8, help="--decode-memory: ingest --workers")
+    ap.add_argument("--budgets", default="0,100", help="--decode-memory: pixel budgets (MP) to compare")
+    ap.add_argument("--src", default=None, help="--decode-memory: PYTHONPATH of the code to measure")
     ap.add_argument("--data", default=str(DEFAULT_DATA / "flickr8k"), help="flickr8k shard directory")
     ap.add_argument("--images", type=int, default=1000, help="images per decode benchmark")
     ap.add_argument("--procs", default="1,2", help="process counts, comma-separated")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = ap.parse_args()
+    if args.decode_memory:
+        return decode_memory(args)
     urls = expand_shards(str(Path(args.data) / "train-*.tar"))
     procs = [int(p) for p in args.procs.split(",")]
 

@@ -220,6 +220,7 @@ def prepare_image(data: bytes, max_side: int | None, quality: int) -> tuple[str,
         else:  # GIF/BMP/TIFF...: store as JPEG so every reader downstream handles it
             ext, out = "jpg", _encode_jpeg(img, quality)
         size = {"width": img.width, "height": img.height, "original_width": ow, "original_height": oh}
+        del img  # freed inside the hold, so the budget's trim gives its pages back
     return ext, out, size
 
 
