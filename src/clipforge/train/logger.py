@@ -72,11 +72,11 @@ def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:
 
     steps = [r["step"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot(steps, [r["loss"] for r in rows], label="loss")
-    for extra in ("contrastive_loss", "caption_loss"):  # coca: both parts of the loss
-        if any(extra in r for r in rows):
-            a.plot(steps, [r.get(extra, float("nan")) for r in rows], label=extra.replace("_", " "))
-    if any("caption_loss" in r for r in rows):
+    coca = any("caption_loss" in r for r in rows)
+    a.plot(steps, [r["loss"] for r in rows], label="total (contrastive + w x caption)" if coca else "loss")
+    for extra in ("contrastive_loss", "caption_loss") if coca else ():  # coca: both parts of the loss
+        a.plot(steps, [r.get(extra, float("nan")) for r in rows], label=extra.replace("_", " "))
+    if coca:
         a.legend()
     a.set_xlabel("step")
     a.set_ylabel("loss")
