@@ -1,39 +1,50 @@
-"""Data layer: webdataset shards in and out, decode/preprocess, bad-sample accounting."""
+"""Data layer: webdataset shards in and out, decode/preprocess, bad-sample accounting.
 
-from clipforge.data.dataset import DataPosition, ShardDataset, collate, record_bad
-from clipforge.data.decode import DecodeConfig, SkipSample, decode_image, decode_sample, decode_text
-from clipforge.data.fetch import FetchError, safe_fetch
-from clipforge.data.fields import FieldError, sample_fields
-from clipforge.data.reader import ReadLimits, iter_tar_samples
-from clipforge.data.report import BadSampleReport
-from clipforge.data.shards import ShardSpecError, expand_shards, open_shard, shards_from_file
-from clipforge.data.transforms import ImageTransform, PreprocessConfig
-from clipforge.data.writer import ShardWriter, add_columns, read_side_table
+Exports resolve lazily (PEP 562), so ``clipforge data ingest|inspect`` and the fetch/shard helpers do
+not pay for importing torch; only ``ShardDataset``/``collate``/``DataPosition`` need it.
+"""
 
-__all__ = [
-    "BadSampleReport",
-    "DataPosition",
-    "DecodeConfig",
-    "FetchError",
-    "FieldError",
-    "ImageTransform",
-    "PreprocessConfig",
-    "ReadLimits",
-    "ShardDataset",
-    "ShardSpecError",
-    "ShardWriter",
-    "SkipSample",
-    "add_columns",
-    "collate",
-    "decode_image",
-    "decode_sample",
-    "decode_text",
-    "expand_shards",
-    "iter_tar_samples",
-    "open_shard",
-    "read_side_table",
-    "record_bad",
-    "safe_fetch",
-    "sample_fields",
-    "shards_from_file",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BadSampleReport": "report",
+    "DataPosition": "dataset",
+    "DecodeConfig": "decode",
+    "FetchError": "fetch",
+    "FieldError": "fields",
+    "ImageTransform": "transforms",
+    "PreprocessConfig": "transforms",
+    "ReadLimits": "reader",
+    "ShardDataset": "dataset",
+    "ShardSpecError": "shards",
+    "ShardWriter": "writer",
+    "SkipSample": "decode",
+    "add_columns": "writer",
+    "collate": "dataset",
+    "decode_image": "decode",
+    "decode_sample": "decode",
+    "decode_text": "decode",
+    "expand_shards": "shards",
+    "iter_tar_samples": "reader",
+    "open_shard": "shards",
+    "read_side_table": "writer",
+    "record_bad": "dataset",
+    "safe_fetch": "fetch",
+    "sample_fields": "fields",
+    "shards_from_file": "shards",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"clipforge.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'clipforge.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
