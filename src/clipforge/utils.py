@@ -121,12 +121,23 @@ def prepare_output_dir(path: str | Path, *, overwrite: bool = False, resume: boo
     return path
 
 
-def clean_stale_tmp(path: str | Path) -> int:
-    """Delete ``*.tmp`` files/dirs left in ``path`` (recursively) by a killed writer; returns the count."""
+def clean_stale_tmp(path: str | Path, min_age_s: float = 0.0) -> int:
+    """Delete ``*.tmp`` files/dirs left in ``path`` (recursively) by a killed writer; returns the count.
+
+    ``min_age_s`` spares temp files younger than that: a dir shared by live runs (a feature cache) must
+    not lose a neighbour's file being written.
+    """
     import shutil
+    import time
 
     n = 0
+    now = time.time()
     for p in Path(path).rglob("*.tmp"):
+        try:
+            if min_age_s and now - p.stat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
