@@ -1,4 +1,4 @@
-"""``clipforge eval zeroshot|retrieval|probe|run|compare``: argparse wiring only (heavy imports in handlers).
+"""``clipforge eval zeroshot|retrieval|probe|captioning|run|compare``: argparse wiring only (heavy imports in handlers).
 
 Data-parallel: ``torchrun --nproc_per_node N -m clipforge.cli eval run --model ...`` shards the samples
 over ranks; rank 0 prints and writes the results.
@@ -58,9 +58,21 @@ def register(subparsers: Any) -> None:
     _data_args(pr, labels=True)
     pr.set_defaults(func=_task_handler("probe"))
 
+    cap = sub.add_parser(
+        "captioning",
+        help="a captioner on reference captions: BLEU/METEOR/ROUGE-L/CIDEr-D, CLIPScore, baselines",
+        description="Flags come from CaptionEvalConfig (caption/evaluate.py); --data defaults to the "
+        "flickr8k test shard under --data-root. Writes OUTPUT/results.json (the eval result layout).",
+    )
+    _caption_args(cap)
+    cap.set_defaults(func=cmd_captioning)
+
     run = sub.add_parser("run", help="all tasks of the built-in datasets (cifar10 + flickr8k by default)")
     _args(run)
     run.add_argument("--datasets", default="cifar10,flickr8k", help="comma-separated built-in datasets")
+    run.add_argument("--captioner", default=None, help="also score this captioner dir on flickr8k test "
+                     "(CLIPScore/self-retrieval by --model)")  # fmt: skip
+    run.add_argument("--caption-limit", type=int, default=None, help="captioning: only the first N images")
     run.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="metric deltas between two results.json files (B - A)")
@@ -68,6 +80,66 @@ def register(subparsers: Any) -> None:
     c.add_argument("b", help="results.json to compare")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     c.set_defaults(func=cmd_compare)
+
+
+def _caption_args(p: argparse.ArgumentParser) -> None:
+    from clipforge.caption.evaluate import CaptionEvalConfig
+    from clipforge.config import add_arguments
+
+    p.add_argument("--output", default=None, help="results dir (default: runs/eval-captioning)")
+    p.add_argument("--data-root", default=None, help="dir with flickr8k/ (when --data is not given)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_arguments(p.add_argument_group("captioning settings (CaptionEvalConfig)"), CaptionEvalConfig)
+
+
+def _flickr_test(data_root: str | None) -> list[str]:
+    from clipforge.evaluate.recipes import builtin
+
+    return [builtin("flickr8k", data_root).shards]
+
+
+def cmd_captioning(args: argparse.Namespace) -> int:
+    from clipforge.caption.evaluate import CaptionEvalConfig
+    from clipforge.config import ConfigError, from_args
+    from clipforge.evaluate.captioning import HEADLINE, caption_rows, captioning_report
+    from clipforge.utils import default_output, emit_json, format_table, setup_torch_threads, write_json
+
+    setup_torch_threads(args.threads)
+    out = args.output or str(default_output("eval-captioning"))
+    try:
+        cfg = from_args(CaptionEvalConfig, args)
+        report = captioning_report(cfg, list(cfg.data) or _flickr_test(args.data_root))
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        if args.json:
+            emit_json({"error": str(e)})
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json(f"{out}/results.json", report)
+    if args.json:
+        emit_json({**report, "output": out})
+        return 0
+    print(format_table(caption_rows(report), ["task", *HEADLINE]))
+    r0 = report["results"][0]
+    own = " (the captioner's own encoder: biased)" if r0.get("scoring_model_is_encoder") else ""
+    print(f"scoring model: {r0.get('scoring_model')}{own}")
+    print(f"saved {out}/results.json ({report['seconds']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _add_captioning(args: argparse.Namespace, cfg: Any, report: dict[str, Any]) -> None:
+    """``eval run --captioner DIR``: the captioner's rows join the run's results (and results.json)."""
+    from clipforge.caption.evaluate import CaptionEvalConfig
+    from clipforge.evaluate.captioning import captioning_report
+    from clipforge.utils import write_json
+
+    ccfg = CaptionEvalConfig(captioner=args.captioner, limit=args.caption_limit, workers=cfg.workers)
+    cap = captioning_report(ccfg, _flickr_test(cfg.data_root), scoring_model=args.model)
+    report["results"].extend(cap["results"])
+    report["captioning"] = {"model": cap["model"], "settings": cap["settings"], "samples": cap["samples"],
+                            "seconds": cap["seconds"]}  # fmt: skip
+    if cfg.output:
+        write_json(f"{cfg.output}/results.json", report)
 
 
 def _task_handler(task: str):
@@ -133,6 +205,8 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
         )
         model = load_model(args.model, allow_code=True)  # --model is the user's own argument
         report = evaluate(model, datasets, cfg)
+        if task is None and getattr(args, "captioner", None) and dist.is_main():
+            _add_captioning(args, cfg, report)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

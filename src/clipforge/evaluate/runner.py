@@ -265,12 +265,15 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
         "probe": ("top1", "mean_per_class_recall", "best_C"),
         "retrieval": tuple(f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
     }
+    keep["captioning"] = ("bleu4", "cider_d", "meteor", "rouge_l", "clip_score", "self_r@1")
+    keep["compositionality"] = ("accuracy", "blind_accuracy")
     rows = []
     for r in report["results"]:
-        for m in keep.get(r["task"], ()):
-            if m in r["metrics"]:
+        for m in keep.get(r["task"].split("/")[0], ()):
+            if isinstance(r["metrics"].get(m), (int, float)):
                 rows.append([r["dataset"], r["task"], m, float(r["metrics"][m])])
-        rows.append([r["dataset"], r["task"], "images/s", float(np.round(r["images_per_s"], 1))])
+        if "images_per_s" in r:  # captioning rows have no image-embedding pass of their own
+            rows.append([r["dataset"], r["task"], "images/s", float(np.round(r["images_per_s"], 1))])
     return rows
 
 
