@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
         "--stages",
         nargs="+",
         default=argparse.SUPPRESS,
-        help=f"comma list of clip-score,text,image,safety,dedup,balance (default {','.join(DEFAULT_STAGES)})",
+        help=f"comma list of clip-score,text,image,copy,safety,dedup,balance (default {','.join(DEFAULT_STAGES)})",
     )
     add_arguments(r, CurateConfig, skip={"stages"})
     for old, dest, kw in LEGACY_FLAGS:  # today's short names keep working
@@ -76,6 +76,21 @@ def register(subparsers: Any) -> None:
     f.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
     f.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     f.set_defaults(func=cmd_filter)
+
+    th = sub.add_parser(
+        "threshold",
+        help="a clip-score cut without labels: 2-Gaussian mixture per caption-length bucket",
+        description="Fits two Gaussians to the score column (per bucket of caption word counts) and "
+        "reports the cut (noise posterior = 1/2) and the estimated noise rate (the low component's "
+        "weight). The same cut filters with `curate filter --where 'clip_score > auto'`.",
+    )
+    th.add_argument("--scores", required=True, help="a `curate run` output dir")
+    th.add_argument("--column", default="clip_score", help="numeric score column")
+    th.add_argument("--buckets", type=int, default=4, help="caption-length buckets (1 = one pooled fit)")
+    th.add_argument("--min-bucket", type=int, default=200, help="smaller buckets use the pooled fit")
+    th.add_argument("--seed", type=int, default=0, help="mixture initialization seed")
+    th.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    th.set_defaults(func=cmd_threshold)
 
     rp = sub.add_parser("report", help="histograms, filter counts and contact sheets of a scored set")
     rp.add_argument("--scores", required=True, help="a `curate run` output dir")
@@ -174,6 +189,51 @@ def cmd_filter(args: argparse.Namespace) -> int:
     rows.append(("ALL (intersection)", s["kept"], s["kept_frac"]))
     print(format_table(rows, ["filter", "kept", "fraction"]))
     print(f"keep-list: {args.output}/keep.txt; shards: {len(s['shards'])}")
+    return 0
+
+
+def cmd_threshold(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from clipforge.curate.threshold import table_auto_threshold
+    from clipforge.utils import emit_json, format_table
+
+    path = Path(args.scores) / "scores.parquet"
+    try:
+        if not path.is_file():
+            raise FileNotFoundError(f"no scores table at {path}: run `clipforge curate run` first")
+        table = pq.read_table(path)
+        if args.column not in table.column_names:
+            raise ValueError(f"no column {args.column!r} in {path}")
+        if args.buckets < 1 or args.min_bucket < 10:
+            raise ValueError("--buckets must be >= 1 and --min-bucket >= 10")
+        res = table_auto_threshold(
+            table, args.column, n_buckets=args.buckets, min_bucket=args.min_bucket, seed=args.seed
+        )
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return _fail(args, str(e))
+    res.pop("cuts")
+    res["column"] = args.column
+    if args.json:
+        emit_json(res)
+        return 0
+    rows = [
+        (
+            b["words"],
+            b.get("rows", b["n"]),
+            b["fit"],
+            round(b["cut"], 4),
+            round(b["noise_rate"], 4),
+            b["bimodal"],
+        )
+        for b in res["buckets"]
+    ]
+    print(format_table(rows, ["caption words", "rows", "fit", "cut", "noise rate", "bimodal"]))
+    print(
+        f"estimated noise rate {res['noise_rate']:.4f}; below the cuts {res['below_cut']:.4f} of {res['n']}"
+    )
     return 0
 
 

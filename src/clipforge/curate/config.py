@@ -16,6 +16,7 @@ from clipforge.config import ConfigError, from_dict, to_dict
 
 DEFAULT_STAGES = ["clip-score", "text", "image", "dedup"]
 KEEP = ("clip-score", "centroid")
+NEAR_RULES = ("or", "and", "phash", "descriptor")
 
 
 def _h(text: str, **kw: Any) -> dict[str, Any]:
@@ -57,6 +58,23 @@ class DedupConfig:
     eval_threshold: float = field(default=0.92, metadata=_h("eval-set duplicate cosine threshold"))
     seed: int = field(default=0, metadata=_h("k-means seed"))
     chunk: int = field(default=65_536, metadata=_h("query rows per search call (bounds memory)"))
+    # Near copies (copy stage, curate/copydetect.py): frozen pre-head descriptors, centered + normalized.
+    copy_threshold: float | None = field(
+        default=None,
+        metadata=_h("copy-descriptor cosine threshold (default: calibrated on synthetic copies)"),
+    )
+    copy_precision: float = field(default=0.99, metadata=_h("precision the calibrated threshold targets"))
+    copy_calib_rate: float = field(
+        default=0.1, metadata=_h("share of samples given a synthetic copy for calibration (copy stage)")
+    )
+    copy_calib_min: int = field(default=20, metadata=_h("fewest synthetic copies to calibrate on"))
+    copy_fallback: float = field(
+        default=0.8, metadata=_h("copy threshold used when too few synthetic copies exist to calibrate")
+    )
+    near_rule: str = field(
+        default="or",
+        metadata=_h("near copy = pHash OR descriptor, AND, or one of them", choices=list(NEAR_RULES)),
+    )
 
     def validate(self) -> None:
         _check_numbers(self, "dedup.")
@@ -64,7 +82,18 @@ class DedupConfig:
             raise ConfigError(f"dedup.keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
         if not 0 <= self.phash_radius <= 64:
             raise ConfigError(f"dedup.phash_radius must be in [0, 64], got {self.phash_radius}")
-        for name in ("threshold", "eval_threshold"):
+        if self.near_rule not in NEAR_RULES:
+            raise ConfigError(
+                f"dedup.near_rule must be one of {', '.join(NEAR_RULES)}, got {self.near_rule!r}"
+            )
+        for name in ("copy_precision", "copy_calib_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"dedup.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.copy_calib_min < 1:
+            raise ConfigError(f"dedup.copy_calib_min must be >= 1, got {self.copy_calib_min}")
+        for name in ("threshold", "eval_threshold", "copy_threshold", "copy_fallback"):
+            if getattr(self, name) is None:
+                continue
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"dedup.{name} is a cosine in [-1, 1], got {getattr(self, name)}")
         for name in ("phash_k", "k", "nprobe", "exact_search_max", "chunk"):
@@ -97,7 +126,7 @@ class CurateConfig:
 
     stages: list[str] = field(
         default_factory=lambda: list(DEFAULT_STAGES),
-        metadata=_h("stages: clip-score,text,image,safety,dedup,balance"),
+        metadata=_h("stages: clip-score,text,image,copy,safety,dedup,balance"),
     )
     model: str | None = field(default=None, metadata=_h("model spec or saved dir (clip-score, safety)"))
     batch_size: int = field(default=64, metadata=_h("samples per stage call"))

@@ -4,6 +4,10 @@
   but only *counted* (``caption_dup_count``): templated captions ("a dog runs on the grass") repeat
   legitimately, so they do not make a pair a duplicate by themselves.
 - near: pHash Hamming distance <= ``phash_radius`` (faiss binary index, k nearest neighbours).
+- copy (``copy`` stage): centered, normalized pre-head descriptors of the frozen image tower, pairs
+  with cosine >= ``copy_threshold``, calibrated on synthetic copies when unset
+  (:mod:`clipforge.curate.copydetect`). ``near_rule`` combines them with pHash: ``or`` (default: a pair
+  is a near copy if either says so), ``and``, ``phash`` or ``descriptor`` only.
 - semantic (SemDeDup, Abbas et al. 2023): k-means clusters of the image embeddings, then pairs with
   cosine >= ``threshold`` within a cluster. We search each point's k nearest neighbours in an IVF index
   built on those k-means centroids with ``nprobe`` > 1 clusters probed, which is SemDeDup with soft
@@ -20,6 +24,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -155,6 +160,13 @@ def semantic_pairs(emb: np.ndarray, cfg: DedupConfig) -> tuple[np.ndarray, np.nd
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
 
 
+def copy_pairs(
+    unit: np.ndarray, threshold: float, cfg: DedupConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, cosine) for copy-descriptor pairs >= threshold: the same search on the copy descriptors."""
+    return semantic_pairs(unit, dataclasses.replace(cfg, threshold=float(threshold)))
+
+
 def centroid_quality(emb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Cosine of each row to its group's mean embedding (SemDeDup's 'keep nearest the centroid')."""
     x = np.nan_to_num(emb.astype(np.float32))
@@ -232,6 +244,72 @@ def eval_duplicates(
     return {"eval_sim": sim, "eval_phash_dist": hdist, "eval_dup_of": of}
 
 
+def combine_near(
+    n: int, ph: tuple[np.ndarray, np.ndarray], de: tuple[np.ndarray, np.ndarray], rule: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Near-copy edges under ``rule``: or = union, and = pairs both found, phash/descriptor = one of them."""
+    if rule == "phash":
+        return ph
+    if rule == "descriptor":
+        return de
+    if rule == "or":
+        return np.concatenate([ph[0], de[0]]), np.concatenate([ph[1], de[1]])
+    a = set(zip(np.minimum(*ph).tolist(), np.maximum(*ph).tolist()))
+    both = [p for p in zip(np.minimum(*de).tolist(), np.maximum(*de).tolist()) if p in a]
+    return np.array([p[0] for p in both], np.int64), np.array([p[1] for p in both], np.int64)
+
+
+def copy_dedup(
+    keys: list[str],
+    desc: np.ndarray,
+    aug: np.ndarray | None,
+    table: Any,
+    quality: np.ndarray,
+    cfg: DedupConfig,
+) -> dict[str, Any]:
+    """Copy-descriptor pairs at the given or calibrated threshold -> ``copy_dup_of``/``copy_max_sim``."""
+    from clipforge.curate.copydetect import calibrate_from_rows, center_normalize
+
+    n = len(keys)
+    unit, mean = center_normalize(desc)
+    stats: dict[str, Any] = {}
+    t = cfg.copy_threshold
+    if t is not None:
+        stats["copy_threshold_source"] = "config"
+    else:
+        n_cal = 0 if aug is None else int((~np.isnan(aug[:, 0])).sum())
+        if n_cal < cfg.copy_calib_min:
+            t = cfg.copy_fallback
+            stats["copy_threshold_source"] = f"fallback ({n_cal} synthetic copies < copy_calib_min)"
+            log.warning("copy dedup: %d synthetic copies, too few to calibrate; threshold %.3f", n_cal, t)
+        else:
+            kinds = (
+                table.column("copy_calib_kind").to_pylist()
+                if "copy_calib_kind" in table.column_names
+                else [None] * n
+            )
+            unit_aug, _ = center_normalize(aug, mean)
+            cal = calibrate_from_rows(
+                unit, unit_aug, kinds, cfg.copy_precision, cfg.exact_search_max, cfg.seed
+            )
+            t = cal["threshold"]
+            stats["copy_threshold_source"] = "calibrated"
+            stats["copy_calibration"] = {k: v for k, v in cal.items() if k != "threshold"}
+    stats["copy_threshold"] = round(float(t), 6)
+    i, j, s = copy_pairs(unit, t, cfg)
+    max_sim = np.full(n, np.nan, dtype=np.float32)
+    if len(s):
+        np.fmax.at(max_sim, i, s)
+    stats["copy_pairs"] = len(i) // 2
+    return {
+        "copy_dup_of": dup_of_column(keys, keeper_of(groups_from_pairs(n, i, j), quality)),
+        "copy_max_sim": [None if np.isnan(v) else float(v) for v in max_sim],
+        "i": i,
+        "j": j,
+        "stats": stats,
+    }
+
+
 @register_stage("dedup", kind="global")
 def dedup_stage(
     table: Any, emb: dict[str, np.ndarray], ctx: Any, evalset: dict[str, Any] | None = None
@@ -269,6 +347,21 @@ def dedup_stage(
         out["near_dup_of"] = dup_of_column(keys, keeper_of(groups_from_pairs(n, i, j), quality))
         edges.append((i, j))
         dup_cols.append("near_dup_of")
+    near_edges = {}
+    if "phash" in cols:
+        near_edges["phash"] = edges[-1]
+    if "copy" in emb:
+        cp = copy_dedup(keys, emb["copy"], emb.get("copyaug"), table, quality, cfg)
+        out["copy_dup_of"], out["copy_max_sim"] = cp["copy_dup_of"], cp["copy_max_sim"]
+        stats.update(cp["stats"])
+        near_edges["descriptor"] = (cp["i"], cp["j"])
+        dup_cols.append("copy_dup_of")
+    if len(near_edges) == 2:  # the combination rule replaces the pHash edges by the combined ones
+        edges = [e for e in edges if e is not near_edges["phash"]]
+        edges.append(combine_near(n, near_edges["phash"], near_edges["descriptor"], cfg.near_rule))
+        stats["near_rule"] = cfg.near_rule
+    elif "descriptor" in near_edges:
+        edges.append(near_edges["descriptor"])
     if "image" in emb:
         sem = semantic_dedup(keys, emb["image"], quality if "clip_score" in cols else None, cfg)
         out["semantic_dup_of"] = sem["semantic_dup_of"]
@@ -277,7 +370,7 @@ def dedup_stage(
         stats["semantic_pairs"] = sem["pairs"]
         dup_cols.append("semantic_dup_of")
     if not dup_cols:
-        raise ValueError("dedup needs the image stage (sha256, phash) and/or clip-score (embeddings)")
+        raise ValueError("dedup needs the image stage (sha256, phash), copy and/or clip-score (embeddings)")
     # One decision over the union of all duplicate edges: per-type keepers may disagree, and deciding per
     # type could drop every member of a group (A kept by sha256, but B kept by SemDeDup, ...).
     labels = groups_from_pairs(

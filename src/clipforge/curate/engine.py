@@ -35,6 +35,7 @@ from clipforge.curate.plan import resolve_stages
 from clipforge.curate.registry import Context, Stage
 from clipforge.curate.shard import (  # noqa: F401  (iter_batches, process_shard: importable from here too)
     COLUMN_TYPES,
+    EMB_NAMES,
     iter_batches,
     process_shard,
     shard_paths,
@@ -83,7 +84,7 @@ def run_local(
 # -- merging + global stages ---------------------------------------------------------------------
 def load_scores(out_dir: Path, urls: list[str]) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """All per-shard tables in input order, and their embeddings (float16) where every shard has them."""
-    tables, embs = [], {"image": [], "text": []}
+    tables, embs = [], {n: [] for n in EMB_NAMES}
     for u in urls:
         p = shard_paths(out_dir, u)
         t = pq.read_table(p["table"]).replace_schema_metadata(None)

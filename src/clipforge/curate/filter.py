@@ -10,11 +10,14 @@ Grammar (keywords case-insensitive)::
              | NAME "is" ["not"] "null"
              | NAME "in" "(" value ("," value)* ")"        -- values of one type
              | operand (">"|">="|"<"|"<="|"=="|"!=") operand  -- at least one side a column
+             | NAME (">"|">="|"<"|"<=") "auto"             -- mixture cut per caption length
              | NAME                                        -- a boolean column
     operand := NAME | NUMBER | STRING | "true" | "false"
 
 Examples: ``clip_score > 0.28 and caption_words >= 3``, ``clip_score top 30%``,
-``not is_duplicate and lang == 'en'``, ``aspect < 3 and not is_blank``. Several expressions given to
+``not is_duplicate and lang == 'en'``, ``aspect < 3 and not is_blank``, ``clip_score > auto`` (the cut
+of a two-component Gaussian mixture fitted per caption-length bucket, no labels needed:
+:mod:`clipforge.curate.threshold`; ``auto`` is reserved on the right of a comparison). Several expressions given to
 ``curate filter`` are intersected. A comparison with a null value is False (the row is dropped), so a
 sample without a score never passes a score threshold by accident (SQL semantics, ``not`` included).
 Evaluation is vectorized with pyarrow.compute on the whole table.
@@ -214,6 +217,10 @@ class Parser:
         if nxt.kind == "op" and nxt.value in _CMP:
             self.take()
             right = self.operand()
+            if right == ("col", "auto") and left[0] == "col":
+                if nxt.value not in (">", ">=", "<", "<="):
+                    raise self.fail(f"'auto' is a cut: use >, >=, < or <=, not {nxt.value}", nxt.pos)
+                return ("auto", nxt.value, left[1])
             if left[0] == "lit" and right[0] == "lit":
                 raise self.fail("a comparison needs a column on one side (both sides are values)", nxt.pos)
             return ("cmp", nxt.value, left, right)
@@ -257,6 +264,8 @@ def columns_of(node: tuple) -> set[str]:
     kind = node[0]
     if kind in ("col", "pct", "null", "in"):
         return {node[1]}
+    if kind == "auto":
+        return {node[2]}
     if kind == "cmp":
         return columns_of(node[2]) | columns_of(node[3])
     if kind == "lit":
@@ -332,6 +341,8 @@ def evaluate(node: tuple, table: pa.Table, text: str | None = None) -> pa.Array:
             if thr is None:
                 return pa.array(np.zeros(len(c), dtype=bool))
             return pc.greater_equal(c, thr) if n[2] == "top" else pc.less_equal(c, thr)
+        if kind == "auto":
+            return auto_compare(table, n[2], n[1], col(n[2]))
         if kind == "cmp":
             try:
                 return _CMP[n[1]](value(n[2]), value(n[3]))
@@ -347,6 +358,19 @@ def evaluate(node: tuple, table: pa.Table, text: str | None = None) -> pa.Array:
     if not isinstance(out, pa.Array) or not pa.types.is_boolean(out.type):
         raise FilterError(f"not a condition over the rows{where}")
     return pc.fill_null(out, False)
+
+
+def auto_compare(table: pa.Table, name: str, op: str, c: pa.ChunkedArray) -> pa.Array:
+    """``name OP auto``: compare each row with its caption-length bucket's mixture cut."""
+    from clipforge.curate.threshold import table_auto_threshold
+
+    if not (pa.types.is_integer(c.type) or pa.types.is_floating(c.type)):
+        raise FilterError(f"'auto' needs a numeric column, {_short(name)} is {c.type}")
+    try:
+        cuts = table_auto_threshold(table, name)["cuts"]
+    except ValueError as e:
+        raise FilterError(f"{_short(name)} > auto: {_short(e)}") from None
+    return _CMP[op](c, pa.array(cuts, mask=np.isnan(cuts)))
 
 
 def _short(v: Any, n: int = 80) -> str:

@@ -11,7 +11,7 @@ from clipforge.curate.registry import STAGES, Stage
 
 def load_builtin_stages() -> dict[str, Stage]:
     """Import the modules that register the shipped stages (kept lazy so ``--help`` stays fast)."""
-    from clipforge.curate import balance, clipscore, dedup, image, safety, text  # noqa: F401
+    from clipforge.curate import balance, clipscore, copystage, dedup, image, safety, text  # noqa: F401
 
     return STAGES
 

@@ -8,6 +8,8 @@ Per shard ``STEM`` of the input, under ``OUT/shards/``::
     STEM.parquet      one row per sample key (sample-stage columns); its metadata lists the stages held
     STEM.image.npy    float16 [rows, D] image embeddings (clip-score), NaN = no image
     STEM.text.npy     float16 [rows, D] caption embeddings
+    STEM.copy.npy     float16 [rows, F] copy-detection descriptors (copy stage), NaN = no image
+    STEM.copyaug.npy  float16 [rows, F] descriptors of synthetic copies (calibration rows only, else NaN)
 
 Resume: the Parquet is written atomically *after* its embeddings, and records the stages it holds; a
 rerun skips a shard whose table has every requested stage and, for a table missing some stage, runs
@@ -36,7 +38,13 @@ from clipforge.data.shards import is_remote, shard_name
 from clipforge.utils import atomic_path
 
 META_KEY = b"clipforge.curate"
-EMB_COLUMNS = {"__emb_image__": "image", "__emb_text__": "text"}
+EMB_COLUMNS = {
+    "__emb_image__": "image",
+    "__emb_text__": "text",
+    "__emb_copy__": "copy",  # copy stage: raw pre-head descriptors (curate/copydetect.py)
+    "__emb_copyaug__": "copyaug",  # copy stage: descriptors of the synthetic calibration copies
+}
+EMB_NAMES = tuple(EMB_COLUMNS.values())
 # Types for columns that can be all-null in one shard (so per-shard tables concatenate cleanly).
 COLUMN_TYPES = {
     "key": pa.string(),
@@ -56,6 +64,7 @@ COLUMN_TYPES = {
     "is_blank": pa.bool_(),
     "phash": pa.int64(),
     "dhash": pa.int64(),
+    "copy_calib_kind": pa.string(),
     "clip_score": pa.float64(),
     "nsfw_score": pa.float64(),
     "violence_score": pa.float64(),
@@ -64,6 +73,8 @@ COLUMN_TYPES = {
     "near_dup_of": pa.string(),
     "semantic_dup_of": pa.string(),
     "semantic_max_sim": pa.float64(),
+    "copy_dup_of": pa.string(),
+    "copy_max_sim": pa.float64(),
     "dup_of": pa.string(),
     "eval_dup_of": pa.string(),
     "eval_sim": pa.float64(),
@@ -112,7 +123,7 @@ def _empty_batch() -> Batch:
 def shard_paths(out_dir: Path, url: str) -> dict[str, Path]:
     stem = shard_stem(url)
     d = out_dir / "shards"
-    return {"table": d / f"{stem}.parquet", "image": d / f"{stem}.image.npy", "text": d / f"{stem}.text.npy"}
+    return {"table": d / f"{stem}.parquet", **{n: d / f"{stem}.{n}.npy" for n in EMB_NAMES}}
 
 
 def stages_done(
@@ -190,7 +201,7 @@ def process_shard(url: str, stages: list[Stage], ctx: Context, out_dir: Path) ->
         done, todo = [], list(stages)
         table, embs = score_shard(url, todo, ctx, report, None)
     if not done:  # scored from scratch: embeddings of an earlier table must not outlive it
-        for n in ("image", "text"):
+        for n in EMB_NAMES:
             paths[n].unlink(missing_ok=True)
     meta = {
         "stages": [*done, *(s.name for s in todo)],
@@ -210,7 +221,7 @@ def process_shard(url: str, stages: list[Stage], ctx: Context, out_dir: Path) ->
 
 def saved_scores(paths: dict[str, Path]) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """A finished table and its embeddings (memory-mapped): the inputs of the stages still to run."""
-    embs = {n: np.load(paths[n], mmap_mode="r") for n in ("image", "text") if paths[n].exists()}
+    embs = {n: np.load(paths[n], mmap_mode="r") for n in EMB_NAMES if paths[n].exists()}
     return pq.read_table(paths["table"]), embs
 
 

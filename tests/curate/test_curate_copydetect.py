@@ -1,0 +1,199 @@
+"""Near-copy detection (issue 13): synthetic copies, descriptor calibration, the copy stage in dedup."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from curate_testutils import CAPTIONS, TinyClip, image_bytes, write_shard
+from PIL import Image
+
+from clipforge.config import ConfigError
+from clipforge.curate.config import CurateConfig, DedupConfig
+from clipforge.curate.copydetect import (
+    KINDS,
+    calib_pick,
+    calibrate_from_rows,
+    calibrate_threshold,
+    center_normalize,
+    image_descriptors,
+    key_rng,
+    pool_features,
+    synthetic_copy,
+)
+from clipforge.curate.dedup import combine_near
+from clipforge.curate.engine import run_curation
+
+
+class PooledTiny(TinyClip):
+    """TinyClip with a frozen 'trunk': 6x6 average-pooled pixels as the pre-head features."""
+
+    def image_features(self, pixels):
+        return {"pooled": F.adaptive_avg_pool2d(pixels, 6).flatten(1)}
+
+    def image_head(self, feats):
+        return self.img(feats["pooled"][:, :48])
+
+
+@pytest.fixture(scope="module")
+def pooled_model() -> PooledTiny:
+    return PooledTiny().eval()
+
+
+def tiny_images(n: int, size: int = 64) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(image_bytes(k, size=size))).convert("RGB") for k in range(n)]
+
+
+def descriptors(model, images) -> np.ndarray:
+    return image_descriptors(model, torch.stack([model.preprocess(im) for im in images]))
+
+
+def test_synthetic_copies_are_mild_and_deterministic():
+    img = tiny_images(1, 100)[0]
+    for kind in KINDS:
+        a = synthetic_copy(img, kind, key_rng("k", 0))
+        b = synthetic_copy(img, kind, key_rng("k", 0))
+        assert a.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+    crop = synthetic_copy(img, "crop", key_rng("k", 1))
+    assert 90 <= crop.size[0] < 100 and 90 <= crop.size[1] < 100  # crop <= 10% of each side
+    with pytest.raises(ValueError, match="unknown copy kind"):
+        synthetic_copy(img, "rotate", key_rng("k", 0))
+    picks = [calib_pick(f"key{i}", 0.2, 0) for i in range(2000)]
+    assert 0.16 < np.mean([p is not None for p in picks]) < 0.24
+    assert {p for p in picks if p} == set(KINDS)
+    assert picks == [calib_pick(f"key{i}", 0.2, 0) for i in range(2000)]
+    assert calib_pick("key1", 0.0, 0) is None
+
+
+def test_pool_features_shapes():
+    x = torch.rand(2, 5, 7)
+    assert pool_features({"pooled": torch.ones(2, 3)}).shape == (2, 3)
+    assert pool_features({"tokens": x}).shape == (2, 7)  # GeM over tokens
+    assert pool_features({"x": torch.rand(2, 7, 3, 3)}).shape == (2, 7)
+    assert pool_features({"pixels": torch.rand(2, 3, 8, 8)}) is None
+
+
+def test_calibrate_threshold_targets_precision():
+    rng = np.random.default_rng(0)
+    pos = rng.normal(0.85, 0.05, 300)
+    neg = rng.normal(0.35, 0.1, 600)
+    res = calibrate_threshold(pos, neg, precision=0.99)
+    t = res["threshold"]
+    tp, fp = (pos >= t).sum(), (neg >= t).sum()
+    assert tp / (tp + fp) >= 0.99 and res["recall"] >= 0.99
+    assert neg.max() < 0.8 and t < pos.min() + 1e-9  # every copy kept, the cut below them all
+    # overlapping distributions: precision still holds, recall pays
+    res = calibrate_threshold(rng.normal(0.6, 0.1, 300), rng.normal(0.45, 0.1, 600), 0.99)
+    assert res["precision"] >= 0.99 and res["recall"] < 0.6
+    with pytest.raises(ValueError):
+        calibrate_threshold(np.array([]), neg)
+
+
+def test_calibration_separates_synthetic_copies_on_tiny_images(pooled_model):
+    """Calibrated on one seed of copies, the cut catches another seed's copies and no distinct pair."""
+    imgs = tiny_images(100)
+    unit, mean = center_normalize(descriptors(pooled_model, imgs))
+    kinds = [KINDS[i % len(KINDS)] for i in range(len(imgs))]
+
+    def copies(seed: int) -> np.ndarray:
+        augs = [synthetic_copy(im, k, key_rng(str(i), seed)) for i, (im, k) in enumerate(zip(imgs, kinds))]
+        return center_normalize(descriptors(pooled_model, augs), mean)[0]
+
+    res = calibrate_from_rows(unit, copies(0), kinds, precision=0.99)
+    t = res["threshold"]
+    assert res["recall"] >= 0.95 and set(res["recall_by_kind"]) == set(KINDS)
+    held_out = (unit * copies(1)).sum(1)  # a different draw of copies
+    assert (held_out >= t).mean() >= 0.95
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -1)
+    assert (sims >= t).sum() <= 2  # distinct images: at most one false pair
+
+
+def test_combine_near_rules():
+    ph = (np.array([0, 2]), np.array([1, 3]))
+    de = (np.array([1, 4]), np.array([0, 5]))
+    assert len(combine_near(6, ph, de, "or")[0]) == 4
+    i, j = combine_near(6, ph, de, "and")
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1)]
+    assert combine_near(6, ph, de, "phash") is ph and combine_near(6, ph, de, "descriptor") is de
+
+
+def test_copy_config_keys_strict():
+    with pytest.raises(ConfigError, match="did you mean 'copy_threshold'"):
+        CurateConfig.from_dict({"dedup": {"copy_treshold": 0.9}})
+    with pytest.raises(ConfigError, match="near_rule"):
+        CurateConfig.from_dict({"dedup": {"near_rule": "xor"}})
+    with pytest.raises(ConfigError, match="copy_calib_rate"):
+        CurateConfig.from_dict({"dedup": {"copy_calib_rate": 1.5}})
+    with pytest.raises(ConfigError, match="copy_threshold"):
+        CurateConfig.from_dict({"dedup": {"copy_threshold": 2.0}})
+    cfg = CurateConfig.from_dict({"dedup": {"copy_threshold": 0.7, "near_rule": "and"}})
+    assert cfg.dedup == DedupConfig(copy_threshold=0.7, near_rule="and")
+    assert cfg.to_dict()["dedup"]["copy_threshold"] == 0.7
+    from clipforge.cli import build_parser
+    from clipforge.curate.cli import config_from_args
+
+    argv = ["curate", "run", "--data", "x", "--output", "o", "--dedup.copy-threshold", "0.6"]
+    argv += ["--dedup.near-rule", "descriptor", "--stages", "image,copy,dedup"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert (cfg.dedup.copy_threshold, cfg.dedup.near_rule) == (0.6, "descriptor")
+    assert cfg.stages == ["image", "copy", "dedup"]
+
+
+def planted_shard(tmp_path, n: int = 40) -> tuple[list, dict[str, str]]:
+    """n distinct images plus a crop and a text-overlay copy of the first 6 (keys -> source key)."""
+    samples, truth = [], {}
+    for k in range(n):
+        samples.append({"key": f"img{k:03d}", "jpg": image_bytes(k, size=64), "txt": CAPTIONS[k % 6]})
+    for k in range(6):
+        img = Image.open(io.BytesIO(image_bytes(k, size=64))).convert("RGB")
+        for kind in ("crop", "text"):
+            buf = io.BytesIO()
+            synthetic_copy(img, kind, key_rng(f"plant{k}", 7)).save(buf, "JPEG", quality=90)
+            samples.append({"key": f"img{k:03d}_{kind}", "jpg": buf.getvalue(), "txt": CAPTIONS[0]})
+            truth[f"img{k:03d}_{kind}"] = f"img{k:03d}"
+    return [write_shard(tmp_path / "part-000000.tar", samples)], truth
+
+
+def test_copy_stage_calibrates_and_flags_planted_copies(tmp_path, pooled_model):
+    shards, truth = planted_shard(tmp_path)
+    cfg = CurateConfig.from_dict(
+        {"stages": ["image", "copy", "dedup"], "batch_size": 16, "dedup": {"copy_calib_rate": 1.0}}
+    )
+    out = tmp_path / "out"
+    s = run_curation([str(p) for p in shards], out, cfg, model=pooled_model, progress=False)
+    st = s["global"]["dedup"]
+    assert st["copy_threshold_source"] == "calibrated" and st["copy_calibration"]["copies"] == 52
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out / "scores.parquet").to_pydict()
+    row = {k: i for i, k in enumerate(t["key"])}
+    caught = [t["copy_dup_of"][row[c]] == src or t["copy_dup_of"][row[src]] == c for c, src in truth.items()]
+    assert np.mean(caught) >= 0.9
+    planted = set(truth) | set(truth.values())
+    flagged = [k for k, m in zip(t["key"], t["copy_max_sim"]) if m is not None]
+    assert len([k for k in flagged if k not in planted]) <= 1  # distinct images: at most one false pair
+    dropped = [t["dup_of"][row[c]] is not None or t["dup_of"][row[s]] is not None for c, s in truth.items()]
+    assert np.mean(dropped) >= 0.9
+    assert (out / "shards" / "part-000000.copy.npy").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["dedup"]["near_rule"] == "or"
+    assert manifest["summary"]["global"]["dedup"]["copy_threshold"] == st["copy_threshold"]
+
+
+def test_copy_threshold_from_config_and_fallback(tmp_path, pooled_model):
+    shards, _ = planted_shard(tmp_path, n=12)
+    base = {"stages": ["image", "copy", "dedup"], "batch_size": 16}
+    cfg = CurateConfig.from_dict({**base, "dedup": {"copy_threshold": 0.5}})
+    s = run_curation([str(p) for p in shards], tmp_path / "a", cfg, model=pooled_model, progress=False)
+    assert s["global"]["dedup"]["copy_threshold_source"] == "config"
+    assert s["global"]["dedup"]["copy_threshold"] == 0.5
+    assert not (np.isfinite(np.load(tmp_path / "a" / "shards" / "part-000000.copyaug.npy"))).any()
+    cfg = CurateConfig.from_dict({**base, "dedup": {"copy_calib_rate": 0.0, "copy_fallback": 0.77}})
+    s = run_curation([str(p) for p in shards], tmp_path / "b", cfg, model=pooled_model, progress=False)
+    assert s["global"]["dedup"]["copy_threshold_source"].startswith("fallback")
+    assert s["global"]["dedup"]["copy_threshold"] == 0.77
