@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from clipforge.data.decode import DecodeConfig, SkipSample, decode_image, decode_sample, find_image
+from clipforge.data.fields import raw_caption
 from clipforge.data.parallel import ordered_map
 from clipforge.data.reader import iter_tar_samples
 from clipforge.data.report import BadSampleReport
@@ -181,9 +182,7 @@ def contact_sheet(path: Path, raws: list[dict[str, Any]], thumb: int = 256, cols
             sheet.paste(img, (x, y))
         except SkipSample:
             draw.rectangle((x, y, x + thumb, y + thumb), outline="red")
-        caption = next(
-            (raw[e].decode("utf-8", "replace").strip() for e in ("txt", "caption", "text") if e in raw), ""
-        )
+        caption = (raw_caption(raw) or b"").decode("utf-8", "replace").strip()  # the one caption rule
         draw.text((x, y + thumb + 3), raw["__key__"][:34], fill="#666666", font=bold)
         lines = textwrap.wrap(caption, width=30)[:5]
         if len(textwrap.wrap(caption, width=30)) > 5:
