@@ -232,3 +232,13 @@ def test_coca_gradcache_equals_full_batch(condition, lock):
         assert acc.keys() == full.keys()
         for n in full:
             torch.testing.assert_close(acc[n], full[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_coca_refuses_an_empty_vocabulary_and_fsdp(shards, tmp_path):
+    kw = {"model": "py:tiny_model:make_tiny", "model_opts": {"lock_image": 1, "lock_text": 1}, "data": shards}
+    cfg = _cfg(tmp_path / "run", **kw)
+    cfg["caption"] = {**cfg["caption"], "vocab_min_count": 10_000}
+    with pytest.raises(ConfigError, match="vocab_min_count"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="fsdp"):
+        TrainConfig.from_any({"data": ["a.tar"], "steps": 1, "loss": "coca", "fsdp": True})

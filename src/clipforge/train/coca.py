@@ -76,7 +76,7 @@ def load_or_build_vocab(out: Path, captions: Any, cfg: Any, resume: bool, main: 
         return CaptionVocab.load(path)
     vocab = build_vocab(captions(), min_count=cfg.vocab_min_count, max_size=cfg.vocab_max_size)
     if len(vocab) <= 4:
-        raise ValueError(
+        raise ConfigError(
             f"caption vocabulary is empty: no word is seen {cfg.vocab_min_count}+ times in the training "
             "captions (lower caption.vocab_min_count)"
         )

@@ -139,6 +139,8 @@ class TrainConfig:
         if isinstance(self.caption, dict):
             self.caption = from_dict(CaptionConfig, self.caption, "train config.caption")
         self.caption.validate()
+        if self.loss == "coca" and self.fsdp:
+            raise ConfigError("loss=coca does not support fsdp yet (the decoder is not sharded)")
         if self.caption_weight < 0:
             raise ConfigError("caption_weight must be >= 0")
         if self.precision not in ("fp32", "bf16"):

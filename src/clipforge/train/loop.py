@@ -5,6 +5,9 @@
     -> step (forward_backward, GradCache when accum > 1; average grads; clip; AdamW) -> log
     -> save (checkpoint every N steps) -> finish (final model, result.json)
 
+``loss: coca`` adds a captioning decoder trained on the same batches (train/coca.py): the run's model dir
+then also holds ``captioner/`` and the model captions (``model.caption(images)``).
+
 ``train(config)`` builds the model from ``config.model``; ``fit(model, shards, config)`` trains a model
 you already hold and returns it (the Python API the quickstart uses). ``hooks`` (:class:`TrainHooks`)
 are called at fixed points (tests record keys and kill runs through them).
@@ -298,8 +301,6 @@ class Trainer:
     def _setup_coca(self) -> coca_mod.CocaHead:
         """The caption vocabulary (from the training captions) and the decoder, attached to the model."""
         cfg, model = self.cfg, self.model
-        if self.fsdp:
-            raise ValueError("loss=coca does not support fsdp yet (the decoder would be replicated)")
         all_caps = cfg.caption_field == "captions"
         cached_data = self.source.data if self.cached else None
         condition = coca_mod.resolve_condition(cfg.caption.condition, model)
