@@ -30,8 +30,9 @@ import torch
 from clipforge.caption.captioner import Captioner
 from clipforge.caption.decoding import DecodeOptions
 from clipforge.caption.evaluate import evaluate_captioning
-from clipforge.caption.features import shard_conditions
-from clipforge.caption.train import train_captioner
+from clipforge.caption.features import shard_conditions, training_set
+from clipforge.caption.train import Prepared, train_captioner
+from clipforge.models import load_model
 from clipforge.utils import emit_json, format_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,25 +157,36 @@ def main() -> None:
         "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "feature_cache": a.feature_cache,
         "cache_dir": str(out / "feature_cache"),
     }  # fmt: skip
+    # the encoder and every image encoded once, shared by training, evaluation and the throughput check
+    t0, c0 = time.perf_counter(), time.process_time()
+    encoder = load_model(a.model, allow_code=True, **model_opts)
+    kind = "features" if encoder.image_locked else "embedding"
+    prepared = Prepared(encoder, training_set(encoder, train, kind, text=False, cache_root=None, workers=a.workers),
+                        shard_conditions(encoder, test, kind, workers=a.workers))  # fmt: skip
+    encode = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+              "images": len(prepared.train.cond) + len(prepared.eval)}  # fmt: skip
     if a.skip_train:
         summary = json.loads((out / "train" / "summary.json").read_text())
     else:
-        summary = train_captioner(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.json)
+        summary = train_captioner(
+            cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.json, prepared=prepared
+        )
     cap_dir = out / "train" / "captioner"
     curve_png(out / "train" / "eval.jsonl", out / "bleu4_vs_cpu.png")
     results = {
+        "encode": encode,
         "train": summary,
         "curve": [json.loads(x) for x in (out / "train" / "eval.jsonl").read_text().splitlines()],
     }
     for name, opts in (("greedy", DecodeOptions(method="greedy")), ("beam3", DecodeOptions(method="beam"))):
         r = evaluate_captioning(cap_dir, test, scoring_model="none", decode=opts, baselines=name == "greedy",
-                                train_data=None if name == "greedy" else [], encoder=a.model,  # baselines once
-                                workers=a.workers, cache_dir=out / "feature_cache")  # fmt: skip
+                                train_data=None if name == "greedy" else [], workers=a.workers,  # baselines once
+                                prepared=prepared)  # fmt: skip
         results[f"eval_{name}"] = r
         if name == "greedy":
             caption_grid(test, r["samples"], out / "caption_grid.png")
     cap = Captioner.load(cap_dir)
-    cond = shard_conditions(cap.load_encoder(a.model), test, cap.condition, workers=a.workers).cond[:256]
+    cond = prepared.eval.cond[:256]
     results["throughput"] = {
         "greedy": throughput(cap, cond, DecodeOptions(method="greedy")),
         "beam3": throughput(cap, cond, DecodeOptions(method="beam")),
@@ -190,6 +202,9 @@ def main() -> None:
         for r in results[name]["results"]:
             rows.append([f"{r['task']} ({name[5:]})", *(r["metrics"].get(c, float("nan")) for c in cols)])
     print(format_table(rows, ["row", *cols]))
+    print(
+        f"encode: {encode['images']} images, {encode['cpu_s'] / 60:.1f} CPU min, {encode['wall_s'] / 60:.1f} wall min"
+    )
     print(f"train: {summary['steps']} steps, {summary['train_cpu_s'] / 60:.1f} decoder-training CPU min, "
           f"{summary['wall_s'] / 60:.1f} wall min (setup incl. feature cache {summary['prepare_cpu_s'] / 60:.1f} CPU min)")  # fmt: skip
     for k, v in results["throughput"].items():

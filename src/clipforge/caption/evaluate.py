@@ -83,12 +83,14 @@ def evaluate_captioning(
     limit: int | None = None,
     workers: int = 1,
     cache_dir: str | Path | None = None,
+    prepared: Any = None,
 ) -> dict[str, Any]:
     """Captions for every image of ``data``, scored against its reference captions -> result dict.
 
     ``train_data`` (the captioner's training shards by default) gives the novel-caption share and
     the baselines; ``encoder``: the encoder's spec when not the saved one (``py:`` specs); ``scoring_model`` (default: the captioner's encoder, flagged in the output) scores
-    CLIPScore, RefCLIPScore and self-retrieval.
+    CLIPScore, RefCLIPScore and self-retrieval. ``prepared`` (:class:`clipforge.caption.train.Prepared`):
+    the encoder, training set and test conditions when the caller already holds them.
     """
     from clipforge.models import load_model
 
@@ -96,8 +98,8 @@ def evaluate_captioning(
     decode = decode or DecodeOptions()
     data = [data] if isinstance(data, str) else list(data)
     cap = Captioner.load(captioner)
-    enc_model = cap.load_encoder(encoder)
-    test = shard_conditions(enc_model, data, cap.condition, workers=workers)
+    enc_model = (prepared and prepared.encoder) or cap.load_encoder(encoder)
+    test = (prepared and prepared.eval) or shard_conditions(enc_model, data, cap.condition, workers=workers)
     n = min(limit or len(test), len(test))
     keys, cond, refs = test.keys[:n], test.cond[:n], test.captions[:n]
     texts, _ = cap.caption(cond, decode, decap_temperature)
@@ -112,8 +114,8 @@ def evaluate_captioning(
             img = _scoring_images(scorer, data, keys, workers)
 
     train_data = train_data if train_data is not None else cap.meta.get("train", {}).get("data")
-    train = None
-    if train_data:
+    train = prepared.train if prepared is not None and train_data else None
+    if train_data and train is None:
         root = Path(cache_dir) if cache_dir else Path(captioner).resolve().parent.parent / ".feature_cache"
         root = root if root.is_dir() else None  # no cache yet: encode in memory, build none here
         train = training_set(

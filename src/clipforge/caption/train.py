@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from clipforge.caption.captioner import Captioner, encoder_fingerprint
 from clipforge.caption.decoder import CaptionDecoder, DecoderConfig
 from clipforge.caption.decoding import DecodeOptions
-from clipforge.caption.features import training_set
+from clipforge.caption.features import Conditions, TrainingSet, training_set
 from clipforge.caption.vocab import CaptionVocab, build_vocab
 from clipforge.config import ConfigError, check_run_config, from_dict, to_dict, write_run_config
 from clipforge.models.encode import autocast
@@ -202,6 +202,15 @@ def lr_by_fraction(step: int, frac: float, cfg: CaptionTrainConfig) -> float:
     return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0))))
 
 
+@dataclass
+class Prepared:
+    """What :func:`train_captioner` would otherwise compute itself."""
+
+    encoder: Any = None
+    train: TrainingSet | None = None
+    eval: Conditions | None = None
+
+
 def caption_loss(model: CaptionDecoder, cond: torch.Tensor, tokens: torch.Tensor, pad: int, smoothing: float):
     logits = model(cond, tokens)[:, :-1]
     return F.cross_entropy(
@@ -222,8 +231,13 @@ def train_captioner(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    prepared: Prepared | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) a captioner; returns the run summary (also written to OUTPUT/summary.json)."""
+    """Train (or resume) a captioner; returns the run summary (also written to OUTPUT/summary.json).
+
+    ``prepared``: the encoder and conditions when the caller already holds them (a benchmark that
+    also scores baselines); they must come from ``cfg.model`` / ``cfg.data`` / ``cfg.eval_data``.
+    """
     from clipforge.models import load_model
     from clipforge.runtime import setup_process
     from clipforge.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
@@ -247,14 +261,15 @@ def train_captioner(
     torch.manual_seed(cfg.seed)
     t0, c0 = time.perf_counter(), time.process_time()
 
-    encoder = load_model(cfg.model, allow_code=True, **cfg.model_opts)  # the caller's own spec
+    prepared = prepared or Prepared()
+    encoder = prepared.encoder or load_model(cfg.model, allow_code=True, **cfg.model_opts)  # caller's spec
     kind = _resolve_condition(cfg, encoder)
     cache_root = (
         (Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature_cache")
         if cfg.feature_cache
         else None
     )
-    ts = training_set(
+    ts = prepared.train or training_set(
         encoder, cfg.data, kind, text=cfg.mode == "text-only", cache_root=cache_root, workers=cfg.workers,
         progress=progress,
     )  # fmt: skip
@@ -267,6 +282,7 @@ def train_captioner(
         vocab.save(vocab_path)
     dcfg = from_dict(DecoderConfig, {**to_dict(cfg.decoder), "vocab_size": len(vocab),
                                      "cond_dim": int(ts.cond.cond.shape[1])})  # fmt: skip
+    torch.manual_seed(cfg.seed)  # the decoder's init and dropout depend on the seed only, not on the encoder
     model = CaptionDecoder(dcfg)
     pairs = make_pairs(ts.cond.captions, vocab, dcfg.max_len)
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)
@@ -284,7 +300,7 @@ def train_captioner(
         "decap_temperature": cfg.decap_temperature if cfg.mode == "text-only" else None,
         "train": {"data": cfg.data, "images": len(ts.cond), "pairs": len(pairs)},
     }  # fmt: skip
-    evaluator = _Evaluator(cfg, encoder, kind, out, step) if cfg.eval_data else None
+    evaluator = _Evaluator(cfg, encoder, kind, out, step, prepared.eval) if cfg.eval_data else None
 
     def save(s: int) -> None:
         state = {"epoch": s // per_epoch, "config": to_dict(cfg)}
@@ -381,11 +397,13 @@ class _Evaluator:
     """Scores the captioner on ``eval_data`` during training: rows of OUTPUT/eval.jsonl (the curve
     of BLEU-4/CIDEr-D against CPU time). Conditions are computed once."""
 
-    def __init__(self, cfg: CaptionTrainConfig, encoder: Any, kind: str, out: Path, resume_step: int) -> None:
+    def __init__(
+        self, cfg: CaptionTrainConfig, encoder: Any, kind: str, out: Path, resume_step: int, c: Any = None
+    ) -> None:
         from clipforge.caption.features import shard_conditions
 
         self.cfg, self.path = cfg, out / "eval.jsonl"
-        c = shard_conditions(encoder, cfg.eval_data, kind, workers=cfg.workers)
+        c = c or shard_conditions(encoder, cfg.eval_data, kind, workers=cfg.workers)
         n = min(cfg.eval_limit, len(c))
         self.cond, self.keys, self.refs = c.cond[:n], c.keys[:n], c.captions[:n]
         if self.path.exists():  # a resumed run keeps the rows up to its checkpoint
