@@ -121,6 +121,9 @@ def main() -> None:
         default=None,
         help="decoder-training CPU minutes (cosine over the budget; --epochs is then an upper bound)",
     )
+    p.add_argument("--wall-budget", type=float, default=None,
+                   help="decoder-training wall minutes (shared machine): the schedule follows whichever budget "
+                   "is spent first")  # fmt: skip
     p.add_argument("--curve-images", type=int, default=500, help="test images scored at each curve point")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
@@ -152,7 +155,7 @@ def main() -> None:
         "model": a.model, "model_opts": model_opts,
         "decoder": {"prefix_len": 4, "layers": layers, "width": width, "heads": heads, "dropout": 0.1},
         "min_count": a.min_count, "epochs": a.epochs, "max_steps": a.max_steps,
-        "cpu_budget_minutes": a.cpu_budget, "precision": a.precision, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
+        "cpu_budget_minutes": a.cpu_budget, "wall_budget_minutes": a.wall_budget, "precision": a.precision, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
         "label_smoothing": 0.1, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
         "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "feature_cache": a.feature_cache,
         "cache_dir": str(out / "feature_cache"),

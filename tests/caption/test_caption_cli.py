@@ -208,3 +208,11 @@ def test_cpu_budget_stops_training(slices, tmp_path, capsys):
                  "--max-steps", "100000", "--cpu-budget-minutes", "0.02", "--precision", "bf16"], capsys)  # fmt: skip
     assert rc == 0 and 0 < s["steps"] < 100000 and s["train_cpu_s"] >= 1.2
     assert (tmp_path / "budget" / "captioner" / "model.safetensors").exists()
+
+
+def test_wall_budget_stops_training(slices, tmp_path, capsys):
+    rc, s = cli(["train", "--data", *slices[0], "--output", str(tmp_path / "wall"), *TINY, *DECODER, *STEPS,
+                 "--max-steps", "100000", "--wall-budget-minutes", "0.02"], capsys)  # fmt: skip
+    assert rc == 0 and 0 < s["steps"] < 100000
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "wall" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] < 0.2 * max(lrs)  # the cosine ran down over the wall budget

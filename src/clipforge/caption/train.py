@@ -71,6 +71,13 @@ class CaptionTrainConfig:
             "(then a resume is not bit-exact: the schedule follows measured time)"
         },
     )
+    wall_budget_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "decoder-training wall minutes (a shared machine); with a CPU budget too, the "
+            "schedule follows whichever is spent first"
+        },
+    )
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -119,8 +126,9 @@ class CaptionTrainConfig:
             raise ConfigError(f"condition {self.condition!r}: features | embedding | auto")
         if self.mode == "text-only" and self.condition == "features":
             raise ConfigError("text-only captioners read embeddings (a text has no image features)")
-        if self.cpu_budget_minutes is not None and self.cpu_budget_minutes <= 0:
-            raise ConfigError("cpu_budget_minutes must be > 0")
+        for name in ("cpu_budget_minutes", "wall_budget_minutes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")
         if self.batch_size < 1 or self.epochs <= 0 or self.noise_std < 0:
             raise ConfigError("batch_size >= 1, epochs > 0 and noise_std >= 0 are required")
 
@@ -255,7 +263,16 @@ def train_captioner(
         check_run_config(
             out / "config.yaml",
             cfg,
-            ignore={"output", "cache_dir", "feature_cache", "max_steps", "threads", "workers", "eval_every"},
+            ignore={
+                "output",
+                "cache_dir",
+                "feature_cache",
+                "max_steps",
+                "wall_budget_minutes",
+                "threads",
+                "workers",
+                "eval_every",
+            },
         )
     write_run_config(out / "config.yaml", cfg)
     torch.manual_seed(cfg.seed)
@@ -324,8 +341,18 @@ def train_captioner(
     epoch = -1
     loss_sum, loss_n, tick = 0.0, 0, time.perf_counter()
     budget = 60 * cfg.cpu_budget_minutes if cfg.cpu_budget_minutes else None
+    wall_budget = 60 * cfg.wall_budget_minutes if cfg.wall_budget_minutes else None
+    w1 = time.perf_counter()
+
+    def spent() -> float | None:
+        """Share of the budget spent (the larger of CPU and wall when both are set); None: no budget."""
+        shares = [train_cpu() / budget] if budget else []
+        shares += [(time.perf_counter() - w1) / wall_budget] if wall_budget else []
+        return max(shares) if shares else None
+
     while step < total:
-        if budget is not None and train_cpu() >= budget:  # the CPU budget is spent: stop here
+        frac = spent()
+        if frac is not None and frac >= 1.0:  # the budget is spent: stop here
             total = step
             break
         if step // per_epoch != epoch:
@@ -333,10 +360,10 @@ def train_captioner(
             batches = epoch_batches(pairs, cfg.batch_size, cfg.seed, epoch)
         idx = batches[step % per_epoch]
         cond, tokens = batch_inputs(idx, pairs, ts.cond.cond, ts.text, cfg, step, vocab.pad_id)
-        if budget is None:
+        if frac is None:
             lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr_ratio)
         else:
-            lr = lr_by_fraction(step, train_cpu() / budget, cfg)
+            lr = lr_by_fraction(step, frac, cfg)
         set_lr(opt, lr)
         with autocast(cfg.precision):
             loss = caption_loss(model, cond, tokens, vocab.pad_id, cfg.label_smoothing)
@@ -346,7 +373,7 @@ def train_captioner(
         opt.step()
         step += 1
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        last = step == total or (budget is not None and train_cpu() >= budget)
+        last = step == total or (frac is not None and (spent() or 0.0) >= 1.0)
         if step % cfg.log_every == 0 or last:
             dt = time.perf_counter() - tick
             logger.log({"step": step, "loss": loss_sum / loss_n, "lr": lr, "grad_norm": gnorm,
