@@ -34,15 +34,29 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FLICKR = HERE.parents[1] / "shared" / "data" / "flickr8k"
-# The README recipe. "clip_score top 70%" drops the bottom 30%: that share equals the injected
+# The recipe. "clip_score > auto" is the cut of a 2-Gaussian mixture fitted to the scores per caption
+# length bucket (curate/threshold.py): chosen without ground truth (issue 13). The old README recipe's
+# "clip_score top 70%" (--clip-cut top70) drops the bottom 30%: that share equals the injected
 # caption-shuffle rate, i.e. it is informed by the ground truth (a real team would not know it).
+CLIP_CUTS = {"auto": "clip_score > auto", "top70": "clip_score top 70%"}
 RECIPE = [
     "image_valid and not is_blank",
     "not is_duplicate",
     "not is_eval_duplicate",
-    "clip_score top 70%",
+    CLIP_CUTS["auto"],
     "caption_words >= 3",
 ]
+
+
+def mixture_cut(scores: Path) -> dict:
+    """The label-free clip-score cut and noise-rate estimate of the final scores (no injected rate used)."""
+    import pyarrow.parquet as pq
+
+    from clipforge.curate.threshold import table_auto_threshold
+
+    res = table_auto_threshold(pq.read_table(Path(scores) / "scores.parquet"))
+    res.pop("cuts")
+    return res
 
 
 def sh(cmd: list[str]) -> dict:
@@ -207,11 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="curation recipe, repeatable (default: " + "; ".join(RECIPE).replace("%", "%%") + ")",
     )
+    ap.add_argument(
+        "--clip-cut",
+        choices=sorted(CLIP_CUTS),
+        default="auto",
+        help="clip-score cut of the default recipe: mixture cut (auto) or the rate-informed top 70%%",
+    )
+    ap.add_argument("--copy", action="store_true", help="also run the copy stage (near-copy descriptors)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     t0 = time.time()
     w = Path(a.work)
-    recipe = a.where or RECIPE
+    recipe = a.where or [CLIP_CUTS[a.clip_cut] if r == CLIP_CUTS["auto"] else r for r in RECIPE]
     clean = [str(p) for p in sorted(FLICKR.glob("train-*.tar"))]
     corrupt = w / "corrupt"
     sys.path.insert(0, str(HERE))
@@ -247,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "b_corrupted", lambda: quickstart(corrupt_shards, w / "runs" / "b_corrupted", a)
     )
     scorer = reports["b_corrupted"]["model"]
-    stages = "clip-score,text,image,dedup"
+    stages = "clip-score,text,image,copy,dedup" if a.copy else "clip-score,text,image,dedup"
     timed("curate_run", lambda: curate_run(corrupt_shards, w / "scores", scorer, stages, a))
     scores = w / "scores"
     scorer_note = f"model (b), trained on the corrupted data it scores (in-sample): {scorer}"
@@ -288,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         reports["c_curated"] = timed("c_curated", lambda: quickstart(curated, w / "runs" / "c_curated", a))
     faults = evaluate_faults(str(scores), faults_json)
     filters = recipe_table(str(scores), faults_json, recipe)
+    clip_threshold = mixture_cut(scores)
     upper = None
     if a.upper_bound:  # clip-score only, scorer = model (a): it saw the clean pairs, so it leaks
         timed(
@@ -310,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "oof_rounds": rounds,
         "recipe": recipe,
         "faults_by_column": faults,
+        "clip_threshold": clip_threshold,  # the mixture's estimate; the injected rate is faults_injected
         "filters": filters,
         "upper_bound_clean_scorer_shuffled": upper,
         "runs": {
@@ -324,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         return 0
     print(f"scorer: {out['scorer']}\ninjected: {out['faults_injected']}")
+    ct = out["clip_threshold"]
+    print(
+        f"clip-score mixture cut (no labels): est. noise rate {ct['noise_rate']:.3f}, below cut {ct['below_cut']:.3f}"
+    )
     print(
         "\nfilter P/R on removed rows (recall | precision per fault type; prec_any = removed rows with any fault)"
     )
