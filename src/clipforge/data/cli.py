@@ -63,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ing.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     ing.add_argument("--workers", type=int, default=16, help="download/decode threads")
     ing.add_argument("--timeout", type=float, default=10.0, help="HTTP connect/read timeout (s)")
+    ing.add_argument(
+        "--total-timeout",
+        type=float,
+        default=60.0,
+        help="wall-clock limit for one URL's whole download, redirects included (s)",
+    )
     ing.add_argument("--retries", type=int, default=2, help="retries for transient HTTP failures")
     ing.add_argument("--backoff", type=float, default=0.5, help="first retry delay (s), doubled each retry")
     ing.add_argument("--per-host", type=int, default=4, help="max concurrent requests per host")
@@ -118,6 +124,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         caption_column=args.caption_column,
         fetch=FetchConfig(
             timeout=args.timeout,
+            total_timeout=args.total_timeout,
             retries=args.retries,
             backoff=args.backoff,
             per_host=args.per_host,
