@@ -197,3 +197,22 @@ def test_copy_threshold_from_config_and_fallback(tmp_path, pooled_model):
     s = run_curation([str(p) for p in shards], tmp_path / "b", cfg, model=pooled_model, progress=False)
     assert s["global"]["dedup"]["copy_threshold_source"].startswith("fallback")
     assert s["global"]["dedup"]["copy_threshold"] == 0.77
+
+
+def test_run_dir_from_before_the_copy_keys_resumes(tmp_path):
+    import yaml
+
+    shards, _ = planted_shard(tmp_path, n=6)
+    cfg = CurateConfig.from_dict({"stages": ["image"], "batch_size": 8})
+    out = tmp_path / "out"
+    run_curation([str(p) for p in shards], out, cfg, progress=False)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for k in [k for k in saved["dedup"] if k.startswith("copy_") or k == "near_rule"]:
+        del saved["dedup"][k]  # as written before the copy keys existed
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    s = run_curation([str(p) for p in shards], out, cfg, progress=False)
+    assert s["shards_resumed"] == 1
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    changed = CurateConfig.from_dict({"stages": ["image"], "batch_size": 8, "dedup": {"copy_threshold": 0.5}})
+    with pytest.raises(ConfigError, match="copy_threshold"):
+        run_curation([str(p) for p in shards], out, changed, progress=False)

@@ -184,8 +184,32 @@ def open_run_dir(
     prepare_output(out_dir, overwrite=overwrite, resume=is_run, inputs=inputs or [])
     if not (out_dir / RUN_CONFIG).exists():
         check_legacy_config(out_dir / "manifest.json", config)
-    check_run_config(out_dir / RUN_CONFIG, config, ignore=RESUME_MAY_CHANGE)
+    added = keys_added_since(out_dir / RUN_CONFIG, config)
+    check_run_config(out_dir / RUN_CONFIG, config, ignore=(*RESUME_MAY_CHANGE, *added))
     write_run_config(out_dir / RUN_CONFIG, config)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+
+
+def keys_added_since(path: Path, config: CurateConfig) -> list[str]:
+    """Keys a run dir's config.yaml predates (e.g. ``dedup.copy_*``) and that ``config`` leaves at default.
+
+    A run written before a setting existed behaved as its default, so resuming it is no mix of settings.
+    """
+    from clipforge.config import load_file
+
+    if not path.is_file():
+        return []
+    try:
+        saved = _flat(load_file(path))
+    except (ValueError, OSError):
+        return []  # check_run_config reports the unreadable file
+    now, default = _flat(config.to_dict()), _flat(CurateConfig().to_dict())
+    return [k for k, v in now.items() if k not in saved and k in default and v == default[k]]
 
 
 def check_legacy_config(manifest_path: Path, config: CurateConfig) -> None:
