@@ -1,4 +1,4 @@
-"""Curation: score, filter, dedup and balance image-text pairs (``clipforge curate run|filter|report``).
+"""Curation: score, filter, dedup and balance image-text pairs (``clipforge curate run|filter|report|threshold``).
 
 Stages are batch functions registered by name (:mod:`clipforge.curate.registry`, resolved by
 :mod:`clipforge.curate.plan`); the local engine (:mod:`clipforge.curate.engine`) and the Ray engine
@@ -10,6 +10,11 @@ Quick use::
     from clipforge.curate import CurateConfig, run_curation, filter_run
     run_curation(["shards/*.tar"], "runs/scores", CurateConfig(stages=["text", "image", "dedup"]))
     filter_run("runs/scores", ["not is_duplicate", "caption_words >= 3"], "runs/curated")
+
+Near copies: add the ``copy`` stage (``--stages clip-score,text,image,copy,dedup``): frozen pre-head
+descriptors, threshold calibrated on synthetic copies of the data (:mod:`clipforge.curate.copydetect`),
+combined with pHash by ``dedup.near_rule``. A label-free clip-score cut: ``curate threshold`` or the
+filter ``clip_score > auto`` (:mod:`clipforge.curate.threshold`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ _EXPORTS = {
     "parse_filter": "clipforge.curate.filter",
     "filter_run": "clipforge.curate.reshard",
     "build_report": "clipforge.curate.report",
+    "auto_threshold": "clipforge.curate.threshold",
+    "calibrate_threshold": "clipforge.curate.copydetect",
+    "synthetic_copy": "clipforge.curate.copydetect",
 }
 _RENAMED = {"parse_filter": "parse"}
 
