@@ -217,3 +217,26 @@ def test_sample_io_untouched(tmp_path: Path) -> None:
     assert keys == list("abc") and report.total == 0
     raw = next(iter_tar_samples(str(shard)))
     assert raw["txt"] == b"caption of a" and io.BytesIO(raw["jpg"]).read(2) == b"\xff\xd8"
+
+
+def test_skipping_a_compressed_member_is_linear(tmp_path: Path, monkeypatch) -> None:
+    """tarfile skips in 10 KB reads, each copying the inflated remainder: a 2 GiB member of a 2 MB
+    .tar.gz took 102 s to skip. Skipped data is now read in 8 MiB reads."""
+    shard = _shard(
+        tmp_path / "s.tar.gz",
+        _sample_bytes("a"),
+        _member("b.jpg", bytes(64 << 20)),
+        _sample_bytes("c"),
+        gz=True,
+    )
+    calls = [0]
+    real = tarfile._Stream.read
+
+    def counting(self, size=-1):
+        calls[0] += 1
+        return real(self, size)
+
+    monkeypatch.setattr(tarfile._Stream, "read", counting)
+    keys, report = _read(shard, ReadLimits(max_image_bytes=1 << 20))
+    assert keys == ["a", "c"] and dict(report.counts) == {"member_too_large": 1}
+    assert calls[0] < 200, f"{calls[0]} stream reads to skip 64 MiB"

@@ -158,6 +158,26 @@ class _Bomb(Exception):
     pass
 
 
+_SKIP_CHUNK = 8 << 20
+
+
+def _skip_to_next_header(tf: tarfile.TarFile) -> None:
+    """Discard the data of the member just passed over, in big reads.
+
+    tarfile's own skip (``_Stream.seek``) reads 10 KB at a time and, on a compressed stream, copies the
+    whole inflated remainder on every read: skipping a 2 GiB member of a 2 MB .tar.gz took 102 s. In
+    8 MiB reads it is linear (and memory stays at one read plus one inflated block).
+    """
+    if tf.firstmember is not None:  # read by TarFile.__init__, its data not reached yet
+        return
+    left = tf.offset - tf.fileobj.tell()
+    while left > 0:
+        got = len(tf.fileobj.read(min(left, _SKIP_CHUNK)))
+        if got == 0:
+            return  # end of data: tf.next() reports it
+        left -= got
+
+
 def _end_problem(tf: tarfile.TarFile) -> str | None:
     """None if the archive ended with its end-of-archive marker, else what went wrong."""
     end = getattr(tf, "_clipforge_end", None)
@@ -220,6 +240,7 @@ def iter_tar_samples(
         with tarfile.open(fileobj=counted, mode="r|*", tarinfo=_EndAwareTarInfo) as tf:  # type: ignore[arg-type]
             compressed = getattr(tf.fileobj, "comptype", "tar") != "tar"
             while True:
+                _skip_to_next_header(tf)
                 member = tf.next()
                 if member is None:
                     break
