@@ -1,0 +1,195 @@
+"""open_clip parity fixtures: tiny random open_clip ViT models + their reference outputs, and the check.
+
+Step 1 runs in a side venv that has open_clip (it cannot be imported next to the CPU torch here: its
+torchvision import fails, so a stub that raises on use stands in, as in bench_train.py):
+
+    python -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.13.0 open_clip_torch safetensors
+    /tmp/oc/bin/python benchmarks/openclip_parity.py write --out tests/models/data/openclip_parity
+
+It writes one hub-layout dir per config family (gelu, quickgelu, eos pooling, SigLIP-style logit_bias),
+each with ``reference.safetensors`` (pixels, input_ids, open_clip's image/text features, logit scale/bias).
+Step 2 runs here (clipforge's venv): ``openclip:DIR`` must give the same features to 1e-5:
+
+    python benchmarks/openclip_parity.py check --out tests/models/data/openclip_parity
+
+Step 3 (side venv): an export by ``clipforge export --format openclip`` loads in open_clip itself:
+
+    /tmp/oc/bin/python benchmarks/openclip_parity.py load-export --out DIR   (prints max |diff| vs reference)
+
+The fixtures are ~100 KB each (widths 32, 2 layers): commit them if the total stays < 1 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import json
+import sys
+import types
+from pathlib import Path
+
+BASE = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 1000, "width": 32, "heads": 4, "layers": 2},
+}
+FAMILIES = {
+    "vit-gelu": {},
+    "vit-quickgelu": {"quick_gelu": True},
+    "vit-eos-pool": {"text_cfg": {**BASE["text_cfg"], "pool_type": "eos", "eos_id": 7}},
+    "vit-logit-bias": {"init_logit_bias": -10.0},
+}
+
+
+def stub_torchvision() -> None:
+    """open_clip imports torchvision for transforms only; a stub that raises on use stands in."""
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+    class Unavailable:
+        def __init__(self, *a, **k):
+            raise RuntimeError("torchvision stub: not available")
+
+    def placeholder(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (Unavailable,), {})
+
+    for name in (
+        "torchvision",
+        "torchvision.transforms",
+        "torchvision.transforms.functional",
+        "torchvision.ops",
+        "torchvision.ops.misc",
+    ):
+        m = types.ModuleType(name)
+        m.__getattr__ = placeholder
+        m.__path__ = []
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        sys.modules[name] = m
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, m)
+
+
+def inputs(cfg: dict):
+    """Fixed pixels and token ids: EOT (argmax: the highest id; eos: eos_id) at varying positions."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    size, t = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]
+    pixels = torch.randn(3, 3, size, size, generator=g)
+    eot = t.get("eos_id", t["vocab_size"] - 1) if t.get("pool_type") == "eos" else t["vocab_size"] - 1
+    ids = torch.zeros(3, t["context_length"], dtype=torch.long)
+    for i, n in enumerate((3, 10, t["context_length"])):
+        ids[i, : n - 1] = torch.randint(10, t["vocab_size"] - 1, (n - 1,), generator=g)
+        ids[i, n - 1] = eot
+    return pixels, ids
+
+
+def write(out: Path) -> None:
+    try:
+        import torchvision.transforms  # noqa: F401
+    except Exception:
+        stub_torchvision()
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    for name, over in FAMILIES.items():
+        cfg = {**BASE, **over}
+        torch.manual_seed(0)
+        model = open_clip.CLIP(**cfg).eval()
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        pre = {
+            "size": 32,
+            "mean": [0.48145466, 0.4578275, 0.40821073],
+            "std": [0.26862954, 0.26130258, 0.27577711],
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        }
+        (d / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}, indent=2)
+        )
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors")
+        )
+        pixels, ids = inputs(cfg)
+        with torch.no_grad():
+            ref = {
+                "pixels": pixels,
+                "input_ids": ids,
+                "image": model.encode_image(pixels),
+                "text": model.encode_text(ids),
+                "logit_scale": model.logit_scale.detach().reshape(1),
+            }
+            if getattr(model, "logit_bias", None) is not None:
+                ref["logit_bias"] = model.logit_bias.detach().reshape(1)
+        save_file(ref, str(d / "reference.safetensors"))
+        print(f"wrote {d}")
+
+
+def check(out: Path) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from clipforge.models.openclip import build, build_config
+    from clipforge.models.tokenizer import Tokenizer
+
+    worst = 0.0
+    for d in sorted(p for p in out.iterdir() if (p / "reference.safetensors").is_file()):
+        ref = load_file(str(d / "reference.safetensors"))
+        config = build_config(f"openclip:{d}")
+        # the fixtures carry token ids, not text: any tokenizer object will do (it is never called)
+        model = build(config, tokenizer=Tokenizer.minilm(context_length=config.context_length)).eval()
+        ids = ref["input_ids"]
+        with torch.no_grad():
+            a = model.encode_image(ref["pixels"], normalize=False)
+            b = model.encode_text({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, normalize=False)
+        diffs = {
+            "image": float((a - ref["image"]).abs().max()),
+            "text": float((b - ref["text"]).abs().max()),
+            "logit_scale": float((model.logit_scale.detach() - ref["logit_scale"][0]).abs()),
+        }
+        if "logit_bias" in ref:
+            diffs["logit_bias"] = float((model.logit_bias.detach() - ref["logit_bias"][0]).abs())
+        worst = max(worst, *diffs.values())
+        print(d.name, json.dumps(diffs))
+    print(f"max |diff| {worst:.2e} ({'ok' if worst < 1e-5 else 'FAIL'} at 1e-5)")
+    return 0 if worst < 1e-5 else 1
+
+
+def load_export(directory: Path) -> int:
+    try:
+        import torchvision.transforms  # noqa: F401
+    except Exception:
+        stub_torchvision()
+    import open_clip
+    import torch
+
+    model = open_clip.create_model(f"local-dir:{directory}").eval()
+    cfg = json.loads((directory / "open_clip_config.json").read_text())["model_cfg"]
+    pixels, ids = inputs(cfg)
+    with torch.no_grad():
+        print(
+            json.dumps(
+                {"image": list(model.encode_image(pixels).shape), "text": list(model.encode_text(ids).shape)}
+            )
+        )
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=["write", "check", "load-export"])
+    p.add_argument("--out", required=True, type=Path)
+    a = p.parse_args()
+    if a.step == "write":
+        write(a.out)
+        return 0
+    return check(a.out) if a.step == "check" else load_export(a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
