@@ -16,21 +16,18 @@ from clipforge.data.decode import SkipSample, decode_image
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def fetch_bytes(url: str, max_bytes: int, timeout: float = 10.0) -> bytes:
-    """GET ``url`` with a size cap (streamed, so a huge body is refused without being read whole)."""
-    import requests
+def fetch_bytes(url: str, max_bytes: int, timeout: float = 10.0, allow_private: bool = True) -> bytes:
+    """GET ``url`` through the one safe fetch (size cap, wall-clock deadline, redirects re-checked).
 
-    with requests.get(url, stream=True, timeout=timeout) as r:
-        r.raise_for_status()
-        declared = int(r.headers.get("content-length") or 0)
-        if declared > max_bytes:
-            raise ValueError(f"image at {url} is {declared} bytes > limit {max_bytes}")
-        buf = io.BytesIO()
-        for chunk in r.iter_content(1 << 16):
-            buf.write(chunk)
-            if buf.tell() > max_bytes:
-                raise ValueError(f"image at {url} exceeds limit {max_bytes} bytes")
-        return buf.getvalue()
+    ``allow_private`` defaults to True here because this path serves the trusted command line
+    (``clipforge index search INDEX URL``); the server passes its own setting.
+    """
+    from clipforge.data.fetch import FetchError, safe_fetch
+
+    try:
+        return safe_fetch(url, max_bytes=max_bytes, timeout_s=timeout, allow_private=allow_private).data
+    except FetchError as e:
+        raise ValueError(f"cannot fetch image {url}: {e.public}") from None
 
 
 def check_image_size(data: bytes, max_pixels: int) -> None:
