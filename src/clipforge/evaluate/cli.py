@@ -67,12 +67,24 @@ def register(subparsers: Any) -> None:
     _caption_args(cap)
     cap.set_defaults(func=cmd_captioning)
 
+    comp = sub.add_parser(
+        "compositionality",
+        help="hard-negative caption selection (SugarCrepe/ARO-style probes) next to a blind text-only LM",
+        description="Flags come from CompositionalityConfig (evaluate/config.py). Writes OUTPUT/results.json "
+        "and OUTPUT/probes.jsonl (reusable with --probes).",
+    )
+    _comp_args(comp)
+    comp.set_defaults(func=cmd_compositionality)
+
     run = sub.add_parser("run", help="all tasks of the built-in datasets (cifar10 + flickr8k by default)")
     _args(run)
     run.add_argument("--datasets", default="cifar10,flickr8k", help="comma-separated built-in datasets")
     run.add_argument("--captioner", default=None, help="also score this captioner dir on flickr8k test "
                      "(CLIPScore/self-retrieval by --model)")  # fmt: skip
     run.add_argument("--caption-limit", type=int, default=None, help="captioning: only the first N images")
+    run.add_argument("--compositionality", action="store_true", help="also run generated compositionality "
+                     "probes on flickr8k test (reusing its embeddings)")  # fmt: skip
+    run.add_argument("--llm", default=None, help="compositionality: blind LM (HF dir, .gguf, or smollm2)")
     run.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="metric deltas between two results.json files (B - A)")
@@ -142,6 +154,69 @@ def _add_captioning(args: argparse.Namespace, cfg: Any, report: dict[str, Any]) 
         write_json(f"{cfg.output}/results.json", report)
 
 
+def _comp_args(p: argparse.ArgumentParser) -> None:
+    from clipforge.config import add_arguments
+    from clipforge.evaluate.config import CompositionalityConfig
+
+    p.add_argument("--model", required=True, help="model spec or saved model dir (see clipforge.models)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_arguments(p.add_argument_group("probe settings (CompositionalityConfig)"), CompositionalityConfig,
+                  skip={"progress"})  # fmt: skip
+
+
+def _print_comp(report: dict[str, Any]) -> None:
+    from clipforge.evaluate.compositionality import comp_rows
+    from clipforge.utils import format_table
+
+    print(format_table(comp_rows(report), ["probe", "n", "model acc [95% CI]", "blind LM acc [95% CI]"]))
+    r0 = report["results"][0] if report["results"] else {}
+    print(f"blind filter: {r0.get('blind_filter', '-')}")
+
+
+def cmd_compositionality(args: argparse.Namespace) -> int:
+    from clipforge.config import ConfigError, from_args
+    from clipforge.evaluate.compositionality import run_compositionality
+    from clipforge.evaluate.config import CompositionalityConfig
+    from clipforge.utils import default_output, emit_json, setup_torch_threads
+
+    setup_torch_threads(args.threads)
+    try:
+        from clipforge.models import load_model
+
+        cfg = from_args(
+            CompositionalityConfig, args, base={"output": str(default_output("eval-compositionality"))}
+        )
+        report = run_compositionality(load_model(args.model, allow_code=True), cfg)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        if args.json:
+            emit_json({"error": str(e)})
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        emit_json({**report, "output": cfg.output})
+        return 0
+    _print_comp(report)
+    print(f"saved {cfg.output}/results.json and probes.jsonl ({report['seconds']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _add_compositionality(args: argparse.Namespace, cfg: Any, model: Any, report: dict[str, Any],
+                          images: dict[str, Any]) -> None:  # fmt: skip
+    """``eval run --compositionality``: generated probes on flickr8k test, its embeddings reused."""
+    from clipforge.evaluate.compositionality import run_compositionality
+    from clipforge.evaluate.config import CompositionalityConfig
+    from clipforge.utils import write_json
+
+    ccfg = CompositionalityConfig(data_root=cfg.data_root, llm=args.llm, workers=cfg.workers,
+                                  precision=cfg.precision, progress=cfg.progress,
+                                  output=f"{cfg.output}/compositionality" if cfg.output else None)  # fmt: skip
+    comp = run_compositionality(model, ccfg, images=images.get("flickr8k"))
+    report["results"].extend(comp["results"])
+    if cfg.output:
+        write_json(f"{cfg.output}/results.json", report)
+
+
 def _task_handler(task: str):
     def handler(args: argparse.Namespace) -> int:
         return _run(args, task=task)
@@ -204,9 +279,12 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
             else [d.strip() for d in args.datasets.split(",") if d.strip()]
         )
         model = load_model(args.model, allow_code=True)  # --model is the user's own argument
-        report = evaluate(model, datasets, cfg)
+        images: dict[str, Any] = {}
+        report = evaluate(model, datasets, cfg, images=images)
         if task is None and getattr(args, "captioner", None) and dist.is_main():
             _add_captioning(args, cfg, report)
+        if task is None and getattr(args, "compositionality", False) and dist.is_main():
+            _add_compositionality(args, cfg, model, report, images)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

