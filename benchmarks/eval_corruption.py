@@ -1,6 +1,12 @@
-"""Precision / recall of curation filters at catching the faults injected by make_corrupted_flickr.py.
+"""Corruption benchmarks: (1) zero-shot robustness curves of models under in-process image corruptions,
+(2) precision / recall of curation filters at catching the faults injected by make_corrupted_flickr.py.
 
+    python benchmarks/eval_corruption.py --model M1 --model M2 --output runs/robustness --limit 1000
     python benchmarks/eval_corruption.py --scores /tmp/flk-scores --faults /tmp/flk-corrupt/faults.json
+
+(1) is ``clipforge eval robustness`` (evaluate/robustness.py) once per model, into OUTPUT/<n>/ (JSON +
+PNG curve each), and one table: CIFAR-10 zero-shot top-1 clean and at severities 1-3 of Gaussian noise,
+blur, JPEG and contrast.
 
 For each fault type, the filter that should catch it (all from ``OUT/scores.parquet``, no rescoring):
 
@@ -138,13 +144,39 @@ def recipe_table(scores_dir: str, faults_path: str, recipe: list[str]) -> dict:
     return out
 
 
+def robustness(models: list[str], output: str, limit: int, data_root: str | None, as_json: bool) -> int:
+    """A robustness curve per model (evaluate/robustness.py does the work)."""
+    from clipforge.evaluate.robustness import robustness_rows, run_robustness
+    from clipforge.models import load_model
+
+    rows, reports = [], {}
+    for i, spec in enumerate(models):
+        cfg = {"output": f"{output}/{i}", "limit": limit, "data_root": data_root, "progress": not as_json}
+        rep = run_robustness(load_model(spec, allow_code=True), cfg)
+        reports[spec] = {"output": cfg["output"], "results": rep["results"], "seconds": rep["seconds"]}
+        rows += [[spec, *r] for r in robustness_rows(rep)]
+    if as_json:
+        emit_json(reports)
+    else:
+        print(format_table(rows, ["model", "corruption", "clean", "s1", "s2", "s3"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scores", required=True, help="curate run output dir")
-    ap.add_argument("--faults", required=True, help="faults.json from make_corrupted_flickr.py")
+    ap.add_argument("--model", action="append", default=[], help="robustness curve of this model (repeat)")
+    ap.add_argument("--output", default="runs/eval-robustness", help="robustness: per-model dirs go here")
+    ap.add_argument("--limit", type=int, default=1000, help="robustness: first N CIFAR-10 test images")
+    ap.add_argument("--data-root", default=None, help="robustness: dir with cifar10/")
+    ap.add_argument("--scores", default=None, help="curate run output dir")
+    ap.add_argument("--faults", default=None, help="faults.json from make_corrupted_flickr.py")
     ap.add_argument("--shuffle-pct", type=float, default=None, help="bottom %% of clip_score flagged")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.model:
+        return robustness(a.model, a.output, a.limit, a.data_root, a.json)
+    if not (a.scores and a.faults):
+        ap.error("give --model M (robustness curves) or --scores DIR --faults FILE (curation faults)")
     res = evaluate_faults(a.scores, a.faults, a.shuffle_pct)
     if a.json:
         emit_json(res)

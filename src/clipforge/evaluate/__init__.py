@@ -1,4 +1,4 @@
-"""Evaluation: zero-shot classification, image<->text retrieval, linear probe (``clipforge eval``).
+"""Evaluation: zero-shot, retrieval, linear probe, captioning, compositionality, robustness (``clipforge eval``).
 
 Quick use::
 
@@ -34,6 +34,11 @@ _EXPORTS = {
     "default_data_root": "clipforge.evaluate.recipes",
     "probe_split": "clipforge.evaluate.recipes",
     "compare": "clipforge.evaluate.results",
+    "CompositionalityConfig": "clipforge.evaluate.config",
+    "RobustnessConfig": "clipforge.evaluate.config",
+    "run_compositionality": "clipforge.evaluate.compositionality",
+    "run_robustness": "clipforge.evaluate.robustness",
+    "captioning_report": "clipforge.evaluate.captioning",
     "load_result": "clipforge.evaluate.results",
 }
 

@@ -76,6 +76,15 @@ def register(subparsers: Any) -> None:
     _comp_args(comp)
     comp.set_defaults(func=cmd_compositionality)
 
+    rob = sub.add_parser(
+        "robustness",
+        help="zero-shot accuracy under Gaussian noise / blur / JPEG / contrast at 3 severities (a curve)",
+        description="Flags come from RobustnessConfig (evaluate/config.py). Writes OUTPUT/results.json and "
+        "OUTPUT/robustness.png.",
+    )
+    _rob_args(rob)
+    rob.set_defaults(func=cmd_robustness)
+
     run = sub.add_parser("run", help="all tasks of the built-in datasets (cifar10 + flickr8k by default)")
     _args(run)
     run.add_argument("--datasets", default="cifar10,flickr8k", help="comma-separated built-in datasets")
@@ -215,6 +224,42 @@ def _add_compositionality(args: argparse.Namespace, cfg: Any, model: Any, report
     report["results"].extend(comp["results"])
     if cfg.output:
         write_json(f"{cfg.output}/results.json", report)
+
+
+def _rob_args(p: argparse.ArgumentParser) -> None:
+    from clipforge.config import add_arguments
+    from clipforge.evaluate.config import RobustnessConfig
+
+    p.add_argument("--model", required=True, help="model spec or saved model dir (see clipforge.models)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_arguments(p.add_argument_group("robustness settings (RobustnessConfig)"), RobustnessConfig,
+                  skip={"progress"})  # fmt: skip
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from clipforge.config import ConfigError, from_args
+    from clipforge.evaluate.config import RobustnessConfig
+    from clipforge.evaluate.robustness import robustness_rows, run_robustness
+    from clipforge.utils import default_output, emit_json, format_table, setup_torch_threads
+
+    setup_torch_threads(args.threads)
+    try:
+        from clipforge.models import load_model
+
+        cfg = from_args(RobustnessConfig, args, base={"output": str(default_output("eval-robustness"))})
+        report = run_robustness(load_model(args.model, allow_code=True), cfg)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        if args.json:
+            emit_json({"error": str(e)})
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        emit_json({**report, "output": cfg.output})
+        return 0
+    print(format_table(robustness_rows(report), ["corruption", "clean", "s1", "s2", "s3"]))
+    print(f"saved {cfg.output}/results.json and robustness.png ({report['seconds']:.1f} s)", file=sys.stderr)
+    return 0
 
 
 def _task_handler(task: str):

@@ -148,3 +148,40 @@ class CompositionalityConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompositionalityConfig:
         return from_dict(cls, d)
+
+
+CORRUPTION_NAMES = ("gaussian_noise", "blur", "jpeg", "contrast")
+
+
+@dataclass
+class RobustnessConfig:
+    """``clipforge eval robustness``: zero-shot under in-process corruptions (evaluate/robustness.py)."""
+
+    data_root: str | None = _f(None, "dir with cifar10/ (default: ../shared/data)")
+    shards: list[str] = _f([], "your own labelled shards (default: the cifar10 test set)")
+    classnames: str | None = _f(None, "class-names file for --shards")
+    templates: str = _f("cifar10", "template set (imagenet80 | cifar10 | simple) or file")
+    corruptions: list[str] = _f(
+        list(CORRUPTION_NAMES), "corruptions to apply", choices=list(CORRUPTION_NAMES)
+    )
+    limit: int | None = _f(1000, "first N images (0 = all)")
+    seed: int = _f(0, "noise seed")
+    batch_size: int = _f(64, "images per forward pass")
+    precision: str = _f("fp32", "bf16 autocast: faster, ~approx", choices=["fp32", "bf16"])
+    output: str | None = _f(
+        None, "where results.json and robustness.png go (CLI default: runs/eval-robustness)"
+    )
+    progress: bool = _f(True, "progress bars on stderr")
+
+    def validate(self) -> None:
+        bad = [c for c in self.corruptions if c not in CORRUPTION_NAMES]
+        if bad or not self.corruptions:
+            raise ConfigError(f"unknown corruption(s) {bad}: use {CORRUPTION_NAMES}")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 0):
+            raise ConfigError("batch_size must be >= 1 and limit >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RobustnessConfig:
+        return from_dict(cls, d)

@@ -267,6 +267,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
     }
     keep["captioning"] = ("bleu4", "cider_d", "meteor", "rouge_l", "clip_score", "self_r@1")
     keep["compositionality"] = ("accuracy", "blind_accuracy")
+    keep["robustness"] = ("top1_clean", "top1_s1", "top1_s2", "top1_s3")
     rows = []
     for r in report["results"]:
         for m in keep.get(r["task"].split("/")[0], ()):
