@@ -105,3 +105,40 @@ def test_cli_register_and_json(nano, tmp_path, capsys):
     )
     assert again.func(again) == 2  # a non-empty output dir is refused (rc 2, the reason on stderr)
     assert "clipforge export: error:" in capsys.readouterr().err
+
+
+def test_hf_siglip_round_trip(tiny_hf_clip_dir, tmp_path, pixels, texts):
+    """A SigLIP checkpoint exports as SiglipModel with the trained logit scale and bias; not as open_clip."""
+    from transformers import AutoModel, SiglipConfig, SiglipModel
+
+    from clipforge.export import ExportError, export_model
+    from clipforge.models import load_model
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    torch.manual_seed(0)
+    cfg = SiglipConfig(
+        text_config={**small, "vocab_size": 30522, "max_position_embeddings": 16, "pad_token_id": 0},
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+    )
+    src = tmp_path / "siglip"
+    SiglipModel(cfg).eval().save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes((tiny_hf_clip_dir / f).read_bytes())
+    model = load_model(f"hf:{src}")
+    with torch.no_grad():
+        model.logit_bias.fill_(-4.25)
+    export_model(model, "hf", tmp_path / "hf")
+    hf = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    px = pixels(model, 2)
+    tokens = model.tokenize(texts)
+    with torch.no_grad():
+        assert (
+            _features(hf.get_image_features(pixel_values=px)) - model.encode_image(px, normalize=False)
+        ).abs().max() < 1e-5
+        out = _features(
+            hf.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        )
+        assert (out - model.encode_text(tokens, normalize=False)).abs().max() < 1e-5
+        assert float(hf.logit_bias) == pytest.approx(-4.25)
+    with pytest.raises(ExportError, match="SigLIP"):
+        export_model(model, "openclip", tmp_path / "oc")
