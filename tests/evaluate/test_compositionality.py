@@ -134,6 +134,7 @@ def test_blind_filter_keeps_and_drops_by_margin() -> None:
                  "better": -9.5})  # fmt: skip
     blindlm.blind_filter(items, lm, 1.0)
     assert items[0]["negative"] == "near" and items[0]["blind_kept"] is True  # the closest candidate
+    assert items[0]["lm_first"] == -15.0  # the unfiltered probe's negative, for the naive baseline
     assert items[1]["blind_kept"] is False  # 1.5 nats away
     assert items[2]["blind_kept"] is True and items[2]["lm_neg"] > items[2]["lm_pos"]
     blindlm.blind_filter(items, lm, 2.0)
@@ -207,6 +208,7 @@ def test_cli_writes_results_and_reusable_probes(patched, color_shards, tmp_path:
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     m = saved["results"][0]["metrics"]
     assert m["blind_accuracy"] is not None and m["n_items"] <= m["n_generated"]
+    assert 0 <= m["blind_accuracy_unfiltered"] <= 1
     rows = [json.loads(x) for x in (tmp_path / "b" / "probes.jsonl").read_text().splitlines()]
     assert all(r["blind_kept"] == (abs(r["lm_pos"] - r["lm_neg"]) <= 2.0) for r in rows)
 

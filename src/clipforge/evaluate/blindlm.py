@@ -69,9 +69,11 @@ class BlindLM:
             for r, i in enumerate(idx):
                 x[r, : len(ids[i])] = torch.tensor(ids[i])
                 mask[r, : len(ids[i])] = 1
-            logits = self.model(input_ids=x, attention_mask=mask).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None])[..., 0]
-            lp = (lp * mask[:, 1:]).sum(1)
+            logits = self.model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(  # fused: no second [B, T, vocab] tensor
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+            )
+            lp = -(nll.view(len(idx), -1) * mask[:, 1:]).sum(1)
             out[idx] = lp.double().numpy()
             if progress is not None:
                 progress(len(idx))
@@ -127,6 +129,7 @@ def blind_filter(
         cands = it["candidates"] if margin is not None else it["candidates"][:1]
         gaps = [abs(float(score[c]) - pos) for c in cands]
         j = int(np.argmin(gaps)) if margin is not None else 0
+        it["lm_first"] = float(score[cands[0]])  # the unfiltered probe's negative: the naive blind baseline
         it.update(negative=cands[j], lm_pos=pos, lm_neg=float(score[cands[j]]),
                   blind_kept=None if margin is None else bool(gaps[j] <= margin))  # fmt: skip
     return items

@@ -178,7 +178,8 @@ def _print_comp(report: dict[str, Any]) -> None:
     from clipforge.evaluate.compositionality import comp_rows
     from clipforge.utils import format_table
 
-    print(format_table(comp_rows(report), ["probe", "n", "model acc [95% CI]", "blind LM acc [95% CI]"]))
+    heads = ["probe", "n", "model acc [95% CI]", "blind LM acc [95% CI]", "blind LM, unfiltered"]
+    print(format_table(comp_rows(report), heads))
     r0 = report["results"][0] if report["results"] else {}
     print(f"blind filter: {r0.get('blind_filter', '-')}")
 

@@ -102,7 +102,8 @@ def _img_ref(it: dict[str, Any]) -> tuple[str, tuple[float, ...] | None]:
 
 
 def summarize(items: list[dict[str, Any]], correct: np.ndarray, cfg: CompositionalityConfig,
-              generated: Counter | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+              generated: Counter | None = None,
+              unfiltered: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per type: accuracy and blind-LM accuracy with bootstrap 95% intervals, item counts."""
     out: dict[str, dict[str, Any]] = {}
     types = list(dict.fromkeys(it["type"] for it in items))
@@ -122,6 +123,8 @@ def summarize(items: list[dict[str, Any]], correct: np.ndarray, cfg: Composition
         if generated:
             m["n_generated"] = int(generated[t])
             m["kept_share"] = len(idx) / max(1, generated[t])
+        if unfiltered and t in unfiltered:  # the blind LM on every generated item, first candidate
+            m["blind_accuracy_unfiltered"] = unfiltered[t]
         m["chance"] = 0.5
         out[t] = m
     return out
@@ -214,6 +217,11 @@ def _generated_items(model: Any, cfg: CompositionalityConfig, images: ImageSet |
         else f"on: {lm.name}, margin {cfg.blind_margin} nats" if margin is not None
         else f"scoring only: {lm.name} (--no-blind-filter)"
     )  # fmt: skip
+    if lm is not None and margin is not None:
+        info["unfiltered"] = {
+            t: float(np.mean([it["lm_pos"] > it["lm_first"] for it in items if it["type"] == t]))
+            for t in generated
+        }
     records = [{k: v for k, v in it.items() if k != "candidates"} for it in items]
     kept = [it for it in items if it["blind_kept"] is not False]
     return kept, emb, generated, records
@@ -273,7 +281,7 @@ def run_compositionality(
         if not items:
             raise ValueError("no probe items (no caption matched a rule, or no image was readable)")
         correct = score_items(model, items, emb, cfg)
-        per_type = summarize(items, correct, cfg, generated)
+        per_type = summarize(items, correct, cfg, generated, info.get("unfiltered"))
         for it, c in zip(items, correct):
             it["model_correct"] = bool(c)
     digest = None
@@ -314,8 +322,12 @@ def comp_rows(report: dict[str, Any]) -> list[list[Any]]:
         m, t = r["metrics"], r["task"].split("/", 1)[1]
         if t == "winoground":
             for s in ("text_score", "image_score", "group_score"):
-                rows.append([f"winoground/{s}", m["n_items"], ci(m, s, f"{s}_ci95_lo", f"{s}_ci95_hi"), "-"])
+                rows.append(
+                    [f"winoground/{s}", m["n_items"], ci(m, s, f"{s}_ci95_lo", f"{s}_ci95_hi"), "-", "-"]
+                )
             continue
+        naive = m.get("blind_accuracy_unfiltered")
         rows.append([t, m["n_items"], ci(m, "accuracy", "accuracy_ci95_lo", "accuracy_ci95_hi"),
-                     ci(m, "blind_accuracy", "blind_ci95_lo", "blind_ci95_hi")])  # fmt: skip
+                     ci(m, "blind_accuracy", "blind_ci95_lo", "blind_ci95_hi"),
+                     "-" if naive is None else f"{naive:.3f}"])  # fmt: skip
     return rows
