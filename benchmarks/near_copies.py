@@ -2,17 +2,22 @@
 
     python benchmarks/near_copies.py --json            # val + test, ~5k EfficientNet-Lite0 forwards on CPU
 
-1. Calibrate: ``curate run --stages image,copy,dedup`` on the *clean* val split; the dedup stage picks
-   the descriptor threshold from synthetic copies of a share of val images (no labels).
+1. Calibrate: ``curate run --stages image,copy,dedup`` on the *clean* val split gives synthetic copies
+   of a share of val images; from them (no labels) the descriptor cut alone and the cut for pHash OR
+   descriptor (what the dedup stage uses by default) are calibrated.
 2. Plant: ``--sources`` val images (fixed seed) each get one near copy of every kind (resize, crop <= 10%,
    brightness/contrast, JPEG quality, small overlay text), written with the originals into one shard.
-3. Detect: ``curate run`` on the planted shard with the val threshold fixed; pairs from pHash (radius
-   ``dedup.phash_radius``), from the descriptor, and their union (``near_rule=or``) / intersection.
+3. Detect: ``curate run`` on the planted shard (descriptors, pHash); pairs at the val cuts.
 4. The same on the held-out test split, with the threshold calibrated on val only.
 
 Recall (per kind and overall): share of planted copies whose (copy, source) pair is flagged. Precision:
 share of flagged pairs that join a copy to its source or to a sibling copy (flagged pairs between two
-unplanted flickr8k images count as false, even where they are real near duplicates of each other).
+unplanted flickr8k images count as false, even where they are real near duplicates of each other);
+``precision_copy_source``: the same without the sibling-copy pairs (stricter); ``precision_images``:
+share of flagged images that are in at least one true pair. Methods: ``phash`` (radius
+``dedup.phash_radius``), ``descriptor`` (its own calibrated cut), ``or`` (the default ``near_rule``: pHash
+OR descriptor at the cut calibrated for the combination, where synthetic copies pHash already catches
+count as caught), ``or_at_descriptor_cut`` and ``and`` (pHash AND descriptor).
 Caveat: the planted copies come from the same edit families as the calibration copies (different seeds).
 """
 
@@ -30,8 +35,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from clipforge.curate.config import CurateConfig, DedupConfig
-from clipforge.curate.copydetect import KINDS, center_normalize, key_rng, synthetic_copy
-from clipforge.curate.dedup import copy_pairs, phash_pairs
+from clipforge.curate.copydetect import KINDS, calibrate_from_rows, center_normalize, key_rng, synthetic_copy
+from clipforge.curate.dedup import copy_pairs, phash_covered, phash_pairs
 from clipforge.curate.engine import run_curation
 from clipforge.utils import emit_json, format_table
 
@@ -89,38 +94,75 @@ def curate(data: Path, out: Path, dedup: dict, model: str, overwrite: bool) -> t
     return s, out
 
 
-def evaluate(out: Path, truth: dict[str, tuple[str, str]], threshold: float, cfg: DedupConfig) -> dict:
+def calibrations(run: Path, cfg: DedupConfig) -> dict[str, dict]:
+    """Both label-free calibrations of the clean val run: descriptor alone, and for pHash OR descriptor."""
+    table = pq.read_table(run / "scores.parquet")
+    load = lambda n: np.concatenate([np.load(p) for p in sorted((run / "shards").glob(f"*.{n}.npy"))])  # noqa: E731
+    unit, mean = center_normalize(load("copy"))
+    unit_aug, _ = center_normalize(load("copyaug"), mean)
+    kinds = table.column("copy_calib_kind").to_pylist()
+    return {
+        "descriptor": calibrate_from_rows(unit, unit_aug, kinds, cfg.copy_precision, seed=cfg.seed),
+        "or": calibrate_from_rows(
+            unit, unit_aug, kinds, cfg.copy_precision, seed=cfg.seed, covered=phash_covered(table, cfg)
+        ),
+    }
+
+
+def evaluate(
+    out: Path, truth: dict[str, tuple[str, str]], t_desc: float, t_or: float, cfg: DedupConfig
+) -> dict:
+    """Recall/precision of pHash, descriptor (@t_desc), pHash OR descriptor (@t_or, and @t_desc), AND."""
     table = pq.read_table(out / "scores.parquet", columns=["key", "phash"])
     keys = table.column("key").to_pylist()
     desc = np.concatenate([np.load(p) for p in sorted((out / "shards").glob("*.copy.npy"))])
     unit, _ = center_normalize(desc)
     group = [truth[k][0] if k in truth else k for k in keys]
     row = {k: i for i, k in enumerate(keys)}
-    ph = phash_pairs(table.column("phash").to_pylist(), cfg.phash_radius, cfg.phash_k)
-    de = copy_pairs(unit, threshold, cfg)[:2]
     as_set = lambda p: {(min(a, b), max(a, b)) for a, b in zip(p[0].tolist(), p[1].tolist())}  # noqa: E731
-    methods = {"phash": as_set(ph), "descriptor": as_set(de)}
-    methods["or"] = methods["phash"] | methods["descriptor"]
-    methods["and"] = methods["phash"] & methods["descriptor"]
+    ph = as_set(phash_pairs(table.column("phash").to_pylist(), cfg.phash_radius, cfg.phash_k))
+    de = as_set(copy_pairs(unit, t_desc, cfg)[:2])
+    de_or = as_set(copy_pairs(unit, t_or, cfg)[:2])
+    methods = {
+        "phash": ph,
+        "descriptor": de,
+        "or": ph | de_or,
+        "or_at_descriptor_cut": ph | de,
+        "and": ph & de,
+    }
     res = {}
     for name, pairs in methods.items():
-        true_pairs = [p for p in pairs if group[p[0]] == group[p[1]]]
-        hit = {}
+        false = [p for p in pairs if group[p[0]] != group[p[1]]]
+        true = len(pairs) - len(false)
+        # copy->source pairs only (a copy paired with a sibling copy is true but not counted here)
+        to_src = [
+            p
+            for p in pairs
+            if group[p[0]] == group[p[1]] and not (keys[p[0]] in truth and keys[p[1]] in truth)
+        ]
+        flagged = {x for p in pairs for x in p}
+        only_false = {x for p in false for x in p} - {
+            x for p in pairs if group[p[0]] == group[p[1]] for x in p
+        }
+        hit: dict[str, list[bool]] = {}
         for ck, (sk, kind) in truth.items():
             a, b = row[ck], row[sk]
             hit.setdefault(kind, []).append((min(a, b), max(a, b)) in pairs)
-        res[name] = {
+        r = {
             "recall": round(float(np.mean([h for v in hit.values() for h in v])), 4),
-            "precision": round(len(true_pairs) / max(1, len(pairs)), 4),
+            "precision": round(true / max(1, len(pairs)), 4),
+            "precision_copy_source": round(len(to_src) / max(1, len(to_src) + len(false)), 4),
+            "precision_images": round(1 - len(only_false) / max(1, len(flagged)), 4),
             "flagged_pairs": len(pairs),
-            "false_pairs": len(pairs) - len(true_pairs),
+            "false_pairs": len(false),
             "recall_by_kind": {k: round(float(np.mean(v)), 4) for k, v in hit.items()},
+            "precision_by_kind": {},
         }
-        # per-kind precision: flagged pairs touching a copy of that kind
-        for kind in KINDS:
+        for kind in KINDS:  # flagged pairs touching a copy of that kind
             touch = [p for p in pairs if any(keys[x] in truth and truth[keys[x]][1] == kind for x in p)]
             ok = sum(group[a] == group[b] for a, b in touch)
-            res[name].setdefault("precision_by_kind", {})[kind] = round(ok / max(1, len(touch)), 4)
+            r["precision_by_kind"][kind] = round(ok / max(1, len(touch)), 4)
+        res[name] = r
     pos = np.array([(unit[row[c]] * unit[row[s]]).sum() for c, (s, _) in truth.items()])
     res["descriptor_copy_cos_p5"] = round(float(np.percentile(pos, 5)), 4)
     return res
@@ -148,12 +190,13 @@ def main() -> None:
     t0 = time.perf_counter()
     calib = {"copy_calib_rate": a.calib_rate, "seed": a.seed}
     s, _ = curate(data / "val-000000.tar", work / "calib_val", calib, a.model, a.overwrite)
-    st = s["global"]["dedup"]
-    threshold = st["copy_threshold"]
-    cfg = DedupConfig()
+    cfg = DedupConfig(seed=a.seed)
+    cal = calibrations(work / "calib_val", cfg)
+    t_desc, t_or = cal["descriptor"]["threshold"], cal["or"]["threshold"]
     report = {
         "model": a.model,
-        "calibration": {"split": "val (clean)", "threshold": threshold, **st.get("copy_calibration", {})},
+        "calibration": {"split": "val (clean, synthetic copies only)", **cal},
+        "pipeline_threshold": s["global"]["dedup"]["copy_threshold"],  # near_rule=or: == t_or
         "phash_radius": cfg.phash_radius,
         "sources": a.sources,
         "kinds": list(KINDS),
@@ -163,7 +206,7 @@ def main() -> None:
         truth = plant(data / f"{split}-000000.tar", planted, a.sources, a.seed + 1000 + i, a.overwrite)
         # descriptors + pHash only (no synthetic copies); pairs are recomputed at the val threshold below
         s, out = curate(planted, work / f"run_{split}", {"copy_calib_rate": 0.0}, a.model, a.overwrite)
-        report[split] = {"copies": len(truth), "rows": s["rows"], **evaluate(out, truth, threshold, cfg)}
+        report[split] = {"copies": len(truth), "rows": s["rows"], **evaluate(out, truth, t_desc, t_or, cfg)}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (work / "report.json").write_text(json.dumps(report, indent=2))
     if a.json:
@@ -171,13 +214,26 @@ def main() -> None:
         return
     rows = []
     for split in a.splits:
-        for m in ("phash", "descriptor", "or", "and"):
+        for m in ("phash", "descriptor", "or", "or_at_descriptor_cut", "and"):
             r = report[split][m]
             for k in KINDS:
-                rows.append((split, m, k, r["recall_by_kind"][k], r["precision_by_kind"][k]))
-            rows.append((split, m, "ALL", r["recall"], r["precision"]))
-    print(f"descriptor threshold (calibrated on clean val): {threshold:.4f}")
-    print(format_table(rows, ["split", "method", "kind", "recall", "precision"]))
+                rows.append((split, m, k, r["recall_by_kind"][k], r["precision_by_kind"][k], "", ""))
+            rows.append(
+                (
+                    split,
+                    m,
+                    "ALL",
+                    r["recall"],
+                    r["precision"],
+                    r["precision_copy_source"],
+                    r["precision_images"],
+                )
+            )
+    print(
+        f"descriptor cuts (calibrated on clean val, no labels): alone {t_desc:.4f}, for pHash OR {t_or:.4f}"
+    )
+    cols = ["split", "method", "kind", "recall", "precision", "precision (copy-source)", "precision (images)"]
+    print(format_table(rows, cols))
 
 
 if __name__ == "__main__":

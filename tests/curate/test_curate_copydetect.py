@@ -93,6 +93,19 @@ def test_calibrate_threshold_targets_precision():
         calibrate_threshold(np.array([]), neg)
 
 
+def test_calibration_for_the_or_rule_leaves_covered_copies_to_phash():
+    """Copies pHash catches (here the weak-descriptor half) do not pull the descriptor cut down."""
+    rng = np.random.default_rng(3)
+    pos = np.concatenate([rng.normal(0.55, 0.05, 200), rng.normal(0.9, 0.02, 200)])
+    covered = np.arange(400) < 200
+    neg = rng.normal(0.35, 0.08, 800)
+    alone = calibrate_threshold(pos, neg, 0.99)
+    both = calibrate_threshold(pos, neg, 0.99, covered)
+    assert both["recall"] == 1.0 and both["covered_by_other"] == 200
+    assert both["threshold"] > alone["threshold"] + 0.1 and alone["recall"] < 1.0  # cut stays high
+    assert (neg >= both["threshold"]).sum() == 0
+
+
 def test_calibration_separates_synthetic_copies_on_tiny_images(pooled_model):
     """Calibrated on one seed of copies, the cut catches another seed's copies and no distinct pair."""
     imgs = tiny_images(100)

@@ -128,7 +128,9 @@ def center_normalize(x: np.ndarray, mean: np.ndarray | None = None) -> tuple[np.
 
 
 # -- calibration ---------------------------------------------------------------------------------
-def calibrate_threshold(pos: np.ndarray, neg: np.ndarray, precision: float = 0.99) -> dict[str, Any]:
+def calibrate_threshold(
+    pos: np.ndarray, neg: np.ndarray, precision: float = 0.99, covered: np.ndarray | None = None
+) -> dict[str, Any]:
     """The cosine cut catching the most synthetic copies while TP(t) / (TP(t) + FP(t)) >= ``precision``.
 
     Scanning from high to low, the cut stops at the first loss of precision (so precision holds at
@@ -137,15 +139,23 @@ def calibrate_threshold(pos: np.ndarray, neg: np.ndarray, precision: float = 0.9
 
     ``pos``: cosine of each synthetic copy to its source; ``neg``: each row's cosine to its nearest
     non-copy neighbour (at most one false pair per row: an upper bound on the false pairs at any t).
-    Returns the threshold, the estimated recall and precision there, and the counts.
+    ``covered``: copies another detector already catches (pHash under ``near_rule=or``): they count as
+    caught at every t, so the cut only goes as low as the copies left to the descriptor need (the
+    combination's recall at the fewest descriptor false pairs). Returns the threshold, the estimated
+    recall (of the combination when ``covered`` is given) and precision there, and the counts.
     """
-    pos, neg = np.sort(np.asarray(pos, np.float64)), np.sort(np.asarray(neg, np.float64))
+    pos = np.asarray(pos, np.float64)
     if len(pos) == 0:
         raise ValueError("no synthetic copies to calibrate on")
-    cands = np.unique(np.concatenate([pos, neg]))[::-1]  # high to low
+    n_pos, n_cov = len(pos), 0
+    if covered is not None:
+        n_cov = int(np.asarray(covered, bool).sum())
+        pos = pos[~np.asarray(covered, bool)]
+    pos, neg = np.sort(pos), np.sort(np.asarray(neg, np.float64))
+    cands = np.unique(np.concatenate([pos, neg, [1.0]]))[::-1]  # high to low
     best = None  # (index into cands, tp, fp): the most copies caught while precision holds
     for c, t in enumerate(cands):
-        tp = len(pos) - np.searchsorted(pos, t, side="left")
+        tp = n_cov + len(pos) - np.searchsorted(pos, t, side="left")
         fp = len(neg) - np.searchsorted(neg, t, side="left")
         if tp and tp / (tp + fp) < precision:
             if best is not None:
@@ -154,18 +164,19 @@ def calibrate_threshold(pos: np.ndarray, neg: np.ndarray, precision: float = 0.9
         if tp and (best is None or tp > best[1]):
             best = (c, tp, fp)
     if best is None:
-        c, tp, fp = 0, 1, 0
+        c, tp, fp = 0, 0, 0
     else:
         c, tp, fp = best
     # halfway to the next lower score: a margin for copies scoring slightly below the calibration ones
     t = (cands[c] + cands[c + 1]) / 2 if c + 1 < len(cands) else cands[c]
     return {
         "threshold": float(t),
-        "recall": float(tp / len(pos)),
+        "recall": float(tp / n_pos),
         "precision": float(tp / max(1, tp + fp)),
-        "copies": int(len(pos)),
+        "copies": int(n_pos),
+        "covered_by_other": n_cov,
         "non_copies": int(len(neg)),
-        "pos_p5": float(np.percentile(pos, 5)),
+        "pos_p5": float(np.percentile(pos, 5)) if len(pos) else None,
         "neg_p99": float(np.percentile(neg, 99)) if len(neg) else None,
     }
 
@@ -212,8 +223,12 @@ def calibrate_from_rows(
     precision: float = 0.99,
     max_ref: int = 50_000,
     seed: int = 0,
+    covered: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Calibrate on the rows that have a synthetic copy (``unit_aug`` non-NaN).
+
+    ``covered`` (bool per row): the row's synthetic copy is caught by another detector (pHash), see
+    :func:`calibrate_threshold`.
 
     Negatives: for every calibration source and every synthetic copy, its nearest neighbour among the
     data rows that is not a copy of the source (:func:`nearest_non_copy`): the pairs a cut could
@@ -232,11 +247,14 @@ def calibrate_from_rows(
     ref = np.ascontiguousarray(unit[ref_rows], dtype=np.float32)
     pos = (unit[cal] * unit_aug[cal]).sum(1)
     neg = np.concatenate(nearest_non_copy(unit[cal], unit_aug[cal], ref, own))
-    res = calibrate_threshold(pos, neg, precision)
+    cov = None if covered is None else np.asarray(covered, bool)[cal]
+    res = calibrate_threshold(pos, neg, precision, cov)
+    res["descriptor_recall"] = round(float((pos >= res["threshold"]).mean()), 4)
     kinds_cal = [kinds[i] for i in cal]
+    hit = pos >= res["threshold"]
+    if cov is not None:
+        hit |= cov
     res["recall_by_kind"] = {
-        k: round(float((pos[[kk == k for kk in kinds_cal]] >= res["threshold"]).mean()), 4)
-        for k in KINDS
-        if k in kinds_cal
+        k: round(float(hit[[kk == k for kk in kinds_cal]].mean()), 4) for k in KINDS if k in kinds_cal
     }
     return res

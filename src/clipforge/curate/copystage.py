@@ -3,7 +3,8 @@
 Per sample: the raw descriptor (``__emb_copy__``, saved as ``STEM.copy.npy``). For a deterministic
 share ``dedup.copy_calib_rate`` of samples (by key, so engines and resumes agree), also one synthetic
 near copy of the image and its descriptor (``__emb_copyaug__``) and the copy's kind
-(``copy_calib_kind``): the ``dedup`` stage calibrates its descriptor threshold on them (no labels).
+(``copy_calib_kind``) and pHash (``copy_calib_phash``): the ``dedup`` stage calibrates its descriptor
+threshold on them (no labels).
 With a fixed ``dedup.copy_threshold`` no synthetic copy is made.
 """
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from clipforge.curate.clipscore import model_transform
 from clipforge.curate.copydetect import calib_pick, image_descriptors, key_rng, synthetic_copy
+from clipforge.curate.hashing import phash
 from clipforge.curate.stages import Batch, Columns, Context, batch_images, register_stage
 
 
@@ -50,4 +52,9 @@ def copy_stage(batch: Batch, ctx: Context) -> Columns:
         synthetic_copy(im, kind, key_rng(k, cfg.seed)) if kind else None
         for k, im, kind in zip(batch["key"], imgs, kinds)
     ]
-    return {"__emb_copy__": desc, "__emb_copyaug__": _descriptors(ctx, augs, dim), "copy_calib_kind": kinds}
+    return {
+        "__emb_copy__": desc,
+        "__emb_copyaug__": _descriptors(ctx, augs, dim),
+        "copy_calib_kind": kinds,
+        "copy_calib_phash": [phash(a) if a is not None else None for a in augs],  # for near_rule=or
+    }

@@ -259,6 +259,22 @@ def combine_near(
     return np.array([p[0] for p in both], np.int64), np.array([p[1] for p in both], np.int64)
 
 
+def phash_covered(table: Any, cfg: DedupConfig) -> np.ndarray | None:
+    """Per row: its synthetic calibration copy is within ``phash_radius`` of it (pHash alone catches it)."""
+    cols = table.column_names
+    if "phash" not in cols or "copy_calib_phash" not in cols:
+        return None
+    from clipforge.curate.hashing import hamming
+
+    return np.array(
+        [
+            a is not None and b is not None and hamming(a, b) <= cfg.phash_radius
+            for a, b in zip(table.column("phash").to_pylist(), table.column("copy_calib_phash").to_pylist())
+        ],
+        dtype=bool,
+    )
+
+
 def copy_dedup(
     keys: list[str],
     desc: np.ndarray,
@@ -289,8 +305,12 @@ def copy_dedup(
                 else [None] * n
             )
             unit_aug, _ = center_normalize(aug, mean)
+            covered = phash_covered(table, cfg) if cfg.near_rule == "or" else None
             cal = calibrate_from_rows(
-                unit, unit_aug, kinds, cfg.copy_precision, cfg.exact_search_max, cfg.seed
+                unit, unit_aug, kinds, cfg.copy_precision, cfg.exact_search_max, cfg.seed, covered
+            )
+            stats["copy_calibrated_for"] = (
+                "or (copies pHash catches count as caught)" if covered is not None else "descriptor"
             )
             t = cal["threshold"]
             stats["copy_threshold_source"] = "calibrated"

@@ -65,6 +65,7 @@ COLUMN_TYPES = {
     "phash": pa.int64(),
     "dhash": pa.int64(),
     "copy_calib_kind": pa.string(),
+    "copy_calib_phash": pa.int64(),
     "clip_score": pa.float64(),
     "nsfw_score": pa.float64(),
     "violence_score": pa.float64(),
