@@ -5,6 +5,7 @@
     export_model("runs/exp1/model", "openclip", "out/oc")    # open_clip hub layout
 
 Every export also writes a model card (card.py). The formats a model maps onto: :func:`formats_for`.
+An onnx export runs in onnxruntime behind the encode interface: ``runtime.OnnxClipModel(DIR, threads)``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""An ``--format onnx`` export dir as a model the encode layer takes (``--runtime onnx`` builds on it).
+
+:class:`OnnxClipModel` has what clipforge.models.encode uses of a model (``encode_image``,
+``encode_text``, ``tokenize``, ``preprocess``, ``config``, ``eval``/``train``) and runs the two graphs
+in onnxruntime with ``threads`` intra-op threads. Its fingerprint (encode.fingerprint) covers the
+bytes of both graphs, so caches never mix it up with the torch model it came from. Inference only:
+the graphs emit unit-norm embeddings (``normalize=False`` is refused), and there is nothing to train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clipforge.export.onnx import CONFIG_FILE, IMAGE_FILE, PREPROCESS_FILE, TEXT_FILE, sessions
+
+
+class OnnxClipModel(nn.Module):
+    """The image and text graphs of an ONNX export behind clipforge's encode interface (CPU)."""
+
+    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        from clipforge.data.transforms import ImageTransform, PreprocessConfig
+        from clipforge.models.tokenizer import Tokenizer
+        from clipforge.models.types import ModelConfig
+
+        d = Path(directory)
+        missing = [f for f in (IMAGE_FILE, TEXT_FILE, CONFIG_FILE, PREPROCESS_FILE) if not (d / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d} is not an onnx export (missing {', '.join(missing)})")
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        pre = json.loads((d / PREPROCESS_FILE).read_text())
+        self.directory = d
+        self.image_session, self.text_session = sessions(d, threads)
+        self.tokenizer = Tokenizer.from_dir(d)
+        self.config = ModelConfig(
+            backend="onnx",
+            spec=f"onnx:{d}",
+            embed_dim=int(meta["embed_dim"]),
+            init_logit_scale=math.log(float(meta["logit_scale"])),
+            init_logit_bias=meta.get("logit_bias"),
+            preprocess=pre,
+            context_length=int(meta["context_length"]),
+            options={"source_spec": meta.get("spec"), "opset": meta.get("opset")},
+        )
+        self.preprocess = ImageTransform(PreprocessConfig.from_dict(pre), train=False)
+        self.logit_scale = nn.Parameter(torch.tensor(self.config.init_logit_scale), requires_grad=False)
+        bias = meta.get("logit_bias")
+        self.logit_bias = (
+            None if bias is None else nn.Parameter(torch.tensor(float(bias)), requires_grad=False)
+        )
+        digest = hashlib.sha256()
+        for f in (IMAGE_FILE, TEXT_FILE):
+            digest.update((d / f).read_bytes())
+        self.register_buffer("graph_digest", torch.tensor(list(digest.digest()), dtype=torch.uint8))
+        self.eval()
+
+    @staticmethod
+    def _check(normalize: bool) -> None:
+        if not normalize:
+            raise ValueError("the onnx graphs emit unit-norm embeddings (normalize=False is not available)")
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        self._check(normalize)
+        x = np.ascontiguousarray(pixels.detach().float().cpu().numpy())
+        return torch.from_numpy(self.image_session.run(None, {"pixels": x})[0])
+
+    def encode_text(
+        self, tokens: dict[str, torch.Tensor] | torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        self._check(normalize)
+        if isinstance(tokens, torch.Tensor):
+            tokens = {"input_ids": tokens, "attention_mask": (tokens != self.pad_token_id).long()}
+        feed = {
+            k: np.ascontiguousarray(tokens[k].detach().cpu().numpy().astype(np.int64))
+            for k in ("input_ids", "attention_mask")
+        }
+        return torch.from_numpy(self.text_session.run(None, feed)[0])
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    # the feature/head split of ClipModel: nothing is cached for an inference-only graph
+    def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixels": pixels}
+
+    def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encode_image(feats["pixels"])
+
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(tokens)
+
+    def text_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encode_text(feats)
+
+    image_locked = text_locked = False
+
+    def forward(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        return (
+            self.encode_image(pixels),
+            self.encode_text(tokens),
+            self.logit_scale.exp().clamp(max=100.0),
+            self.logit_bias,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.config.spec, "params": 0, "trainable": 0, "embed_dim": self.config.embed_dim}

@@ -1,0 +1,37 @@
+"""OnnxClipModel: an onnx export dir through clipforge's encode layer gives the torch model's rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+def test_onnx_runtime_through_encode_layer(nano, tmp_path, texts):
+    from clipforge.export import export_model
+    from clipforge.export.runtime import OnnxClipModel
+    from clipforge.models.encode import embed_pil_images, embed_texts, fingerprint
+
+    export_model(nano, "onnx", tmp_path / "onnx")
+    rt = OnnxClipModel(tmp_path / "onnx", threads=1)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 80, 3), dtype=np.uint8)) for i in range(3)]
+    a, b = embed_pil_images(rt, images), embed_pil_images(nano, images)
+    assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+    ta, tb = embed_texts(rt, texts), embed_texts(nano, texts)
+    assert np.abs(ta - tb).max() < 1e-4
+    assert fingerprint(rt) != fingerprint(nano)
+    assert float(rt.logit_scale.exp()) == pytest.approx(float(nano.logit_scale.detach().exp()), rel=1e-6)
+    with pytest.raises(ValueError, match="unit-norm"):
+        rt.encode_image(torch.zeros(1, 3, 64, 64), normalize=False)
+
+
+def test_not_an_export_dir(tmp_path):
+    from clipforge.export.runtime import OnnxClipModel
+
+    with pytest.raises(FileNotFoundError, match="not an onnx export"):
+        OnnxClipModel(tmp_path)
