@@ -142,3 +142,16 @@ def test_hf_siglip_round_trip(tiny_hf_clip_dir, tmp_path, pixels, texts):
         assert float(hf.logit_bias) == pytest.approx(-4.25)
     with pytest.raises(ExportError, match="SigLIP"):
         export_model(model, "openclip", tmp_path / "oc")
+
+
+def test_failed_export_leaves_no_partial_dir(nano, tmp_path, monkeypatch):
+    import clipforge.export.card as card
+    from clipforge.export import export_model
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(card, "write_card", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_model(nano, "openclip", tmp_path / "oc")
+    assert not (tmp_path / "oc").exists()

@@ -50,6 +50,9 @@ def export_model(
     ``output`` must be missing or empty (``overwrite=True`` replaces it): an export never mixes with
     an older one. ``options`` go to the format (onnx: ``opset``).
     """
+    import shutil
+
+    import clipforge.models.openclip  # noqa: F401  (registers openclip: where registry.py does not list it yet)
     from clipforge.export.card import write_card
     from clipforge.utils import prepare_output_dir
 
@@ -60,9 +63,13 @@ def export_model(
         source = str(model)
         model = load_model(source, allow_code=True)
     check_format(model, fmt)
-    out = prepare_output_dir(output, overwrite=overwrite)
+    out = prepare_output_dir(output, overwrite=overwrite)  # missing or empty from here on: all ours
     model.eval()
-    summary = importlib.import_module(FORMATS[fmt]).export(model, out, **options)
-    summary = {"format": fmt, "output": str(out), "spec": model.config.spec, **summary}
-    summary["card"] = str(write_card(model, out, fmt, summary, source=source, eval_results=eval_results))
+    try:
+        summary = importlib.import_module(FORMATS[fmt]).export(model, out, **options)
+        summary = {"format": fmt, "output": str(out), "spec": model.config.spec, **summary}
+        summary["card"] = str(write_card(model, out, fmt, summary, source=source, eval_results=eval_results))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written export that looks complete
+        raise
     return summary

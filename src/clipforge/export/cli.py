@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             eval_results=args.eval_results,
             **options,
         )
-    except (ExportError, OutputExistsError, FileNotFoundError) as e:
+    except (ExportError, OutputExistsError, FileNotFoundError, ValueError) as e:  # bad input: a message, rc 2
         print(f"clipforge export: error: {e}", file=sys.stderr)
         return 2
     if args.json:
