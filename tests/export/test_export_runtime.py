@@ -35,3 +35,27 @@ def test_not_an_export_dir(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not an onnx export"):
         OnnxClipModel(tmp_path)
+
+
+def test_int8_text_graph(nano, tmp_path, texts):
+    """--quantize text: an int8 copy of the text graph beside the fp32 ones, picked by int8=True; close to fp32."""
+    from clipforge.export import export_model
+    from clipforge.export.runtime import OnnxClipModel
+    from clipforge.models.encode import embed_texts
+
+    s = export_model(nano, "onnx", tmp_path / "onnx", quantize_int8="text")
+    assert (tmp_path / "onnx" / "text.int8.onnx").is_file() and not (
+        tmp_path / "onnx" / "image.int8.onnx"
+    ).exists()
+    assert s["int8"]["files"] == ["text.int8.onnx"]
+    fp32, int8 = (
+        OnnxClipModel(tmp_path / "onnx", threads=1),
+        OnnxClipModel(tmp_path / "onnx", threads=1, int8=True),
+    )
+    a, b = embed_texts(fp32, texts), embed_texts(int8, texts)
+    cos = (a * b).sum(1)
+    assert cos.min() > 0.9 and np.abs(a - b).max() > 0  # quantized: close, not identical
+    px = torch.zeros(1, 3, 64, 64)
+    assert torch.equal(fp32.encode_image(px), int8.encode_image(px))  # the image graph stays fp32
+    with pytest.raises(ValueError, match="quantize"):
+        export_model(nano, "onnx", tmp_path / "bad", quantize_int8="int4")

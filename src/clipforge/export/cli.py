@@ -18,6 +18,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument(
+        "--quantize",
+        choices=["none", "text", "all"],
+        default="none",
+        help="onnx: also write int8 (dynamic) copies of the text graph or of both graphs",
+    )
+    p.add_argument(
         "--eval-results",
         default=None,
         help="results.json for the model card (default: found beside the model)",
@@ -30,7 +36,12 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.export.api import ExportError, export_model
     from clipforge.utils import OutputExistsError, emit_json
 
-    options = {"opset": args.opset} if args.format == "onnx" and args.opset else {}
+    options = {}
+    if args.format == "onnx":
+        options = {"quantize_int8": args.quantize, **({"opset": args.opset} if args.opset else {})}
+    elif args.quantize != "none":
+        print("clipforge export: error: --quantize applies to --format onnx only", file=sys.stderr)
+        return 2
     try:
         summary = export_model(
             args.model,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 DEFAULT_OPSET = 17
+QUANTIZE = ("none", "text", "all")  # int8 dynamic quantization: of no graph, the text graph, both
 IMAGE_FILE, TEXT_FILE, CONFIG_FILE, PREPROCESS_FILE = (
     "image.onnx",
     "text.onnx",
@@ -73,7 +74,28 @@ def probe_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, dict[s
     return pixels, model.tokenize(PROBE_TEXTS[:batch] if batch <= len(PROBE_TEXTS) else PROBE_TEXTS)
 
 
-def export(model: nn.Module, out: Path, opset: int = DEFAULT_OPSET, verify: bool = True) -> dict[str, Any]:
+def int8_name(file: str) -> str:
+    return file.replace(".onnx", ".int8.onnx")
+
+
+def quantize(out: Path, which: str) -> list[str]:
+    """int8 dynamic quantization (weights int8, activations quantized on the fly) beside the fp32 graphs."""
+    if which not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {which!r}")
+    if which == "none":
+        return []
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    files = [TEXT_FILE] if which == "text" else [TEXT_FILE, IMAGE_FILE]
+    for f in files:
+        quantize_dynamic(str(out / f), str(out / int8_name(f)), weight_type=QuantType.QInt8)
+    return [int8_name(f) for f in files]
+
+
+def export(
+    model: nn.Module, out: Path, opset: int = DEFAULT_OPSET, verify: bool = True, quantize_int8: str = "none"
+) -> dict[str, Any]:
+    """``quantize_int8``: also write int8 copies of the text graph (``text``) or of both (``all``)."""
     _require_onnx()
     from clipforge.export.tokenizer_files import save_hf_tokenizer
 
@@ -135,34 +157,53 @@ def export(model: nn.Module, out: Path, opset: int = DEFAULT_OPSET, verify: bool
     }
     if verify:
         cfg["max_abs_diff_vs_torch"] = check_parity(model, out)
+    int8 = quantize(out, quantize_int8)
+    if int8:
+        cfg["int8"] = {
+            "files": int8,
+            "kind": "dynamic (onnxruntime.quantization.quantize_dynamic, QInt8 weights)",
+        }
+        if verify:
+            cfg["int8"]["max_abs_diff_vs_torch"] = check_parity(model, out, int8=True)
+    files += int8
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     return {
         "files": sorted(set(files)),
         "opset": opset,
         "max_abs_diff_vs_torch": cfg.get("max_abs_diff_vs_torch"),
+        "int8": cfg.get("int8"),
     }
 
 
-def sessions(directory: str | Path, threads: int | None = None):
-    """(image, text) onnxruntime sessions of an export dir (``threads``: intra-op threads)."""
+def sessions(directory: str | Path, threads: int | None = None, int8: bool = False):
+    """(image, text) onnxruntime sessions of an export dir (``threads``: intra-op threads;
+    ``int8``: the quantized graphs where the export has them, else the fp32 ones)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
-    d = Path(directory)
     providers = ["CPUExecutionProvider"]
-    return (
-        ort.InferenceSession(str(d / IMAGE_FILE), opts, providers=providers),
-        ort.InferenceSession(str(d / TEXT_FILE), opts, providers=providers),
+    return tuple(
+        ort.InferenceSession(str(p), opts, providers=providers) for p in graph_paths(directory, int8)
     )
 
 
-def check_parity(model: nn.Module, directory: str | Path) -> dict[str, float] | None:
+def graph_paths(directory: str | Path, int8: bool = False) -> tuple[Path, Path]:
+    """(image, text) graph files: the int8 copy of each where asked for and present, else fp32."""
+    d = Path(directory)
+
+    def pick(f: str) -> Path:
+        return d / int8_name(f) if int8 and (d / int8_name(f)).is_file() else d / f
+
+    return pick(IMAGE_FILE), pick(TEXT_FILE)
+
+
+def check_parity(model: nn.Module, directory: str | Path, int8: bool = False) -> dict[str, float] | None:
     """Largest |onnxruntime - torch| on a batch of 3 (another size than the traced one), None without ort."""
     try:
-        img, txt = sessions(directory)
+        img, txt = sessions(directory, int8=int8)
     except ImportError:
         return None
     pixels, tokens = probe_inputs(model, 3)

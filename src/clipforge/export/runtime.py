@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipforge.export.onnx import CONFIG_FILE, IMAGE_FILE, PREPROCESS_FILE, TEXT_FILE, sessions
+from clipforge.export.onnx import CONFIG_FILE, IMAGE_FILE, PREPROCESS_FILE, TEXT_FILE, graph_paths, sessions
 
 
 class OnnxClipModel(nn.Module):
     """The image and text graphs of an ONNX export behind clipforge's encode interface (CPU)."""
 
-    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+    def __init__(self, directory: str | Path, threads: int | None = None, int8: bool = False) -> None:
         super().__init__()
         from clipforge.data.transforms import ImageTransform, PreprocessConfig
         from clipforge.models.tokenizer import Tokenizer
@@ -38,7 +38,7 @@ class OnnxClipModel(nn.Module):
         meta = json.loads((d / CONFIG_FILE).read_text())
         pre = json.loads((d / PREPROCESS_FILE).read_text())
         self.directory = d
-        self.image_session, self.text_session = sessions(d, threads)
+        self.image_session, self.text_session = sessions(d, threads, int8=int8)
         self.tokenizer = Tokenizer.from_dir(d)
         self.config = ModelConfig(
             backend="onnx",
@@ -48,7 +48,7 @@ class OnnxClipModel(nn.Module):
             init_logit_bias=meta.get("logit_bias"),
             preprocess=pre,
             context_length=int(meta["context_length"]),
-            options={"source_spec": meta.get("spec"), "opset": meta.get("opset")},
+            options={"source_spec": meta.get("spec"), "opset": meta.get("opset"), "int8": bool(int8)},
         )
         self.preprocess = ImageTransform(PreprocessConfig.from_dict(pre), train=False)
         self.logit_scale = nn.Parameter(torch.tensor(self.config.init_logit_scale), requires_grad=False)
@@ -57,8 +57,8 @@ class OnnxClipModel(nn.Module):
             None if bias is None else nn.Parameter(torch.tensor(float(bias)), requires_grad=False)
         )
         digest = hashlib.sha256()
-        for f in (IMAGE_FILE, TEXT_FILE):
-            digest.update((d / f).read_bytes())
+        for f in graph_paths(d, int8):  # the graphs actually loaded (fp32 or int8)
+            digest.update(f.read_bytes())
         self.register_buffer("graph_digest", torch.tensor(list(digest.digest()), dtype=torch.uint8))
         self.eval()
 
