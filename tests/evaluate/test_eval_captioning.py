@@ -86,3 +86,11 @@ def test_run_with_captioner(fake, color_shards, tmp_path: Path, capsys) -> None:
     assert fake[0]["data"] == [str(root / "flickr8k" / "test-000000.tar")]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["task"] for r in saved["results"]] == ["retrieval", "captioning", "captioning/constant"]
+
+
+@pytest.mark.parametrize("cmd", ["captioning", "compositionality", "robustness", "run"])
+def test_help_renders(cmd: str, capsys) -> None:
+    """Every generated flag's help must format (a bare '%' in a help string breaks argparse)."""
+    with pytest.raises(SystemExit) as e:
+        main(["eval", cmd, "--help"])
+    assert e.value.code == 0 and "--json" in capsys.readouterr().out

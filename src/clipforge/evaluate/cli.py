@@ -39,7 +39,9 @@ def _data_args(p: argparse.ArgumentParser, labels: bool) -> None:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe")
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model: zero-shot, retrieval, probe, captioning, compositionality, robustness"
+    )
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
     sub.required = True
 

@@ -121,7 +121,7 @@ class CompositionalityConfig:
     blind_margin: float = _f(1.0, "keep a negative only within this many nats of the positive's LM score")
     blind_filter: bool = _f(True, "filter with the LM (--no-blind-filter: the LM only scores)")
     llm_batch_size: int = _f(32, "texts per LM forward pass")
-    bootstrap: int = _f(1000, "bootstrap resamples for the 95% intervals")
+    bootstrap: int = _f(1000, "bootstrap resamples for the 95 percent intervals")
     batch_size: int = _f(64, "images per forward pass")
     text_batch_size: int = _f(256, "texts per forward pass")
     workers: int = _f(1, "DataLoader decode workers (0 = in-process)")
