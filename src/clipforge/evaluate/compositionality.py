@@ -210,7 +210,13 @@ def _generated_items(model: Any, cfg: CompositionalityConfig, images: ImageSet |
         info["llm_load_seconds"] = time.perf_counter() - t0
     margin = cfg.blind_margin if cfg.blind_filter else None
     t0 = time.perf_counter()
-    blindlm.blind_filter(items, lm, margin)
+    if lm is not None:
+        from tqdm import tqdm
+
+        with tqdm(desc=f"blind LM ({lm.name})", unit="txt", disable=not cfg.progress, leave=False) as bar:
+            blindlm.blind_filter(items, lm, margin, progress=bar.update)
+    else:
+        blindlm.blind_filter(items, None, margin)
     info["llm_seconds"] = time.perf_counter() - t0 if lm else 0.0
     info["blind_filter"] = (
         "off (no --llm)" if lm is None
