@@ -84,11 +84,31 @@ def quantize(out: Path, which: str) -> list[str]:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {which!r}")
     if which == "none":
         return []
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     files = [TEXT_FILE] if which == "text" else [TEXT_FILE, IMAGE_FILE]
-    for f in files:
-        quantize_dynamic(str(out / f), str(out / int8_name(f)), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint per graph on the root logger
+    try:
+        for f in files:
+            pre = out / f"{f}.pre.tmp"
+            # shape inference + constant folding first: the fused-BN convs of the towers model carry
+            # weights as Constant nodes, which the quantizer refuses ("expected an initializer")
+            try:
+                quant_pre_process(str(out / f), str(pre), skip_symbolic_shape=True)
+                src = pre
+            except Exception:  # pre-processing is an optimisation: quantize the graph as exported
+                src = out / f
+            try:
+                quantize_dynamic(str(src), str(out / int8_name(f)), weight_type=QuantType.QInt8)
+            finally:
+                pre.unlink(missing_ok=True)
+    finally:
+        root.setLevel(level)
     return [int8_name(f) for f in files]
 
 
