@@ -255,3 +255,17 @@ def test_scratch_round_trip_after_training(tmp_path):
     again = load_model(str(tmp_path / "saved"))
     with torch.no_grad():
         assert torch.equal(again.encode_image(px), back.encode_image(px))
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    from clipforge.models import load_model
+
+    cfg = tiny_cfg()
+    sd = random_openclip_sd(cfg)
+    sd["visual.proj"] = torch.zeros(32, 8)  # embed_dim 8 in the weights, 16 in the config
+    d = write_hub(tmp_path / "oc", cfg, sd)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_model(f"openclip:{d}")
+    (d / oc.CONFIG_FILE).write_text(json.dumps({"model_cfg": {"vision_cfg": {}}}))
+    with pytest.raises(ValueError, match="embed_dim"):
+        load_model(f"openclip:{d}")

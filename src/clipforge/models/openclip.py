@@ -149,6 +149,8 @@ def hf_config_from_openclip(model_cfg: dict):
     """open_clip ``model_cfg`` -> transformers ``CLIPConfig`` (after :func:`check_mappable`)."""
     from transformers import CLIPConfig
 
+    if not isinstance(model_cfg.get("embed_dim"), int):
+        raise ValueError("open_clip model_cfg needs an integer embed_dim")
     check_mappable(model_cfg)
     v = {**_VISION_DEFAULTS, **model_cfg.get("vision_cfg", {})}
     t = {**_TEXT_DEFAULTS, **model_cfg.get("text_cfg", {})}
@@ -456,7 +458,12 @@ def build(config: ModelConfig, tokenizer=None, pretrained: bool = True):
     if pretrained:
         hf_model = CLIPModel(CLIPConfig(**d))
         hf_sd, extras = openclip_to_hf(read_state_dict(o["weights"]))
-        missing, unexpected = hf_model.load_state_dict(hf_sd, strict=False)
+        try:
+            missing, unexpected = hf_model.load_state_dict(hf_sd, strict=False)
+        except RuntimeError as e:  # shape mismatches: the weights are not those of model_cfg's layout
+            raise ValueError(
+                f"{config.spec}: weights do not fit open_clip_config.json: {str(e)[:500]}"
+            ) from None
         missing = [k for k in missing if not k.endswith("position_ids") and k != "logit_scale"]
         if missing or unexpected:
             raise ValueError(
