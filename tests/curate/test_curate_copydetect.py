@@ -229,3 +229,24 @@ def test_run_dir_from_before_the_copy_keys_resumes(tmp_path):
     changed = CurateConfig.from_dict({"stages": ["image"], "batch_size": 8, "dedup": {"copy_threshold": 0.5}})
     with pytest.raises(ConfigError, match="copy_threshold"):
         run_curation([str(p) for p in shards], out, changed, progress=False)
+
+
+def test_copy_stage_with_corrupt_and_blank_images(shards, tmp_path, pooled_model):
+    """Undecodable images get NaN descriptors (no synthetic copy); the run and the calibration go on."""
+    cfg = CurateConfig.from_dict(
+        {"stages": ["image", "copy", "dedup"], "batch_size": 4, "dedup": {"copy_calib_rate": 1.0}}
+    )
+    out = tmp_path / "out"
+    s = run_curation([str(p) for p in shards], out, cfg, model=pooled_model, progress=False)
+    assert (
+        s["rows"] == 20
+        and s["global"]["dedup"]["copy_threshold_source"] == "fallback (19 synthetic copies < copy_calib_min)"
+    )
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out / "scores.parquet").to_pydict()
+    bad = t["key"].index("s0_004")  # the corrupt image
+    assert t["copy_calib_kind"][bad] is None and t["copy_calib_phash"][bad] is None
+    desc = np.load(out / "shards" / "part-000000.copy.npy")
+    assert np.isnan(desc[4]).all() and not np.isnan(desc[0]).any()
+    assert t["dup_of"][1] == "s0_000" or t["dup_of"][0] == "s0_001"  # the exact duplicate still found
