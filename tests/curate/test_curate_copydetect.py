@@ -250,3 +250,29 @@ def test_copy_stage_with_corrupt_and_blank_images(shards, tmp_path, pooled_model
     desc = np.load(out / "shards" / "part-000000.copy.npy")
     assert np.isnan(desc[4]).all() and not np.isnan(desc[0]).any()
     assert t["dup_of"][1] == "s0_000" or t["dup_of"][0] == "s0_001"  # the exact duplicate still found
+
+
+def test_eval_set_near_copies_by_descriptor(tmp_path, pooled_model):
+    shards, _ = planted_shard(tmp_path)
+    img = Image.open(io.BytesIO(image_bytes(10, size=64))).convert("RGB")
+    buf = io.BytesIO()
+    synthetic_copy(img, "crop", key_rng("eval", 3)).save(buf, "JPEG", quality=90)
+    ev = [{"key": "ev_copy_of_10", "jpg": buf.getvalue(), "txt": "x"}]
+    ev += [{"key": f"ev{k}", "jpg": image_bytes(100 + k, size=64), "txt": "x"} for k in range(5)]
+    (tmp_path / "eval").mkdir()
+    eval_shard = write_shard(tmp_path / "eval" / "eval-000000.tar", ev)
+    cfg = CurateConfig.from_dict(
+        {"stages": ["image", "copy", "dedup"], "batch_size": 16, "dedup": {"copy_calib_rate": 1.0}}
+    )
+    out = tmp_path / "out"
+    s = run_curation(
+        [str(p) for p in shards], out, cfg, model=pooled_model, progress=False, eval_data=[str(eval_shard)]
+    )
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out / "scores.parquet").to_pydict()
+    row = t["key"].index("img010")
+    assert t["eval_copy_sim"][row] >= s["global"]["dedup"]["copy_threshold"]
+    assert t["eval_dup_of"][row] == "ev_copy_of_10" and s["global"]["dedup"]["eval_copy_dup"] >= 1
+    others = [i for i, k in enumerate(t["key"]) if not k.startswith("img010")]
+    assert sum(t["eval_dup_of"][i] is not None for i in others) <= 1

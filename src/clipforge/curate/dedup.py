@@ -18,8 +18,8 @@
   ``clip_score`` (DataComp-style) or, with ``keep="centroid"``, the one nearest the group mean (SemDeDup).
   Every other member gets ``*_dup_of = <kept key>``.
 - eval: a train sample is an eval duplicate when its image embedding has cosine >= ``eval_threshold``
-  with any eval image, or its pHash is within ``phash_radius`` of one (as DataComp removes test-set
-  near-duplicates from its pools).
+  with any eval image, or its pHash is within ``phash_radius`` of one, or (copy stage) its copy
+  descriptor reaches the copy cut with one (as DataComp removes test-set near-duplicates from its pools).
 """
 
 from __future__ import annotations
@@ -327,7 +327,36 @@ def copy_dedup(
         "i": i,
         "j": j,
         "stats": stats,
+        "unit": unit,
+        "mean": mean,
+        "threshold": float(t),
     }
+
+
+def eval_copies(
+    unit: np.ndarray, mean: np.ndarray, eval_desc: np.ndarray, eval_keys: list[str], threshold: float
+) -> tuple[list[float | None], list[str | None]]:
+    """Nearest eval image per row by copy descriptor (centered with the train mean): cosine, key if >= cut."""
+    import faiss
+
+    from clipforge.curate.copydetect import center_normalize
+
+    n = len(unit)
+    sim: list[float | None] = [None] * n
+    of: list[str | None] = [None] * n
+    ev_unit, _ = center_normalize(eval_desc, mean)
+    ev = np.flatnonzero(~np.isnan(ev_unit[:, 0]))
+    rows = np.flatnonzero(~np.isnan(unit[:, 0]))
+    if len(ev) == 0 or len(rows) == 0:
+        return sim, of
+    index = faiss.IndexFlatIP(ev_unit.shape[1])
+    index.add(np.ascontiguousarray(ev_unit[ev], dtype=np.float32))
+    d, nn = index.search(np.ascontiguousarray(unit[rows], dtype=np.float32), 1)
+    for row, dd, jj in zip(rows, d[:, 0], nn[:, 0]):
+        sim[row] = float(dd)
+        if dd >= threshold:
+            of[row] = eval_keys[ev[jj]]
+    return sim, of
 
 
 @register_stage("dedup", kind="global")
@@ -370,6 +399,7 @@ def dedup_stage(
     near_edges = {}
     if "phash" in cols:
         near_edges["phash"] = edges[-1]
+    cp = None
     if "copy" in emb:
         cp = copy_dedup(keys, emb["copy"], emb.get("copyaug"), table, quality, cfg)
         out["copy_dup_of"], out["copy_max_sim"] = cp["copy_dup_of"], cp["copy_max_sim"]
@@ -410,6 +440,12 @@ def dedup_stage(
             evalset.get("phash"),
             cfg,
         )
+        if cp is not None and evalset.get("copy") is not None:  # near copies of eval images
+            out["eval_copy_sim"], copy_of = eval_copies(
+                cp["unit"], cp["mean"], evalset["copy"], evalset["keys"], cp["threshold"]
+            )
+            ev["eval_dup_of"] = [a if a is not None else b for a, b in zip(ev["eval_dup_of"], copy_of)]
+            stats["eval_copy_dup"] = sum(v is not None for v in copy_of)
         out.update(ev)
         out["is_eval_duplicate"] = [d is not None for d in ev["eval_dup_of"]]
     for c in dup_cols + (["eval_dup_of"] if evalset is not None else []):

@@ -151,7 +151,10 @@ def run_global(
 def score_evalset(eval_specs: list[str], ctx: Context, out_dir: Path, workers: int) -> dict[str, Any]:
     """Image hashes and embeddings of the eval set (scored and cached like any shard set)."""
     urls = expand_shards(eval_specs)
-    names = ["image"] + (["clip-score"] if ctx.config.model or ctx._model is not None else [])
+    has_model = ctx.config.model or ctx._model is not None
+    names = ["image"] + (["clip-score"] if has_model else [])
+    if has_model and "copy" in ctx.config.stages:  # copy descriptors of the eval images too
+        names.append("copy")
     stages = [s for s in resolve_stages(names) if s.kind == "sample"]
     eval_dir = out_dir / "eval"
     run_local(urls, stages, ctx, eval_dir, workers=workers, progress=False)
@@ -160,6 +163,7 @@ def score_evalset(eval_specs: list[str], ctx: Context, out_dir: Path, workers: i
         "keys": table.column("key").to_pylist(),
         "phash": table.column("phash").to_pylist(),
         "emb": embs.get("image"),
+        "copy": embs.get("copy"),
     }
 
 

@@ -79,6 +79,7 @@ COLUMN_TYPES = {
     "dup_of": pa.string(),
     "eval_dup_of": pa.string(),
     "eval_sim": pa.float64(),
+    "eval_copy_sim": pa.float64(),
     "eval_phash_dist": pa.int64(),
 }
 
