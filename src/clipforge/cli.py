@@ -16,6 +16,7 @@ STAGES = [
     ("eval", "clipforge.evaluate.cli"),
     ("index", "clipforge.index.cli"),
     ("serve", "clipforge.serve.cli"),
+    ("export", "clipforge.export.cli"),
     ("quickstart", "clipforge.quickstart"),
 ]
 

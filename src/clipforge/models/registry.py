@@ -38,6 +38,7 @@ BACKENDS: dict[str, Backend] = {
     "towers": Backend("towers", "clipforge.models.towers", "towers:IMAGE+TEXT"),
     "hf": Backend("hf", "clipforge.models.hf", "hf:PATH_OR_ID"),
     "scratch": Backend("scratch", "clipforge.models.scratch", "scratch:NAME"),
+    "openclip": Backend("openclip", "clipforge.models.openclip", "openclip:DIR or openclip:NAME=FILE"),
     "py": Backend("py", "clipforge.models.custom", "py:MODULE:FUNCTION", saved=False, runs_code=True),
 }
 

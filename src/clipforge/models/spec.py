@@ -18,7 +18,7 @@ from pathlib import Path
 
 from clipforge.models.registry import BACKENDS, SAVED
 
-SPEC_HELP = "towers:IMAGE+TEXT, hf:PATH, scratch:NAME, py:MODULE:FUNCTION or a saved model dir"
+SPEC_HELP = "towers:IMAGE+TEXT, hf:PATH, scratch:NAME, openclip:DIR, py:MODULE:FUNCTION or a saved model dir"
 
 
 @dataclass(frozen=True)
