@@ -174,6 +174,8 @@ def export(
         "logit_scale": float(model.logit_scale.detach().exp().clamp(max=100.0)),
         "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
         "spec": model.config.spec,
+        # the torch model's identity (models.encode.fingerprint): --runtime onnx counts as the same model
+        "source_fingerprint": _source_fingerprint(model),
     }
     if verify:
         cfg["max_abs_diff_vs_torch"] = check_parity(model, out)
@@ -193,6 +195,12 @@ def export(
         "max_abs_diff_vs_torch": cfg.get("max_abs_diff_vs_torch"),
         "int8": cfg.get("int8"),
     }
+
+
+def _source_fingerprint(model: nn.Module) -> str:
+    from clipforge.models.encode import fingerprint
+
+    return getattr(model, "source_fingerprint", None) or fingerprint(model)
 
 
 def sessions(directory: str | Path, threads: int | None = None, int8: bool = False):

@@ -5,13 +5,23 @@
 in onnxruntime with ``threads`` intra-op threads. Its fingerprint (encode.fingerprint) covers the
 bytes of both graphs, so caches never mix it up with the torch model it came from. Inference only:
 the graphs emit unit-norm embeddings (``normalize=False`` is refused), and there is nothing to train.
+
+:func:`load_runtime` is the one switch behind ``--runtime torch|onnx`` (serve, index build/search):
+with onnx and no export dir it exports the torch model once into a cache dir keyed by its
+fingerprint. :func:`model_identity` is what an index / server compares: for an fp32 export it is the
+fingerprint of the torch model it came from (same embeddings to 1e-4), so an index built with one
+runtime is served by the other without the "different model" warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +30,9 @@ import torch
 from torch import nn
 
 from clipforge.export.onnx import CONFIG_FILE, IMAGE_FILE, PREPROCESS_FILE, TEXT_FILE, graph_paths, sessions
+
+log = logging.getLogger("clipforge.export")
+RUNTIMES = ("torch", "onnx")
 
 
 class OnnxClipModel(nn.Module):
@@ -38,6 +51,8 @@ class OnnxClipModel(nn.Module):
         meta = json.loads((d / CONFIG_FILE).read_text())
         pre = json.loads((d / PREPROCESS_FILE).read_text())
         self.directory = d
+        # int8 graphs give other embeddings: they keep their own identity (the graph digest)
+        self.source_fingerprint: str | None = None if int8 else meta.get("source_fingerprint")
         self.image_session, self.text_session = sessions(d, threads, int8=int8)
         self.tokenizer = Tokenizer.from_dir(d)
         self.config = ModelConfig(
@@ -116,3 +131,89 @@ class OnnxClipModel(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.config.spec, "params": 0, "trainable": 0, "embed_dim": self.config.embed_dim}
+
+
+def model_identity(model: nn.Module) -> str:
+    """The fingerprint an index or server compares: the source torch model's for an fp32 onnx export."""
+    from clipforge.models.encode import fingerprint
+
+    return getattr(model, "source_fingerprint", None) or fingerprint(model)
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG_FILE).is_file() and (p / IMAGE_FILE).is_file()
+
+
+def onnx_cache_dir() -> Path:
+    """Where ``--runtime onnx`` keeps the exports it makes: ``$CLIPFORGE_CACHE/onnx`` (as zeroshot/)."""
+    return Path(os.environ.get("CLIPFORGE_CACHE", Path.home() / ".cache" / "clipforge")) / "onnx"
+
+
+def cached_export(model: nn.Module, cache: str | Path | None = None) -> Path:
+    """The onnx export of ``model`` under ``cache/FINGERPRINT``, written once (atomic rename: two
+    processes exporting at once both succeed and one export is kept)."""
+    from clipforge.export.api import export_model
+    from clipforge.models.encode import fingerprint
+
+    fp = fingerprint(model)
+    root = Path(cache) if cache is not None else onnx_cache_dir()
+    final = root / fp
+    if (
+        is_onnx_export(final)
+        and json.loads((final / CONFIG_FILE).read_text()).get("source_fingerprint") == fp
+    ):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.", suffix=".tmp", dir=root))
+    try:
+        log.info("exporting %s to onnx once (cache %s)", model.config.spec, final)
+        export_model(model, "onnx", tmp / "export")
+        if final.exists() and not is_onnx_export(final):
+            shutil.rmtree(final, ignore_errors=True)  # a broken leftover: replaced
+        try:
+            os.rename(tmp / "export", final)
+        except OSError:
+            if not is_onnx_export(final):  # not a concurrent writer's complete export: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_runtime(
+    model: str | Path | nn.Module,
+    runtime: str = "torch",
+    threads: int | None = None,
+    onnx_dir: str | Path | None = None,
+    *,
+    allow_code: bool = False,
+    cache: str | Path | None = None,
+) -> nn.Module:
+    """``--runtime torch|onnx``: the torch model (eval) or an :class:`OnnxClipModel` of it.
+
+    ``model``: a spec, a saved model dir, a loaded model, or (onnx only) an onnx export dir.
+    With onnx: ``onnx_dir`` if given, else the model's cached export (made on first use).
+    ``threads``: onnxruntime intra-op threads (torch threads stay with ``setup_torch_threads``).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if isinstance(model, OnnxClipModel):
+        if runtime != "onnx":
+            raise ValueError("an onnx export runs with --runtime onnx, not torch")
+        return model
+    if not isinstance(model, nn.Module) and is_onnx_export(model):
+        if runtime != "onnx":
+            raise ValueError(f"{model} is an onnx export: serve it with --runtime onnx")
+        return OnnxClipModel(model, threads)
+    if runtime == "onnx" and onnx_dir is not None:
+        return OnnxClipModel(onnx_dir, threads)
+    if isinstance(model, nn.Module):
+        torch_model = model.eval()
+    else:
+        from clipforge.models import load_model
+
+        torch_model = load_model(str(model), allow_code=allow_code).eval()
+    if runtime == "torch":
+        return torch_model
+    return OnnxClipModel(cached_export(torch_model, cache), threads)

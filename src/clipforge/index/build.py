@@ -23,11 +23,12 @@ import numpy as np
 from clipforge.config import check_run_config, from_dict, write_run_config
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards
+from clipforge.export.runtime import model_identity
 from clipforge.index import ann
 from clipforge.index.config import RESUME_MAY_CHANGE, RUN_CONFIG, BuildOptions, BuildRun  # noqa: F401
 from clipforge.index.embed import EmbedSettings, embed_shard
 from clipforge.models.base import ClipModel
-from clipforge.models.encode import fingerprint, normalize_rows
+from clipforge.models.encode import normalize_rows
 from clipforge.utils import atomic_path, prepare_output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,19 @@ def load_model_spec(spec: str | ClipModel, allow_code: bool = False, **options: 
     from clipforge.models import load_model
 
     return load_model(spec, allow_code=allow_code, **options).eval()
+
+
+def load_for_runtime(
+    spec: str | ClipModel, runtime: str = "torch", threads: int | None = None, allow_code: bool = False
+) -> Any:
+    """``--runtime torch|onnx``: :func:`load_model_spec`'s model, or its onnx export in onnxruntime
+    (export.runtime.load_runtime: exported once into the cache); an onnx export dir runs as is."""
+    from clipforge.export.runtime import is_onnx_export, load_runtime
+
+    if isinstance(spec, str) and is_onnx_export(spec):
+        return load_runtime(spec, runtime, threads)
+    m = load_model_spec(spec, allow_code=allow_code)
+    return m if runtime == "torch" else load_runtime(m, runtime, threads)
 
 
 def prepare_build_dir(output: Path, run: BuildRun, *, overwrite: bool = False, resume: bool = False) -> Path:
@@ -137,9 +151,13 @@ def build_index(
     overwrite: bool = False,
     resume: bool = False,
     allow_code: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Embed ``shards`` with ``model`` and write an index directory; returns the manifest.
 
+    ``options.runtime="onnx"`` embeds with the model's onnx export (``threads`` onnxruntime threads);
+    the index records the torch model's fingerprint either way (export.runtime.model_identity), so
+    a server of either runtime finds it built by its model.
     Rerunning the same build continues it; see :func:`prepare_build_dir` for the output-dir rule.
     ``allow_code``: honour a ``py:MODULE:FUNCTION`` model spec (the caller's own argument only).
     """
@@ -153,8 +171,8 @@ def build_index(
     output = Path(output)
     urls = expand_shards(shards)
     model_ref = model if isinstance(model, str) else model.config.spec
-    m = load_model_spec(model, allow_code=allow_code)
-    settings = EmbedSettings(fingerprint(m), opt.thumb_size, opt.max_per_shard)
+    m = load_for_runtime(model, opt.runtime, threads, allow_code=allow_code)
+    settings = EmbedSettings(model_identity(m), opt.thumb_size, opt.max_per_shard)
     full_dim = int(m.config.embed_dim)
     if opt.dims is not None and not 0 < opt.dims <= full_dim:
         raise ValueError(f"--dims must be in 1..{full_dim} (the model's embedding size), got {opt.dims}")
@@ -217,7 +235,9 @@ def build_index(
     manifest = {
         "format": FORMAT,
         "model": model_ref,
-        "model_spec": m.config.spec,
+        "model_spec": m.config.options.get("source_spec") or m.config.spec
+        if opt.runtime == "onnx"
+        else m.config.spec,
         "model_fingerprint": settings.model,
         "embed_dim": full_dim,
         "dim": d,
@@ -240,6 +260,7 @@ def build_index(
             "workers": opt.workers,
             "thumb_size": opt.thumb_size,
             "max_per_shard": opt.max_per_shard,
+            "runtime": opt.runtime,
             "embed_seconds": round(t_embed, 3),
             "index_seconds": round(t_index, 3),
             "total_seconds": round(time.perf_counter() - t_start, 3),

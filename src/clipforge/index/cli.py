@@ -36,7 +36,9 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     b.add_argument("--overwrite", action="store_true", help="replace an output dir holding another build")
     b.add_argument("--resume", action="store_true", help="continue in a non-empty dir without config.yaml")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    b.add_argument(
+        "--threads", type=int, default=None, help="torch (or onnxruntime) threads (default: all cores)"
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     b.set_defaults(func=cmd_build)
 
@@ -48,6 +50,10 @@ def register(subparsers: Any) -> None:
     s.add_argument("--text", action="store_true", help="treat QUERY as text even if it names a file")
     s.add_argument("--filter", action="append", default=[], metavar="COL=VALUE", help="column filter")
     s.add_argument("--model", default=None, help="override the model recorded in the index")
+    s.add_argument(
+        "--runtime", choices=["torch", "onnx"], default="torch", help="torch | onnx (the model's onnx export)"
+    )
+    s.add_argument("--threads", type=int, default=None, help="torch (or onnxruntime) threads")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     s.set_defaults(func=cmd_search)
 
@@ -78,7 +84,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         opt = from_args(BuildOptions, args, base=base)
         mf = build_index(  # --model is the user's own argument: a py:MODULE:FUNCTION spec is honoured
             args.data, args.model, args.output, opt, overwrite=args.overwrite, resume=args.resume,
-            allow_code=True,
+            allow_code=True, threads=args.threads,
         )  # fmt: skip
     except (ConfigError, OutputExistsError) as e:
         log.error("%s", e)
@@ -109,27 +115,29 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from clipforge.data.decode import SkipSample
-    from clipforge.index.build import load_model_spec
+    from clipforge.export.runtime import model_identity
+    from clipforge.index.build import load_for_runtime
     from clipforge.index.query import load_image_query, looks_like_image_ref
     from clipforge.index.store import ClipIndex, FilterError
-    from clipforge.models.encode import embed_pil_images, embed_texts, fingerprint
+    from clipforge.models.encode import embed_pil_images, embed_texts
     from clipforge.utils import emit_json, format_table, setup_torch_threads
 
     if not 1 <= args.k <= 10_000:
         log.error("-k must be in 1..10000")
         return 2
-    setup_torch_threads()
+    setup_torch_threads(args.threads)
     try:
         index = ClipIndex.load(args.index)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
     try:  # a model named on the command line may be code (py:...); one read from the manifest never
-        model = load_model_spec(args.model or index.model_ref, allow_code=bool(args.model))
-    except (FileNotFoundError, ValueError) as e:
+        spec = args.model or index.model_ref
+        model = load_for_runtime(spec, args.runtime, args.threads, allow_code=bool(args.model))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         log.error("%s", e)
         return 2
-    if fingerprint(model) != index.manifest.get("model_fingerprint"):
+    if model_identity(model) != index.manifest.get("model_fingerprint"):
         log.warning("model weights differ from the ones that built this index: scores will be meaningless")
     as_image = args.image or (not args.text and looks_like_image_ref(args.query))
     try:

@@ -43,6 +43,11 @@ class BuildOptions:
     thumb_size: int = _f(160, "thumbnail side in px (0: no thumbnails)")
     max_per_shard: int | None = _f(None, "embed at most N images per shard")
     seed: int = _f(0, "seed of the index training and the recall queries")
+    runtime: str = _f(
+        "torch",
+        "torch | onnx: embed with the exported graphs in onnxruntime (same vectors to 1e-4, ~2x on CPU)",
+        choices=["torch", "onnx"],
+    )
 
     def __post_init__(self) -> None:
         self.ram_budget = parse_bytes(self.ram_budget)
@@ -51,6 +56,8 @@ class BuildOptions:
         choices = self.__dataclass_fields__["index_type"].metadata["choices"]
         if self.index_type not in choices:
             raise ConfigError(f"index_type must be one of {choices}, got {self.index_type!r}")
+        if self.runtime not in ("torch", "onnx"):
+            raise ConfigError(f"runtime must be torch or onnx, got {self.runtime!r}")
         if self.refine not in (None, True, False):
             raise ConfigError(f"refine must be true, false or null (auto), got {self.refine!r}")
         for name in ("batch_size", "eval_queries", "flat_threshold"):

@@ -32,7 +32,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--index", default=None, help="index directory from `clipforge index build`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch (or onnxruntime) threads (default: all cores)"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("server limits and switches (ServeConfig)")
     add_arguments(g, ServeConfig, skip=HAND_WRITTEN, rename=RENAME)
@@ -66,8 +68,8 @@ def serve_config(args: argparse.Namespace) -> Any:
 
 def make_service(args: argparse.Namespace) -> Any:
     """Parsed ``serve`` arguments -> a ready ClipService (raises ValueError/FileNotFoundError on bad input)."""
+    from clipforge.export.runtime import load_runtime
     from clipforge.index.store import ClipIndex
-    from clipforge.models import load_model
     from clipforge.serve.service import ClipService
 
     cfg = serve_config(args)
@@ -77,7 +79,8 @@ def make_service(args: argparse.Namespace) -> Any:
         raise ValueError("give a MODEL or an --index (whose model is then used)")
     if index is not None and args.model and args.model != index.model_ref:
         log.warning("serving model %s with an index built by %s", args.model, index.model_ref)
-    return ClipService(load_model(spec).eval(), index, cfg)
+    model = load_runtime(spec, cfg.runtime, getattr(args, "threads", None), cfg.onnx_dir)
+    return ClipService(model, index, cfg)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

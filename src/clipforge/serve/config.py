@@ -14,6 +14,7 @@ from typing import Any
 from clipforge import config as C
 
 PRECISIONS = ("fp32", "bf16", "auto")
+RUNTIMES = ("torch", "onnx")  # clipforge.export.runtime.RUNTIMES (kept here: this module stays light)
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -59,6 +60,14 @@ class ServeConfig:
         "fp32 | bf16 | auto (bf16 autocast where native: ~3x for text on AVX512-BF16/AMX)",
         choices=PRECISIONS,
     )
+    runtime: str = _f(
+        "torch",
+        "torch | onnx (the exported graphs in onnxruntime, --threads intra-op threads; ~2x on CPU images)",
+        choices=RUNTIMES,
+    )
+    onnx_dir: str | None = _f(
+        None, "with --runtime onnx: an export dir (default: MODEL exported once into $CLIPFORGE_CACHE/onnx)"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +75,14 @@ class ServeConfig:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise C.ConfigError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise C.ConfigError(f"runtime must be torch or onnx, got {self.runtime!r}")
+        if self.runtime == "onnx" and self.precision == "bf16":
+            raise C.ConfigError("precision bf16 needs --runtime torch (the onnx graphs run in fp32)")
+        if self.runtime == "onnx" and self.captioner is not None:
+            raise C.ConfigError("a captioner needs the torch model's features: serve it with --runtime torch")
+        if self.onnx_dir is not None and self.runtime != "onnx":
+            raise C.ConfigError("onnx_dir applies to --runtime onnx only")
         positive = ("max_batch", "max_upload_bytes", "max_image_pixels", "max_texts", "max_text_chars")
         positive += (
             "max_k",

@@ -68,6 +68,7 @@ def health_payload(service: ClipService, full: bool) -> dict[str, Any]:
         "index": _index_view(service, full),
         "model_matches_index": service.model_matches_index,
         "captioning": _captioning_view(service, full),
+        "runtime": service.runtime,
         "precision": {"text": service.precision, "image": service.image_precision},
         "batching": {"enabled": cfg.batching, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms},
         "stats": service.stats(),

@@ -24,13 +24,13 @@ from clipforge.caption.captioner import Captioner
 from clipforge.caption.decoding import DecodeOptions
 from clipforge.data.decode import decode_image
 from clipforge.data.fetch import FetchError, safe_fetch
+from clipforge.export.runtime import model_identity
 from clipforge.index.query import check_image_size
 from clipforge.index.store import ClipIndex, Hit
 from clipforge.models.base import ClipModel
 from clipforge.models.encode import (
     embed_pixels,
     embed_texts,
-    fingerprint,
     model_device,
     resolve_precision,
 )
@@ -67,7 +67,8 @@ def index_matches(model: ClipModel, index: ClipIndex) -> bool:
             f"index {index.dir} holds {index.embed_dim}-d embeddings but the model makes "
             f"{model.config.embed_dim}-d ones: serve it with the model it was built with ({index.model_ref})"
         )
-    fp, built_by = fingerprint(model), index.manifest.get("model_fingerprint")
+    # an onnx export counts as the torch model it came from (model_identity: same embeddings to 1e-4)
+    fp, built_by = model_identity(model), index.manifest.get("model_fingerprint")
     if fp != built_by:
         log.warning(
             "the model's weights differ from those that built the index %s (fingerprint %s vs %s): "
@@ -99,7 +100,9 @@ class ClipService:
             check_captioner(captioner, model)
         self.captioner = captioner
         self.model_matches_index = index_matches(model, index) if index is not None else None
-        self.precision = resolve_precision(model, self.cfg.precision)
+        self.runtime = "onnx" if getattr(model.config, "backend", None) == "onnx" else "torch"
+        # the onnx graphs run in fp32 whatever autocast says: report what actually runs
+        self.precision = "fp32" if self.runtime == "onnx" else resolve_precision(model, self.cfg.precision)
         # Text towers (matmuls) gain ~3x from bf16 on AVX512-BF16 CPUs; a CPU convnet image tower gains
         # nothing (efficientnet-lite0, 1 thread: 17.2 ms/img fp32 vs 17.3 bf16), so images stay exact.
         self.device = model_device(model).type
