@@ -12,7 +12,11 @@
    body...) must all get 4xx, and ``/health`` must still answer afterwards;
 5. classify throughput (cifar10 label set, image uploads) with micro-batching on, then again on a
    server started with ``--no-batching``;
-6. with ``--captioner DIR``: ``POST /caption`` throughput (captions/s) for greedy and beam-3 on
+6. ``--runtime torch onnx``: steps 3 and 5 (batching on) once per runtime, same index, same run (the
+   onnx server exports the model once into ``WORK/onnx-cache``); keys of a non-torch runtime end in
+   ``_onnx``. ``--index-build-shard SHARD``: also ``index build`` images/s of one shard per runtime
+   (the per-shard embedding time from the manifest; the export made before timing);
+7. with ``--captioner DIR``: ``POST /caption`` throughput (captions/s) for greedy and beam-3 on
    flickr8k test images, batching on vs off (``--caption-only`` skips the index and steps 1-5):
 
     python benchmarks/bench_serve.py --captioner runs/captioner --caption-only --json
@@ -84,7 +88,9 @@ def ensure_index(args: argparse.Namespace) -> Path:
 class Server:
     """``clipforge serve`` in a subprocess on 127.0.0.1; stopped with SIGINT (uvicorn's clean shutdown)."""
 
-    def __init__(self, args: argparse.Namespace, index: Path | None, extra: list[str]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, index: Path | None, extra: list[str], runtime: str = "torch"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "clipforge.cli", "serve", args.model]
@@ -93,8 +99,12 @@ class Server:
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         cmd += ["--precision", args.precision]
+        env = dict(os.environ)
+        if runtime != "torch":
+            cmd += ["--runtime", runtime]
+            env["CLIPFORGE_CACHE"] = str(Path(args.work) / "onnx-cache")
         log("starting: " + " ".join(cmd[2:]))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -117,6 +127,35 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def index_build_rates(args: argparse.Namespace) -> dict:
+    """``index build`` of one shard per runtime: images/s of the embedding loop (model load and the
+    one-time onnx export are outside the timing: the export is made into the cache first)."""
+    import shutil
+
+    from clipforge.export.runtime import load_runtime
+    from clipforge.index import BuildOptions, build_index
+
+    os.environ["CLIPFORGE_CACHE"] = str(Path(args.work) / "onnx-cache")
+    out = {}
+    for rt in args.runtime:
+        if rt != "torch":
+            load_runtime(args.model, rt, args.threads)  # export once (cached), not timed
+        d = Path(args.work) / f"build-{rt}"
+        shutil.rmtree(d, ignore_errors=True)
+        opts = BuildOptions(batch_size=32, workers=1, runtime=rt, max_per_shard=args.max_per_shard)
+        mf = build_index([args.index_build_shard], args.model, d, opts, progress=False, threads=args.threads)
+        sec = sum(s["seconds"] for s in mf["shards"])
+        out[rt] = {
+            "images": mf["count"],
+            "embed_s": round(sec, 2),
+            "images_per_s": round(mf["count"] / sec, 2),
+        }
+        log(f"index build ({rt}): {out[rt]}")
+    if "torch" in out and "onnx" in out:
+        out["onnx_vs_torch"] = round(out["onnx"]["images_per_s"] / out["torch"]["images_per_s"], 2)
+    return out
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -425,6 +464,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="server torch threads")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="server --precision")
     p.add_argument("--skip-no-batching", action="store_true")
+    p.add_argument(
+        "--runtime", nargs="+", default=["torch"], choices=["torch", "onnx"],
+        help="server runtime(s): the search and classify phases run once per runtime, in this order",
+    )  # fmt: skip
+    p.add_argument(
+        "--index-build-shard", default=None, help="also: index build images/s of this shard per runtime"
+    )
     p.add_argument("--captioner", default=None, help="captioner dir: also measure POST /caption")
     p.add_argument("--caption-only", action="store_true", help="with --captioner: only the caption phases")
     p.add_argument("--caption-requests", type=int, default=64, help="requests per caption phase")
@@ -469,23 +515,30 @@ def main() -> int:
             url, classify_req, args.classify_requests, args.classify_concurrency, args.duration
         )
 
-    srv = Server(args, index, [])
-    try:
-        asyncio.run(run_raw_search(srv.url, queries, 64, 8, 30))  # warm-up
-        results["search"] = measured(
-            srv,
-            lambda: asyncio.run(
-                run_raw_search(srv.url, queries, args.requests, args.concurrency, args.duration)
-            ),
-        )
-        log(f"search: {results['search']}")
-        results["malformed"] = asyncio.run(malformed(srv.url))
-        log(f"malformed: {results['malformed']}")
-        results["classify_batched"] = measured(srv, lambda: asyncio.run(classify_phase(srv.url)))
-        log(f"classify (batching on): {results['classify_batched']}")
-        results["server_stats"] = httpx.get(srv.url + "/health").json()["stats"]
-    finally:
-        srv.stop()
+    for n_rt, rt in enumerate(args.runtime):
+        sfx = "" if rt == "torch" else f"_{rt}"
+        srv = Server(args, index, [], runtime=rt)
+        try:
+            asyncio.run(run_raw_search(srv.url, queries, 64, 8, 30))  # warm-up
+            results["search" + sfx] = measured(
+                srv,
+                lambda srv=srv: asyncio.run(
+                    run_raw_search(srv.url, queries, args.requests, args.concurrency, args.duration)
+                ),
+            )
+            log(f"search ({rt}): {results['search' + sfx]}")
+            if n_rt == 0:
+                results["malformed"] = asyncio.run(malformed(srv.url))
+                log(f"malformed: {results['malformed']}")
+            results["classify_batched" + sfx] = measured(
+                srv, lambda srv=srv: asyncio.run(classify_phase(srv.url))
+            )
+            log(f"classify (batching on, {rt}): {results['classify_batched' + sfx]}")
+            results["server_stats" + sfx] = httpx.get(srv.url + "/health").json()["stats"]
+        finally:
+            srv.stop()
+    if args.index_build_shard:
+        results["index_build"] = index_build_rates(args)
     if not args.skip_no_batching:
         srv = Server(args, index, ["--no-batching"])
         try:
@@ -508,7 +561,8 @@ def main() -> int:
         emit_json(results)
     else:
         rows = []
-        for k in ("search", "search_unbatched", "classify_batched", "classify_unbatched"):
+        phases = ("search", "search_onnx", "search_unbatched", "classify_batched", "classify_batched_onnx")
+        for k in (*phases, "classify_unbatched"):
             if k in results:
                 r = results[k]
                 rows.append(
@@ -537,13 +591,15 @@ def main() -> int:
         ]
         print(format_table(rows, heads))
         m = results["malformed"]
+        if "index_build" in results:
+            print(f"index build: {results['index_build']}")
         if "precision_agreement" in results:
             print(f"precision vs fp32: {results['precision_agreement']}")
         print(f"malformed: {m['requests']} requests -> {m['status']}, healthy after: {m['healthy_after']}")
         if "caption" in results:
             print(caption_table(results["caption"]))
     ok = (
-        results["search"]["errors"] == 0
+        all(v["errors"] == 0 for k, v in results.items() if k.startswith("search"))
         and not results["malformed"]["not_4xx"]
         and results["malformed"]["healthy_after"]
     )
