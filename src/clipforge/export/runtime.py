@@ -38,7 +38,9 @@ RUNTIMES = ("torch", "onnx")
 class OnnxClipModel(nn.Module):
     """The image and text graphs of an ONNX export behind clipforge's encode interface (CPU)."""
 
-    def __init__(self, directory: str | Path, threads: int | None = None, int8: bool = False) -> None:
+    def __init__(
+        self, directory: str | Path, threads: int | None = None, int8: bool = False, spin: bool = False
+    ) -> None:
         super().__init__()
         from clipforge.data.transforms import ImageTransform, PreprocessConfig
         from clipforge.models.tokenizer import Tokenizer
@@ -53,7 +55,7 @@ class OnnxClipModel(nn.Module):
         self.directory = d
         # int8 graphs give other embeddings: they keep their own identity (the graph digest)
         self.source_fingerprint: str | None = None if int8 else meta.get("source_fingerprint")
-        self.image_session, self.text_session = sessions(d, threads, int8=int8)
+        self.image_session, self.text_session = sessions(d, threads, int8=int8, spin=spin)
         self.tokenizer = Tokenizer.from_dir(d)
         self.config = ModelConfig(
             backend="onnx",
@@ -194,8 +196,10 @@ def load_runtime(
 
     ``model``: a spec, a saved model dir, a loaded model, or (onnx only) an onnx export dir.
     With onnx: ``onnx_dir`` if given, else the model's cached export (made on first use).
-    ``threads``: onnxruntime intra-op threads (torch threads stay with ``setup_torch_threads``).
+    ``threads``: onnxruntime intra-op threads; None: as many as torch has (``setup_torch_threads``:
+    ``--threads``, ``CLIPFORGE_THREADS`` or the CPUs really available, cgroup quota included).
     """
+    threads = threads or torch.get_num_threads()
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if isinstance(model, OnnxClipModel):
