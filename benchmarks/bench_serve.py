@@ -21,6 +21,21 @@
 
     python benchmarks/bench_serve.py --captioner runs/captioner --caption-only --json
 
+Measured 2026-11-30, ONE run, towers model (saved), index of flickr8k test-000000.tar (1000 images),
+``--threads 2``, load average 7-9 on the 2 shared cores from other agents (figures noisy):
+
+    python benchmarks/bench_serve.py --data .../flickr8k/test-000000.tar --requests 1000 --duration 30 \
+        --classify-requests 150 --skip-no-batching --threads 2 --runtime torch onnx \
+        --index-build-shard .../flickr8k/test-000000.tar
+
+    phase                 torch       onnx        onnx/torch
+    /search (text) QPS    86.3        134.7       1.56x   (server CPU 7.8 -> 5.4 ms/request)
+    /classify req/s       14.8        29.7        2.01x   (server CPU 36.1 -> 19.4 ms/request)
+    index build images/s  10.7        26.0        2.43x   (embedding loop of the shard)
+
+An earlier run with onnxruntime's default intra-op spinning gave onnx 0.57x torch on search and
+1.02x on classify: busy-waiting threads starve the rest of a shared CPU, so the sessions sleep.
+
 The load generator shares the machine with the server: on a 2-core box its own CPU use (a few
 hundred microseconds per request) is part of the cost. Figures on a shared machine are noisy.
 """
