@@ -59,3 +59,15 @@ def test_int8_text_graph(nano, tmp_path, texts):
     assert torch.equal(fp32.encode_image(px), int8.encode_image(px))  # the image graph stays fp32
     with pytest.raises(ValueError, match="quantize"):
         export_model(nano, "onnx", tmp_path / "bad", quantize_int8="int4")
+
+
+def test_sessions_sleep_instead_of_spinning(nano, tmp_path):
+    """Idle onnxruntime threads must not busy-wait: on a shared CPU that halved --runtime onnx."""
+    from clipforge.export import export_model
+    from clipforge.export.runtime import OnnxClipModel
+
+    export_model(nano, "onnx", tmp_path / "onnx")
+    for sess in (rt := OnnxClipModel(tmp_path / "onnx", threads=2)).image_session, rt.text_session:
+        opts = sess.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert opts.intra_op_num_threads == 2
