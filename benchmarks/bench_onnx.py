@@ -16,6 +16,8 @@ Measured 2026-11-30 (2 threads, batch 32, 224 px, load average 6-8 from other ag
 CPUs; ``--int8 --retrieval 100``): images/s torch 14.5, onnxruntime 33.8 (2.34x; an earlier run
 without --int8: 19.2 vs 39.2, 2.04x); int8 image graph 4.9 images/s (dynamic ConvInteger is slower,
 min cosine to fp32 0.81: not offered), int8 text graph 233 vs 129 texts/s fp32 (1.8x, min cosine 0.92).
+Those runs had onnxruntime's intra-op spinning on; the sessions now sleep when idle (export/onnx.py
+``sessions(spin=False)``), which made the served onnx model ~2x torch on a loaded CPU (bench_serve.py).
 """
 
 from __future__ import annotations
