@@ -18,9 +18,17 @@ model load excluded; its ``main()`` wall with the model load is given too); clip
 the end-to-end seconds from the command start to a searchable index (process start-up, imports, model
 load and index included), plus CPU seconds of each process tree.
 
-The side venv needs no torch of its own: ``python3 -m venv /tmp/clip-retrieval``, a ``.pth`` file
-naming this venv's site-packages, then ``pip install --no-deps clip-retrieval all_clip open_clip_torch
-ftfy wcwidth autofaiss embedding-reader fire`` (``sentence_transformers`` is stubbed: only mclip uses it).
+The side venv needs no torch of its own (made so here, 2026-11-30):
+
+    python3 -m venv /tmp/clip-retrieval
+    echo "import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')" \\
+        > /tmp/clip-retrieval/lib/python3.11/site-packages/zz_main.pth
+    /tmp/clip-retrieval/bin/pip install --no-deps clip-retrieval all_clip clip-anytorch open_clip_torch \\
+        ftfy wcwidth autofaiss embedding-reader fire
+    /tmp/clip-retrieval/bin/pip install flask flask-restful flask-cors prometheus-client h5py termcolor
+
+torchvision, sentence_transformers and wandb are stubbed (imported, never used here), and autofaiss's
+json dump of numpy-2 float32 scores is patched in the harness (autofaiss pins numpy<2).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def stages() -> list[Stage]:
               "python3 -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset"),
         Stage("bulk inference -> index", "bench_inference.py", ["--limit", "200"], [], read_inference,
               "clip-retrieval", "--cr-python", "/tmp/clip-retrieval/bin/python",
-              "python3 -m venv /tmp/clip-retrieval && /tmp/clip-retrieval/bin/pip install clip-retrieval"),
+              "see the recipe in bench_inference.py's docstring"),
         Stage("eval (zero-shot + retrieval)", "bench_eval.py", ["--limit", "200"], [], read_eval,
               "CLIP_benchmark", "--cb-python", "/tmp/cb/bin/python",
               "python3 -m venv /tmp/cb && /tmp/cb/bin/pip install clip_benchmark (see bench_eval.py)"),
