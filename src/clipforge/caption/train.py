@@ -246,178 +246,294 @@ def train_captioner(
     ``prepared``: the encoder and conditions when the caller already holds them (a benchmark that
     also scores baselines); they must come from ``cfg.model`` / ``cfg.data`` / ``cfg.eval_data``.
     """
-    from clipforge.models import load_model
-    from clipforge.runtime import setup_process
-    from clipforge.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-    from clipforge.train.logger import MetricsLogger, plot_curves
-    from clipforge.train.optim import build_optimizer, clip_grad, lr_at, set_lr
-
     cfg = from_dict(CaptionTrainConfig, cfg)
     if not cfg.data:
         raise ConfigError("caption train needs --data SHARDS")
-    threads = setup_process(cfg.threads)
-    out = prepare_output_dir(cfg.output, overwrite=overwrite, resume=resume)
-    ckpt_root = out / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_root) if resume else None
-    if resume:
-        check_run_config(
-            out / "config.yaml",
-            cfg,
-            ignore={
-                "output",
-                "cache_dir",
-                "feature_cache",
-                "max_steps",
-                "wall_budget_minutes",
-                "threads",
-                "workers",
-                "eval_every",
-            },
+    trainer = CaptionTrainer(cfg, resume=resume, overwrite=overwrite, progress=progress, prepared=prepared)
+    return trainer.train()
+
+
+# what a resumed run may change: where things live, how long it runs, how fast, how often it evaluates
+RESUME_MAY_CHANGE = {
+    "output", "cache_dir", "feature_cache", "max_steps", "wall_budget_minutes", "threads", "workers", "eval_every",
+}  # fmt: skip
+
+
+class CaptionTrainer:
+    """One run. ``__init__`` is the setup (the order matters: the seed is set before the decoder is
+    built); :meth:`train` runs the loop over :meth:`train_step` and ends in :meth:`finish`."""
+
+    def __init__(
+        self,
+        cfg: CaptionTrainConfig,
+        *,
+        resume: bool,
+        overwrite: bool,
+        progress: bool,
+        prepared: Prepared | None,
+    ) -> None:
+        from clipforge.runtime import setup_process
+        from clipforge.train.logger import MetricsLogger
+        from clipforge.train.optim import build_optimizer
+
+        self.cfg, self.progress = cfg, progress
+        self.threads = setup_process(cfg.threads)
+        self.out, self.ckpt = self._prepare_dir(resume, overwrite)
+        torch.manual_seed(cfg.seed)
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        prepared = prepared or Prepared()
+        self.encoder, self.kind, self.ts = self._load_data(prepared)
+        self.prep_s = time.perf_counter() - self.t0
+        self.vocab = self._load_vocab()
+        self.model, self.pairs = self._build_model()
+        self.per_epoch = math.ceil(len(self.pairs) / cfg.batch_size)
+        self.total = cfg.max_steps or max(1, int(cfg.epochs * self.per_epoch))
+        self.opt = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.step = self._resume()
+        resume_step = self.step if self.ckpt else None
+        self.logger = MetricsLogger(self.out, enabled=True, tensorboard=False, resume_step=resume_step)
+        self.meta = self._meta()
+        self.evaluator = (
+            _Evaluator(cfg, self.encoder, self.kind, self.out, self.step, prepared.eval)
+            if cfg.eval_data
+            else None
         )
-    write_run_config(out / "config.yaml", cfg)
-    torch.manual_seed(cfg.seed)
-    t0, c0 = time.perf_counter(), time.process_time()
+        self.model.train()
+        self.prep_cpu = time.process_time() - self.c0
+        self._start_clocks()
 
-    prepared = prepared or Prepared()
-    encoder = prepared.encoder or load_model(cfg.model, allow_code=True, **cfg.model_opts)  # caller's spec
-    kind = _resolve_condition(cfg, encoder)
-    cache_root = (
-        (Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature_cache")
-        if cfg.feature_cache
-        else None
-    )
-    ts = prepared.train or training_set(
-        encoder, cfg.data, kind, text=cfg.mode == "text-only", cache_root=cache_root, workers=cfg.workers,
-        progress=progress,
-    )  # fmt: skip
-    prep_s = time.perf_counter() - t0
-    vocab_path = out / "vocab.json"
-    if ckpt is not None and vocab_path.is_file():
-        vocab = CaptionVocab.load(vocab_path)
-    else:
-        vocab = build_vocab((c for caps in ts.cond.captions for c in caps), cfg.min_count)
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _prepare_dir(self, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+        """The output dir and the checkpoint to resume from; a resumed run must keep its config."""
+        from clipforge.train.checkpoint import latest_checkpoint
+
+        out = prepare_output_dir(self.cfg.output, overwrite=overwrite, resume=resume)
+        ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+        if resume:
+            check_run_config(out / "config.yaml", self.cfg, ignore=RESUME_MAY_CHANGE)
+        write_run_config(out / "config.yaml", self.cfg)
+        return out, ckpt
+
+    def _load_data(self, prepared: Prepared) -> tuple[Any, str, TrainingSet]:
+        """The encoder, the condition kind and the training conditions (from the feature cache)."""
+        from clipforge.models import load_model
+
+        cfg = self.cfg
+        encoder = prepared.encoder or load_model(
+            cfg.model, allow_code=True, **cfg.model_opts
+        )  # caller's spec
+        kind = _resolve_condition(cfg, encoder)
+        cache_root = (
+            (Path(cfg.cache_dir) if cfg.cache_dir else self.out.parent / ".feature_cache")
+            if cfg.feature_cache
+            else None
+        )
+        ts = prepared.train or training_set(
+            encoder, cfg.data, kind, text=cfg.mode == "text-only", cache_root=cache_root, workers=cfg.workers,
+            progress=self.progress,
+        )  # fmt: skip
+        return encoder, kind, ts
+
+    def _load_vocab(self) -> CaptionVocab:
+        """A resumed run keeps its vocabulary; a new one builds it from the training captions."""
+        vocab_path = self.out / "vocab.json"
+        if self.ckpt is not None and vocab_path.is_file():
+            return CaptionVocab.load(vocab_path)
+        vocab = build_vocab((c for caps in self.ts.cond.captions for c in caps), self.cfg.min_count)
         vocab.save(vocab_path)
-    dcfg = from_dict(DecoderConfig, {**to_dict(cfg.decoder), "vocab_size": len(vocab),
-                                     "cond_dim": int(ts.cond.cond.shape[1])})  # fmt: skip
-    torch.manual_seed(cfg.seed)  # the decoder's init and dropout depend on the seed only, not on the encoder
-    model = CaptionDecoder(dcfg)
-    pairs = make_pairs(ts.cond.captions, vocab, dcfg.max_len)
-    per_epoch = math.ceil(len(pairs) / cfg.batch_size)
-    total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch))
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step = 0
-    if ckpt is not None:
-        step = int(load_checkpoint(ckpt, model, opt, rank=0)["step"])
-        log.info("resumed from %s (step %d)", ckpt, step)
-    logger = MetricsLogger(out, enabled=True, tensorboard=False, resume_step=step if ckpt else None)
-    meta = {
-        "mode": cfg.mode,
-        "encoder": {"model": cfg.model, "model_opts": cfg.model_opts, "condition": kind,
-                    "fingerprint": encoder_fingerprint(encoder, kind)},
-        "decap_temperature": cfg.decap_temperature if cfg.mode == "text-only" else None,
-        "train": {"data": cfg.data, "images": len(ts.cond), "pairs": len(pairs)},
-    }  # fmt: skip
-    evaluator = _Evaluator(cfg, encoder, kind, out, step, prepared.eval) if cfg.eval_data else None
+        return vocab
 
-    def save(s: int) -> None:
-        state = {"epoch": s // per_epoch, "config": to_dict(cfg)}
-        save_checkpoint(ckpt_root, s, model, opt, state, [rng_state()], keep=cfg.keep)
+    def _build_model(self) -> tuple[CaptionDecoder, Pairs]:
+        dcfg = from_dict(DecoderConfig, {**to_dict(self.cfg.decoder), "vocab_size": len(self.vocab),
+                                         "cond_dim": int(self.ts.cond.cond.shape[1])})  # fmt: skip
+        torch.manual_seed(
+            self.cfg.seed
+        )  # the decoder's init and dropout depend on the seed only, not on the encoder
+        model = CaptionDecoder(dcfg)
+        return model, make_pairs(self.ts.cond.captions, self.vocab, dcfg.max_len)
 
-    def captioner() -> Captioner:
-        memory = ts.text.half() if ts.text is not None else None
-        return Captioner(model, vocab, meta, memory)
+    def _resume(self) -> int:
+        """The step of the checkpoint resumed from (model and optimizer loaded), else 0."""
+        from clipforge.train.checkpoint import load_checkpoint
 
-    model.train()
-    prep_cpu = time.process_time() - c0
-    c1, eval_cpu = time.process_time(), 0.0  # decoder-training CPU: excludes setup and evaluation
-    if ckpt is not None:  # continue the CPU count of the run before the checkpoint
-        rows = MetricsLogger.read(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-        c1 -= float(rows[-1].get("train_cpu_s", 0.0)) if rows else 0.0
+        if self.ckpt is None:
+            return 0
+        step = int(load_checkpoint(self.ckpt, self.model, self.opt, rank=0)["step"])
+        log.info("resumed from %s (step %d)", self.ckpt, step)
+        return step
 
-    def train_cpu() -> float:
-        return time.process_time() - c1 - eval_cpu
+    def _meta(self) -> dict[str, Any]:
+        """What the saved captioner records about its encoder and training data."""
+        cfg = self.cfg
+        return {
+            "mode": cfg.mode,
+            "encoder": {"model": cfg.model, "model_opts": cfg.model_opts, "condition": self.kind,
+                        "fingerprint": encoder_fingerprint(self.encoder, self.kind)},
+            "decap_temperature": cfg.decap_temperature if cfg.mode == "text-only" else None,
+            "train": {"data": cfg.data, "images": len(self.ts.cond), "pairs": len(self.pairs)},
+        }  # fmt: skip
 
-    batches: list[torch.Tensor] = []
-    epoch = -1
-    loss_sum, loss_n, tick = 0.0, 0, time.perf_counter()
-    budget = 60 * cfg.cpu_budget_minutes if cfg.cpu_budget_minutes else None
-    wall_budget = 60 * cfg.wall_budget_minutes if cfg.wall_budget_minutes else None
-    w1 = time.perf_counter()
+    def _start_clocks(self) -> None:
+        """Decoder-training CPU excludes setup and evaluation, and continues the count of the run
+        before a checkpoint; the budgets are shares of it (and of wall time)."""
+        from clipforge.train.logger import MetricsLogger
 
-    def spent() -> float | None:
+        cfg, out = self.cfg, self.out
+        self.c1, self.eval_cpu = time.process_time(), 0.0
+        if self.ckpt is not None:
+            rows = MetricsLogger.read(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+            self.c1 -= float(rows[-1].get("train_cpu_s", 0.0)) if rows else 0.0
+        self.batches: list[torch.Tensor] = []
+        self.epoch = -1
+        self.loss_sum, self.loss_n, self.tick = 0.0, 0, time.perf_counter()
+        self.budget = 60 * cfg.cpu_budget_minutes if cfg.cpu_budget_minutes else None
+        self.wall_budget = 60 * cfg.wall_budget_minutes if cfg.wall_budget_minutes else None
+        self.w1 = time.perf_counter()
+
+    # -- clocks --------------------------------------------------------------------------------------
+
+    def train_cpu(self) -> float:
+        return time.process_time() - self.c1 - self.eval_cpu
+
+    def spent(self) -> float | None:
         """Share of the budget spent (the larger of CPU and wall when both are set); None: no budget."""
-        shares = [train_cpu() / budget] if budget else []
-        shares += [(time.perf_counter() - w1) / wall_budget] if wall_budget else []
+        shares = [self.train_cpu() / self.budget] if self.budget else []
+        shares += [(time.perf_counter() - self.w1) / self.wall_budget] if self.wall_budget else []
         return max(shares) if shares else None
 
-    while step < total:
-        frac = spent()
-        if frac is not None and frac >= 1.0:  # the budget is spent: stop here
-            total = step
-            break
-        if step // per_epoch != epoch:
-            epoch = step // per_epoch
-            batches = epoch_batches(pairs, cfg.batch_size, cfg.seed, epoch)
-        idx = batches[step % per_epoch]
-        cond, tokens = batch_inputs(idx, pairs, ts.cond.cond, ts.text, cfg, step, vocab.pad_id)
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        while self.step < self.total:
+            frac = self.spent()
+            if frac is not None and frac >= 1.0:  # the budget is spent: stop here
+                self.total = self.step
+                break
+            lr, gnorm = self.train_step(frac)
+            last = self.step == self.total or (frac is not None and (self.spent() or 0.0) >= 1.0)
+            if self.step % self.cfg.log_every == 0 or last:
+                self._log(lr, gnorm)
+            if self.step % self.cfg.ckpt_every == 0 and not last:
+                self.save()
+            if (
+                self.evaluator is not None
+                and self.cfg.eval_every
+                and self.step % self.cfg.eval_every == 0
+                and not last
+            ):
+                self._evaluate()
+        return self.finish()
+
+    def next_batch(self) -> torch.Tensor:
+        """Pair indices of this step's batch (a new epoch's batches when the step enters one)."""
+        if self.step // self.per_epoch != self.epoch:
+            self.epoch = self.step // self.per_epoch
+            self.batches = epoch_batches(self.pairs, self.cfg.batch_size, self.cfg.seed, self.epoch)
+        return self.batches[self.step % self.per_epoch]
+
+    def train_step(self, frac: float | None) -> tuple[float, Any]:
+        """One optimizer step; returns (lr, grad norm). ``frac``: the budget share spent, None: none."""
+        from clipforge.train.optim import clip_grad, lr_at, set_lr
+
+        cfg, pad = self.cfg, self.vocab.pad_id
+        cond, tokens = batch_inputs(
+            self.next_batch(), self.pairs, self.ts.cond.cond, self.ts.text, cfg, self.step, pad
+        )
         if frac is None:
-            lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr_ratio)
+            lr = lr_at(self.step, cfg.lr, cfg.warmup, self.total, cfg.min_lr_ratio)
         else:
-            lr = lr_by_fraction(step, frac, cfg)
-        set_lr(opt, lr)
+            lr = lr_by_fraction(self.step, frac, cfg)
+        set_lr(self.opt, lr)
         with autocast(cfg.precision):
-            loss = caption_loss(model, cond, tokens, vocab.pad_id, cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
+            loss = caption_loss(self.model, cond, tokens, pad, cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = clip_grad(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        last = step == total or (frac is not None and (spent() or 0.0) >= 1.0)
-        if step % cfg.log_every == 0 or last:
-            dt = time.perf_counter() - tick
-            logger.log({"step": step, "loss": loss_sum / loss_n, "lr": lr, "grad_norm": gnorm,
-                        "epoch": step / per_epoch, "steps_per_s": loss_n / max(dt, 1e-9),
-                        "train_cpu_s": train_cpu()})  # fmt: skip
-            if progress:
-                log.info("step %d/%d loss %.4f lr %.2e", step, total, loss_sum / loss_n, lr)
-            loss_sum, loss_n, tick = 0.0, 0, time.perf_counter()
-        if step % cfg.ckpt_every == 0 and not last:
-            save(step)
-        if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0 and not last:
-            e0 = time.process_time()
-            evaluator(captioner(), step, train_cpu())
-            eval_cpu += time.process_time() - e0
-    save(step)
-    logger.close()
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
-    cap_dir = captioner().save(out / "captioner")
-    train_s, total_cpu, cpu = time.perf_counter() - t0, time.process_time() - c0, train_cpu()
-    summary: dict[str, Any] = {
-        "output": str(out),
-        "captioner": str(cap_dir),
-        "mode": cfg.mode,
-        "condition": kind,
-        "steps": step,
-        "epochs": step / per_epoch,
-        "params": model.num_params(),
-        "vocab_size": len(vocab),
-        "train_images": len(ts.cond),
-        "train_pairs": len(pairs),
-        "feature_cache": ts.cache_dir,
-        "prepare_s": prep_s,
-        "wall_s": train_s,
-        "cpu_s": total_cpu,
-        "prepare_cpu_s": prep_cpu,
-        "train_cpu_s": cpu,
-        "threads": threads,
-        "final_loss": MetricsLogger.read(out / "metrics.jsonl")[-1]["loss"] if step else None,
-        "bad_samples": ts.cond.bad.to_dict(),
-    }
-    if evaluator is not None:
-        summary["eval"] = evaluator(captioner(), step, cpu)
-    write_json(out / "summary.json", summary)
-    return summary
+        gnorm = clip_grad(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        self.loss_sum, self.loss_n = self.loss_sum + loss.item(), self.loss_n + 1
+        return lr, gnorm
+
+    def _log(self, lr: float, gnorm: Any) -> None:
+        """A metrics.jsonl row: the mean loss since the previous row."""
+        step, loss = self.step, self.loss_sum / self.loss_n
+        dt = time.perf_counter() - self.tick
+        self.logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                         "epoch": step / self.per_epoch, "steps_per_s": self.loss_n / max(dt, 1e-9),
+                         "train_cpu_s": self.train_cpu()})  # fmt: skip
+        if self.progress:
+            log.info("step %d/%d loss %.4f lr %.2e", step, self.total, loss, lr)
+        self.loss_sum, self.loss_n, self.tick = 0.0, 0, time.perf_counter()
+
+    def _evaluate(self) -> None:
+        """Score the captioner so far; its CPU is not training CPU."""
+        assert self.evaluator is not None
+        e0 = time.process_time()
+        self.evaluator(self.captioner(), self.step, self.train_cpu())
+        self.eval_cpu += time.process_time() - e0
+
+    def save(self) -> None:
+        from clipforge.train.checkpoint import rng_state, save_checkpoint
+
+        state = {"epoch": self.step // self.per_epoch, "config": to_dict(self.cfg)}
+        save_checkpoint(
+            self.out / "checkpoints",
+            self.step,
+            self.model,
+            self.opt,
+            state,
+            [rng_state()],
+            keep=self.cfg.keep,
+        )
+
+    def captioner(self) -> Captioner:
+        memory = self.ts.text.half() if self.ts.text is not None else None
+        return Captioner(self.model, self.vocab, self.meta, memory)
+
+    # -- the end -------------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        """Last checkpoint, curves, the captioner, the final evaluation and OUTPUT/summary.json."""
+        from clipforge.train.logger import plot_curves
+
+        out = self.out
+        self.save()
+        self.logger.close()
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        cap_dir = self.captioner().save(out / "captioner")
+        times = {"wall_s": time.perf_counter() - self.t0, "cpu_s": time.process_time() - self.c0}
+        summary = self._summary(cap_dir, times, self.train_cpu())
+        if self.evaluator is not None:
+            summary["eval"] = self.evaluator(self.captioner(), self.step, summary["train_cpu_s"])
+        write_json(out / "summary.json", summary)
+        return summary
+
+    def _summary(self, cap_dir: Path, times: dict[str, float], cpu: float) -> dict[str, Any]:
+        from clipforge.train.logger import MetricsLogger
+
+        step, out = self.step, self.out
+        return {
+            "output": str(out),
+            "captioner": str(cap_dir),
+            "mode": self.cfg.mode,
+            "condition": self.kind,
+            "steps": step,
+            "epochs": step / self.per_epoch,
+            "params": self.model.num_params(),
+            "vocab_size": len(self.vocab),
+            "train_images": len(self.ts.cond),
+            "train_pairs": len(self.pairs),
+            "feature_cache": self.ts.cache_dir,
+            "prepare_s": self.prep_s,
+            "wall_s": times["wall_s"],
+            "cpu_s": times["cpu_s"],
+            "prepare_cpu_s": self.prep_cpu,
+            "train_cpu_s": cpu,
+            "threads": self.threads,
+            "final_loss": MetricsLogger.read(out / "metrics.jsonl")[-1]["loss"] if step else None,
+            "bad_samples": self.ts.cond.bad.to_dict(),
+        }
 
 
 class _Evaluator:
