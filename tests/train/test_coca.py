@@ -104,6 +104,12 @@ def test_coca_trains_both_losses_and_the_saved_dir_embeds_and_captions(shards, t
 
     cap = Captioner.load(model_dir / "captioner")
     assert cap.caption_images(cap.load_encoder(), imgs, greedy) == caps
+    # a moved model dir still finds its own encoder (the recorded absolute path is stale then)
+    moved = tmp_path / "moved" / "model"
+    moved.parent.mkdir()
+    model_dir.rename(moved)
+    cap = Captioner.load(moved / "captioner")
+    assert cap.caption_images(cap.load_encoder(), imgs, greedy) == caps
 
 
 class _Crash(RuntimeError):

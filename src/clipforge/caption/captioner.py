@@ -40,6 +40,7 @@ class Captioner:
         memory: torch.Tensor | None = None,
     ) -> None:
         self.decoder, self.vocab, self.meta, self.memory = decoder, vocab, meta, memory
+        self.directory: Path | None = None  # where it was loaded from
 
     @property
     def ids(self) -> SpecialIds:
@@ -69,7 +70,9 @@ class Captioner:
         vocab = CaptionVocab.load(directory / "vocab.json")
         mem_path = directory / "memory.safetensors"
         memory = load_file(str(mem_path))["memory"] if mem_path.is_file() else None
-        return cls(decoder, vocab, meta, memory)
+        out = cls(decoder, vocab, meta, memory)
+        out.directory = directory
+        return out
 
     def load_encoder(self, spec: str | None = None) -> Any:
         """The CLIP model whose vectors this captioner reads, checked by fingerprint.
@@ -88,6 +91,10 @@ class Captioner:
                 f"the captioner's encoder {enc['model']!r} runs code: a spec read from a file is never "
                 "run; pass it yourself with --encoder"
             )
+        elif enc.get("in_model_dir") and self.directory is not None:
+            # a CoCa captioner lives in MODEL_DIR/captioner: its encoder is the parent dir, wherever
+            # that dir was moved to (the absolute path recorded at training time may be stale)
+            model = load_model(self.directory.resolve().parent)
         else:
             model = load_model(enc["model"], **opts)
         got = encoder_fingerprint(model, enc["condition"])
