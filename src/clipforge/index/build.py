@@ -161,10 +161,6 @@ def build_index(
     Rerunning the same build continues it; see :func:`prepare_build_dir` for the output-dir rule.
     ``allow_code``: honour a ``py:MODULE:FUNCTION`` model spec (the caller's own argument only).
     """
-    import faiss
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
-
     opt = from_dict(BuildOptions, options or {})
     opt.validate()  # an instance built directly skipped it
     t_start = time.perf_counter()
@@ -179,7 +175,61 @@ def build_index(
     run = BuildRun([str(u) for u in urls], str(model_ref), settings.model, opt)
     prepare_build_dir(output, run, overwrite=overwrite, resume=resume)
 
-    # 1. embed, one part per shard (resumable)
+    records = embed_parts(urls, output, m, settings, opt, progress)  # 1. one part per shard (resumable)
+    t_embed = time.perf_counter() - t_start
+    bad = BadSampleReport()
+    for rec in records:
+        bad.merge(rec["bad"])
+    emb, meta, thumbs, dup = assemble(output, records)  # 2. one table
+    if dup:
+        log.warning("%d duplicate keys across shards: served as KEY~N (see the uid column)", dup)
+    write_tables(output, emb, meta, thumbs)
+    t_idx = time.perf_counter()
+    index_info, dims_info = write_faiss_index(output, emb, opt, m)  # 3. the ann index, its recall measured
+    t_index = time.perf_counter() - t_idx
+
+    build = build_info(opt, t_embed, t_index, t_start)
+    manifest = make_manifest(
+        model_ref, m, settings, opt, index_info, dims_info, meta, records, bad, dup, build
+    )
+    write_json(output / "manifest.json", manifest)
+    return manifest
+
+
+def make_manifest(
+    model_ref: Any, m: Any, settings: EmbedSettings, opt: BuildOptions, index_info: dict[str, Any],
+    dims_info: dict[str, Any], meta: Any, records: list[dict[str, Any]], bad: BadSampleReport, dup: int,
+    build: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """manifest.json: what a server needs to trust and load the index, and how it was built."""
+    return {
+        "format": FORMAT,
+        "model": model_ref,
+        "model_spec": m.config.options.get("source_spec") or m.config.spec
+        if opt.runtime == "onnx"
+        else m.config.spec,
+        "model_fingerprint": settings.model,
+        "embed_dim": dims_info["full_dim"],
+        "dim": dims_info["dims"],
+        "count": len(meta),
+        "metric": "inner_product",
+        "index": index_info,
+        "dims": dims_info,
+        "duplicate_keys": dup,
+        "columns": [c for c in meta.column_names],
+        "shards": [{k2: r[k2] for k2 in ("url", "shard", "stem", "count", "seconds")} for r in records],
+        "bad_samples": bad.to_dict(),
+        "build": build,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def embed_parts(
+    urls: list[Any], output: Path, m: Any, settings: EmbedSettings, opt: BuildOptions, progress: bool
+) -> list[dict[str, Any]]:
+    """Embed each shard into its part under OUTPUT/parts (a part already there is reused)."""
+    from tqdm import tqdm
+
     records = []
     bar = tqdm(desc="embed", unit="img", disable=not progress, dynamic_ncols=True)
     try:
@@ -189,16 +239,12 @@ def build_index(
             )
     finally:
         bar.close()
-    t_embed = time.perf_counter() - t_start
-    bad = BadSampleReport()
-    for rec in records:
-        bad.merge(rec["bad"])
+    return records
 
-    # 2. assemble
-    emb, meta, thumbs, dup = assemble(output, records)
-    if dup:
-        log.warning("%d duplicate keys across shards: served as KEY~N (see the uid column)", dup)
-    n, stored_dim = emb.shape
+
+def write_tables(output: Path, emb: np.ndarray, meta: Any, thumbs: Any) -> None:
+    import pyarrow.parquet as pq
+
     with atomic_path(output / "embeddings.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, emb)
     with atomic_path(output / "meta.parquet") as tmp:
@@ -206,8 +252,15 @@ def build_index(
     with atomic_path(output / "thumbs.parquet") as tmp:
         pq.write_table(thumbs, tmp, row_group_size=4096)
 
-    # 3. faiss index (+ recall measurements against exact full-dim search)
-    t_idx = time.perf_counter()
+
+def write_faiss_index(
+    output: Path, emb: np.ndarray, opt: BuildOptions, m: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Plan, build and tune the faiss index over (truncated) rows, write it; returns the manifest's
+    ``index`` and ``dims`` entries (recall measured against exact search on sampled queries)."""
+    import faiss
+
+    n, stored_dim = emb.shape
     full = normalize_rows(emb.astype(np.float32))
     x = truncate(full, opt.dims)
     d = x.shape[1]
@@ -220,55 +273,46 @@ def build_index(
     truth_same_dims = ann.exact_knn(x[q_ids], x, k)
     params, recall, sweep = ann.tune(index, plan, x[q_ids], truth_same_dims, k, opt.target_recall)
     plan.params = params
-    dims_info: dict[str, Any] = {"dims": d, "full_dim": full_dim}
+    dims_info: dict[str, Any] = {"dims": d, "full_dim": int(m.config.embed_dim)}
     if d < stored_dim:
-        truth_full = ann.exact_knn(full[q_ids], full, k)
-        dims_info["recall@10_exact_truncated_vs_full"] = ann.knn_recall(truth_same_dims, truth_full, k)
-        found = index.search(x[q_ids], k)[1]
-        dims_info["recall@10_index_vs_full"] = ann.knn_recall(found, truth_full, k)
+        dims_info.update(truncation_recall(index, x[q_ids], full[q_ids], full, truth_same_dims, k))
         if not m.config.options.get("matryoshka"):
             log.warning("model does not declare Matryoshka training: truncation costs recall (measured)")
     with atomic_path(output / "index.faiss") as tmp:
         faiss.write_index(index, str(tmp))
-    t_index = time.perf_counter() - t_idx
-
-    manifest = {
-        "format": FORMAT,
-        "model": model_ref,
-        "model_spec": m.config.options.get("source_spec") or m.config.spec
-        if opt.runtime == "onnx"
-        else m.config.spec,
-        "model_fingerprint": settings.model,
-        "embed_dim": full_dim,
-        "dim": d,
-        "count": n,
-        "metric": "inner_product",
-        "index": {
-            **plan.to_dict(),
-            f"recall@{k}": recall,
-            "eval_queries": len(q_ids),
-            "target_recall": opt.target_recall,
-            "sweep": sweep,
-        },
-        "dims": dims_info,
-        "duplicate_keys": dup,
-        "columns": [c for c in meta.column_names],
-        "shards": [{k2: r[k2] for k2 in ("url", "shard", "stem", "count", "seconds")} for r in records],
-        "bad_samples": bad.to_dict(),
-        "build": {
-            "batch_size": opt.batch_size,
-            "workers": opt.workers,
-            "thumb_size": opt.thumb_size,
-            "max_per_shard": opt.max_per_shard,
-            "runtime": opt.runtime,
-            "embed_seconds": round(t_embed, 3),
-            "index_seconds": round(t_index, 3),
-            "total_seconds": round(time.perf_counter() - t_start, 3),
-        },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    index_info = {
+        **plan.to_dict(),
+        f"recall@{k}": recall,
+        "eval_queries": len(q_ids),
+        "target_recall": opt.target_recall,
+        "sweep": sweep,
     }
-    write_json(output / "manifest.json", manifest)
-    return manifest
+    return index_info, dims_info
+
+
+def truncation_recall(
+    index: Any, queries: np.ndarray, full_queries: np.ndarray, full: np.ndarray, truth_same_dims: Any, k: int
+) -> dict[str, float]:
+    """What Matryoshka truncation costs: exact and index neighbours against exact full-dim ones."""
+    truth_full = ann.exact_knn(full_queries, full, k)
+    found = index.search(queries, k)[1]
+    return {
+        "recall@10_exact_truncated_vs_full": ann.knn_recall(truth_same_dims, truth_full, k),
+        "recall@10_index_vs_full": ann.knn_recall(found, truth_full, k),
+    }
+
+
+def build_info(opt: BuildOptions, t_embed: float, t_index: float, t_start: float) -> dict[str, Any]:
+    return {
+        "batch_size": opt.batch_size,
+        "workers": opt.workers,
+        "thumb_size": opt.thumb_size,
+        "max_per_shard": opt.max_per_shard,
+        "runtime": opt.runtime,
+        "embed_seconds": round(t_embed, 3),
+        "index_seconds": round(t_index, 3),
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+    }
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
