@@ -320,9 +320,8 @@ class CaptionTrainer:
         from clipforge.models import load_model
 
         cfg = self.cfg
-        encoder = prepared.encoder or load_model(
-            cfg.model, allow_code=True, **cfg.model_opts
-        )  # caller's spec
+        # the model spec is the caller's own argument: a py: spec may run its code
+        encoder = prepared.encoder or load_model(cfg.model, allow_code=True, **cfg.model_opts)
         kind = _resolve_condition(cfg, encoder)
         cache_root = (
             (Path(cfg.cache_dir) if cfg.cache_dir else self.out.parent / ".feature_cache")
@@ -347,9 +346,8 @@ class CaptionTrainer:
     def _build_model(self) -> tuple[CaptionDecoder, Pairs]:
         dcfg = from_dict(DecoderConfig, {**to_dict(self.cfg.decoder), "vocab_size": len(self.vocab),
                                          "cond_dim": int(self.ts.cond.cond.shape[1])})  # fmt: skip
-        torch.manual_seed(
-            self.cfg.seed
-        )  # the decoder's init and dropout depend on the seed only, not on the encoder
+        # the decoder's init and dropout depend on the seed only, not on the encoder
+        torch.manual_seed(self.cfg.seed)
         model = CaptionDecoder(dcfg)
         return model, make_pairs(self.ts.cond.captions, self.vocab, dcfg.max_len)
 
@@ -416,12 +414,8 @@ class CaptionTrainer:
                 self._log(lr, gnorm)
             if self.step % self.cfg.ckpt_every == 0 and not last:
                 self.save()
-            if (
-                self.evaluator is not None
-                and self.cfg.eval_every
-                and self.step % self.cfg.eval_every == 0
-                and not last
-            ):
+            every = self.cfg.eval_every
+            if self.evaluator is not None and every and self.step % every == 0 and not last:
                 self._evaluate()
         return self.finish()
 
@@ -474,6 +468,7 @@ class CaptionTrainer:
         self.eval_cpu += time.process_time() - e0
 
     def save(self) -> None:
+        """A checkpoint at the current step (model, optimizer, RNG, step): a resume continues exactly."""
         from clipforge.train.checkpoint import rng_state, save_checkpoint
 
         state = {"epoch": self.step // self.per_epoch, "config": to_dict(self.cfg)}
