@@ -41,8 +41,9 @@ def built(tmp_path_factory, nano, onnx_cache):
     """The same two shards indexed with the torch runtime and with the onnx runtime."""
     import os
 
+    from index_testutils import write_shard
+
     from clipforge.index import BuildOptions, build_index
-    from conftest import write_shard
 
     d = tmp_path_factory.mktemp("onnx_index")
     write_shard(d / "a-000000.tar", 12, prefix="a")

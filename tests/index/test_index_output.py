@@ -102,7 +102,7 @@ CHILD = textwrap.dedent(
     """
     import os, sys, time
     sys.path.insert(0, {tests!r})
-    from conftest import TinyClip, write_shard
+    from index_testutils import TinyClip, write_shard
     from clipforge.index import BuildOptions, build_index
 
     class SlowTransform:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "clipforge_index_test_fixtures", Path(__file__).resolve().parents[1] / "index" / "conftest.py"
+    "clipforge_index_test_fixtures", Path(__file__).resolve().parents[1] / "index" / "index_testutils.py"
 )
 fixtures = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = fixtures
@@ -176,3 +176,9 @@ def colour_jpeg():
 @pytest.fixture(scope="session")
 def tiny_clip_class():
     return fixtures.TinyClip
+
+
+@pytest.fixture(scope="session")
+def shard_writer():
+    """write_shard(path, n, prefix=..., start=..., corrupt=()) from the index test helpers."""
+    return write_shard

@@ -38,9 +38,9 @@ def nano_onnx(nano, onnx_cache):
 
 
 @pytest.fixture(scope="module")
-def nano_index(tmp_path_factory, nano):
+def nano_index(tmp_path_factory, nano, shard_writer):
     from clipforge.index import BuildOptions, build_index
-    from conftest import write_shard
+    write_shard = shard_writer
 
     d = tmp_path_factory.mktemp("nano_index")
     for i, prefix in enumerate("ab"):

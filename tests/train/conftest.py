@@ -11,6 +11,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from train_testutils import write_slice  # noqa: E402
+
 
 @pytest.fixture
 def sub_env() -> dict[str, str]:
@@ -20,32 +22,6 @@ def sub_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env["CLIPFORGE_THREADS"] = "1"
     return env
-
-
-def write_slice(src: Path, dst_dir: Path, n_shards: int, per_shard: int, corrupt: bool = True) -> list[str]:
-    """Small shards cut from a real shard (+ one corrupt image in the last) for fast end-to-end tests."""
-    import io
-    import tarfile
-
-    from clipforge.data.reader import iter_tar_samples
-
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    it = iter_tar_samples(str(src))
-    paths = []
-    for s in range(n_shards):
-        path = dst_dir / f"slice-{s:06d}.tar"
-        with tarfile.open(path, "w") as tf:
-            for _ in range(per_shard):
-                sample = next(it)
-                for ext in ("jpg", "txt", "json"):
-                    data = sample[ext]
-                    if corrupt and s == n_shards - 1 and _ == 1 and ext == "jpg":
-                        data = b"not a jpeg"
-                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-        paths.append(str(path))
-    return paths
 
 
 @pytest.fixture

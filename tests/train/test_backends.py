@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from train_testutils import write_slice
 
 from clipforge.train import train
-from conftest import write_slice
 
 
 @pytest.mark.slow

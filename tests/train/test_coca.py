@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from train_testutils import write_slice
 
 from clipforge.caption.decoding import DecodeOptions
 from clipforge.config import ConfigError
@@ -22,7 +23,6 @@ from clipforge.train.cli import config_from_args, register
 from clipforge.train.config import TrainConfig
 from clipforge.train.hooks import TrainHooks
 from clipforge.train.loop import fit
-from conftest import write_slice
 
 SMALL_DECODER = {"vocab_min_count": 2, "width": 32, "layers": 1, "heads": 2, "prefix_len": 2, "dropout": 0.0}
 
