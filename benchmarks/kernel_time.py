@@ -5,8 +5,8 @@
 
 Why: ``/usr/bin/time -v`` on our eval showed half its CPU time in the kernel, from page faults of
 large tensors that glibc hands back to the OS after every forward pass (see clipforge/runtime.py).
-Each command runs twice under ``/usr/bin/time -v``: ``CLIPFORGE_MALLOC=0`` (glibc and torch defaults,
-as before the fix) and the default (mallopt + torch THP allocations, inherited by every child process).
+Each command runs twice under ``/usr/bin/time -v``: ``CLIPFORGE_MALLOC=0`` (glibc defaults, as
+before the fix) and the default (mallopt, inherited by every child process through the environment).
 Reported: wall, user, system seconds, kernel share of CPU, minor page faults, peak RSS. Target: kernel
 < 10% of CPU time for every command. The load average is printed: these machines are shared.
 """
