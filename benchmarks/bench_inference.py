@@ -45,6 +45,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import torchvision_stub  # benchmarks/ is on sys.path when a script runs
+
 DATA = Path(os.environ.get("CLIPFORGE_DATA", "/work/shared/data")) / "flickr8k"
 
 CR_HARNESS = r"""
@@ -90,42 +92,13 @@ print("\n" + json.dumps({"inference_s": t1 - t0, "index_s": t2 - t1, "startup_s"
 """
 
 
-STUB = r"""
-class Meta(type):
-    def __getattr__(cls, attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return f"{cls.__name__}.{attr}"
-
-
-class Unavailable(metaclass=Meta):
-    def __init__(self, *a, **k):
-        raise RuntimeError("stub: not available in this benchmark")
-
-
-def __getattr__(attr):
-    if attr.startswith("__"):
-        raise AttributeError(attr)
-    return type(attr, (Unavailable,), {})
-"""
 # all_clip imports torchvision (OpenAI CLIP transforms), the mapper sentence_transformers (mclip) and
 # the logger wandb; none is used here. Stubs on PYTHONPATH reach the processes clip-retrieval spawns.
-STUB_FILES = (
-    "torchvision/__init__.py",
-    "torchvision/transforms/__init__.py",
-    "torchvision/transforms/functional.py",
-    "torchvision/ops/__init__.py",
-    "torchvision/ops/misc.py",
-    "sentence_transformers/__init__.py",
-    "wandb/__init__.py",
-)
+STUBBED = (*torchvision_stub.TORCHVISION, "sentence_transformers", "wandb")
 
 
 def write_stubs(root: Path) -> Path:
-    for rel in STUB_FILES:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(STUB)
-    return root
+    return torchvision_stub.write_package(root, STUBBED)
 
 
 def slice_tar(n: int, dst: Path) -> int:

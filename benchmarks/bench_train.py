@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -153,47 +154,15 @@ def bench_clipforge_step(args: argparse.Namespace) -> dict:
 
 
 OPEN_CLIP_STEP = r"""
-import importlib.machinery, json, sys, time, types
-
-
-def stub_torchvision():
-    # torchvision's registry wheel fails against the CPU torch build here ("operator torchvision::nms
-    # does not exist"); open_clip imports it only for image transforms and FrozenBatchNorm2d, neither
-    # of which the ViT training step measured here touches. Any use of the stub raises.
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-
-    class Meta(type):
-        def __getattr__(cls, attr):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            return f"{cls.__name__}.{attr}"
-
-    class Unavailable(metaclass=Meta):
-        def __init__(self, *a, **k):
-            raise RuntimeError("torchvision stub: not available in this benchmark")
-
-    def placeholder(attr):
-        if attr.startswith("__"):  # __file__, __wrapped__...: absent, as on a real module
-            raise AttributeError(attr)
-        return type(attr, (Unavailable,), {})
-
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
-                 "torchvision.ops", "torchvision.ops.misc"):
-        m = types.ModuleType(name)
-        m.__getattr__ = placeholder
-        m.__path__ = []
-        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        sys.modules[name] = m
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], child, m)
+import json, sys, time
 
 
 try:
     import torchvision.transforms  # noqa: F401
-except Exception:
-    stub_torchvision()
+except Exception:  # the wheel does not load against this CPU torch: see benchmarks/torchvision_stub.py
+    import torchvision_stub
+
+    torchvision_stub.install()
 import torch, open_clip
 torch.set_num_threads(int(sys.argv[4]))
 b, steps, prec = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -236,7 +205,8 @@ def bench_throughput(args: argparse.Namespace) -> dict:
         args.precision,
         str(torch.get_num_threads()),
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode == 0:
         out["open_clip"] = json.loads(r.stdout.strip().splitlines()[-1])
         out["ratio"] = ours["samples_per_s"] / out["open_clip"]["samples_per_s"]

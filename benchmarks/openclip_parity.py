@@ -29,11 +29,11 @@ The fixtures are ~100 KB each (widths 16, 2 layers): commit them if the total st
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import json
 import sys
-import types
 from pathlib import Path
+
+import torchvision_stub  # benchmarks/ is on sys.path when a script runs
 
 BASE = {
     "embed_dim": 16,
@@ -46,43 +46,6 @@ FAMILIES = {
     "vit-eos-pool": {"text_cfg": {**BASE["text_cfg"], "pool_type": "eos", "eos_id": 7}},
     "vit-logit-bias": {"init_logit_bias": -10.0},
 }
-
-
-def stub_torchvision() -> None:
-    """open_clip imports torchvision for transforms only; a stub that raises on use stands in."""
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-
-    class Meta(type):  # class attributes (InterpolationMode.BICUBIC) are placeholders, not errors
-        def __getattr__(cls, attr):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            return f"{cls.__name__}.{attr}"
-
-    class Unavailable(metaclass=Meta):
-        def __init__(self, *a, **k):
-            raise RuntimeError("torchvision stub: not available")
-
-    def placeholder(attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return type(attr, (Unavailable,), {})
-
-    for name in (
-        "torchvision",
-        "torchvision.transforms",
-        "torchvision.transforms.functional",
-        "torchvision.ops",
-        "torchvision.ops.misc",
-    ):
-        m = types.ModuleType(name)
-        m.__getattr__ = placeholder
-        m.__path__ = []
-        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        sys.modules[name] = m
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], child, m)
 
 
 def inputs(cfg: dict):
@@ -104,7 +67,7 @@ def write(out: Path) -> None:
     try:
         import torchvision.transforms  # noqa: F401
     except Exception:
-        stub_torchvision()
+        torchvision_stub.install()
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -177,7 +140,7 @@ def load_export(directory: Path, save: Path | None) -> int:
     try:
         import torchvision.transforms  # noqa: F401
     except Exception:
-        stub_torchvision()
+        torchvision_stub.install()
     import open_clip
     import torch
 
