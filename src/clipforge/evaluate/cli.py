@@ -75,7 +75,9 @@ def register(subparsers: Any) -> None:
         description="Flags come from CompositionalityConfig (evaluate/config.py). Writes OUTPUT/results.json "
         "and OUTPUT/probes.jsonl (reusable with --probes).",
     )
-    _comp_args(comp)
+    from clipforge.evaluate.config import CompositionalityConfig, RobustnessConfig
+
+    _model_task_args(comp, CompositionalityConfig, "probe settings")
     comp.set_defaults(func=cmd_compositionality)
 
     rob = sub.add_parser(
@@ -84,7 +86,7 @@ def register(subparsers: Any) -> None:
         description="Flags come from RobustnessConfig (evaluate/config.py). Writes OUTPUT/results.json and "
         "OUTPUT/robustness.png.",
     )
-    _rob_args(rob)
+    _model_task_args(rob, RobustnessConfig, "robustness settings")
     rob.set_defaults(func=cmd_robustness)
 
     run = sub.add_parser("run", help="all tasks of the built-in datasets (cifar10 + flickr8k by default)")
@@ -165,15 +167,38 @@ def _add_captioning(args: argparse.Namespace, cfg: Any, report: dict[str, Any]) 
         write_json(f"{cfg.output}/results.json", report)
 
 
-def _comp_args(p: argparse.ArgumentParser) -> None:
+def _model_task_args(p: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """``--model``, ``--threads``, ``--json`` + flags generated from a task's config dataclass."""
     from clipforge.config import add_arguments
-    from clipforge.evaluate.config import CompositionalityConfig
 
     p.add_argument("--model", required=True, help="model spec or saved model dir (see clipforge.models)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    add_arguments(p.add_argument_group("probe settings (CompositionalityConfig)"), CompositionalityConfig,
-                  skip={"progress"})  # fmt: skip
+    add_arguments(p.add_argument_group(f"{title} ({cls.__name__})"), cls, skip={"progress"})
+
+
+def _model_task(args: argparse.Namespace, cls: type, run: Any, name: str, show: Any, also_saved: str) -> int:
+    """Load the model, run one config-driven task, print its table or one JSON object; exit 2 on bad input."""
+    from clipforge.config import ConfigError, from_args
+    from clipforge.utils import default_output, emit_json, setup_torch_threads
+
+    setup_torch_threads(args.threads)
+    try:
+        from clipforge.models import load_model
+
+        cfg = from_args(cls, args, base={"output": str(default_output(name))})
+        report = run(load_model(args.model, allow_code=True), cfg)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        if args.json:
+            emit_json({"error": str(e)})
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        emit_json({**report, "output": cfg.output})
+        return 0
+    show(report)
+    print(f"saved {cfg.output}/results.json and {also_saved} ({report['seconds']:.1f} s)", file=sys.stderr)
+    return 0
 
 
 def _print_comp(report: dict[str, Any]) -> None:
@@ -187,30 +212,11 @@ def _print_comp(report: dict[str, Any]) -> None:
 
 
 def cmd_compositionality(args: argparse.Namespace) -> int:
-    from clipforge.config import ConfigError, from_args
     from clipforge.evaluate.compositionality import run_compositionality
     from clipforge.evaluate.config import CompositionalityConfig
-    from clipforge.utils import default_output, emit_json, setup_torch_threads
 
-    setup_torch_threads(args.threads)
-    try:
-        from clipforge.models import load_model
-
-        cfg = from_args(
-            CompositionalityConfig, args, base={"output": str(default_output("eval-compositionality"))}
-        )
-        report = run_compositionality(load_model(args.model, allow_code=True), cfg)
-    except (FileNotFoundError, ValueError, ConfigError) as e:
-        if args.json:
-            emit_json({"error": str(e)})
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        emit_json({**report, "output": cfg.output})
-        return 0
-    _print_comp(report)
-    print(f"saved {cfg.output}/results.json and probes.jsonl ({report['seconds']:.1f} s)", file=sys.stderr)
-    return 0
+    return _model_task(args, CompositionalityConfig, run_compositionality, "eval-compositionality",
+                       _print_comp, "probes.jsonl")  # fmt: skip
 
 
 def _add_compositionality(args: argparse.Namespace, cfg: Any, model: Any, report: dict[str, Any],
@@ -229,40 +235,15 @@ def _add_compositionality(args: argparse.Namespace, cfg: Any, model: Any, report
         write_json(f"{cfg.output}/results.json", report)
 
 
-def _rob_args(p: argparse.ArgumentParser) -> None:
-    from clipforge.config import add_arguments
-    from clipforge.evaluate.config import RobustnessConfig
-
-    p.add_argument("--model", required=True, help="model spec or saved model dir (see clipforge.models)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    add_arguments(p.add_argument_group("robustness settings (RobustnessConfig)"), RobustnessConfig,
-                  skip={"progress"})  # fmt: skip
-
-
 def cmd_robustness(args: argparse.Namespace) -> int:
-    from clipforge.config import ConfigError, from_args
     from clipforge.evaluate.config import RobustnessConfig
     from clipforge.evaluate.robustness import robustness_rows, run_robustness
-    from clipforge.utils import default_output, emit_json, format_table, setup_torch_threads
+    from clipforge.utils import format_table
 
-    setup_torch_threads(args.threads)
-    try:
-        from clipforge.models import load_model
+    def show(report: dict[str, Any]) -> None:
+        print(format_table(robustness_rows(report), ["corruption", "clean", "s1", "s2", "s3"]))
 
-        cfg = from_args(RobustnessConfig, args, base={"output": str(default_output("eval-robustness"))})
-        report = run_robustness(load_model(args.model, allow_code=True), cfg)
-    except (FileNotFoundError, ValueError, ConfigError) as e:
-        if args.json:
-            emit_json({"error": str(e)})
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        emit_json({**report, "output": cfg.output})
-        return 0
-    print(format_table(robustness_rows(report), ["corruption", "clean", "s1", "s2", "s3"]))
-    print(f"saved {cfg.output}/results.json and robustness.png ({report['seconds']:.1f} s)", file=sys.stderr)
-    return 0
+    return _model_task(args, RobustnessConfig, run_robustness, "eval-robustness", show, "robustness.png")
 
 
 def _task_handler(task: str):
