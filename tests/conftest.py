@@ -26,3 +26,24 @@ def flickr_test_shard(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def cifar_shard(shared_data: Path) -> Path:
     return shared_data / "cifar10" / "test-000000.tar"
+
+
+# scratch:vit-nano and its onnx export, shared by the index and serve --runtime onnx tests
+@pytest.fixture(scope="session")
+def nano():
+    from clipforge.models import load_model
+
+    return load_model("scratch:vit-nano").eval()
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx_cache")
+
+
+@pytest.fixture(scope="session")
+def nano_onnx(nano, onnx_cache):
+    from clipforge.export.runtime import load_runtime
+
+    return load_runtime(nano, "onnx", threads=1, cache=onnx_cache)
+

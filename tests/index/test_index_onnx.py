@@ -18,25 +18,6 @@ QUERIES = ["a red square", "a green square", "a blue square", "something else en
 
 
 @pytest.fixture(scope="module")
-def nano():
-    from clipforge.models import load_model
-
-    return load_model("scratch:vit-nano").eval()
-
-
-@pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("onnx_cache")
-
-
-@pytest.fixture(scope="module")
-def nano_onnx(nano, onnx_cache):
-    from clipforge.export.runtime import load_runtime
-
-    return load_runtime(nano, "onnx", threads=1, cache=onnx_cache)
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, nano, onnx_cache):
     """The same two shards indexed with the torch runtime and with the onnx runtime."""
     import os

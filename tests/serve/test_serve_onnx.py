@@ -19,25 +19,6 @@ LABELS = ["a red square", "a green square", "a blue square", "a dog"]
 
 
 @pytest.fixture(scope="module")
-def nano():
-    from clipforge.models import load_model
-
-    return load_model("scratch:vit-nano").eval()
-
-
-@pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("onnx_cache")
-
-
-@pytest.fixture(scope="module")
-def nano_onnx(nano, onnx_cache):
-    from clipforge.export.runtime import load_runtime
-
-    return load_runtime(nano, "onnx", threads=1, cache=onnx_cache)
-
-
-@pytest.fixture(scope="module")
 def nano_index(tmp_path_factory, nano, shard_writer):
     from clipforge.index import BuildOptions, build_index
     write_shard = shard_writer
