@@ -43,6 +43,16 @@ class ConfigError(ValueError):
     """A config that cannot be used as given (unknown key, wrong type, mismatch on resume)."""
 
 
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text (and e.g. ``choices``) where :func:`add_arguments` reads it.
+
+    List/dict defaults are copied per instance (no shared mutable default).
+    """
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest choice, or a list of valid ones when nothing is close."""
     choices = sorted(choices)

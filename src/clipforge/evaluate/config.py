@@ -12,15 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipforge.config import ConfigError, from_dict
+from clipforge.config import opt as _f
 
 TASKS = ("zeroshot", "probe", "retrieval")
 RENAME = {"probe_seed": "seed"}  # today's flag names for fields named more precisely
 
 
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipforge.config import ConfigError, from_dict
+from clipforge.config import opt as _f
 
 
 def parse_bytes(text: str | int) -> int:
@@ -23,8 +24,6 @@ def parse_bytes(text: str | int) -> int:
     return int(float(s))
 
 
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass

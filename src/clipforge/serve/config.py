@@ -7,20 +7,17 @@ client from holding the model thread or the image threads: see SECURITY.md ("HTT
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clipforge import config as C
+from clipforge.config import opt as _f
 
 PRECISIONS = ("fp32", "bf16", "auto")
 RUNTIMES = ("torch", "onnx")  # clipforge.export.runtime.RUNTIMES (kept here: this module stays light)
 
 
-def _f(default: Any, doc: str, **meta: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=type(default), metadata={"help": doc, **meta})
-    return field(default=default, metadata={"help": doc, **meta})
 
 
 @dataclass

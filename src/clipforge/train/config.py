@@ -13,13 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.config import ConfigError, check_run_config, from_dict, load_file, to_dict, write_run_config
-
-
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    """A field with its help text (and choices) in the metadata the flag generator reads."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+from clipforge.config import opt as _f
 
 
 @dataclass
