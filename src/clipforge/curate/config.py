@@ -137,6 +137,9 @@ class CurateConfig:
     lexicon: str | None = field(default=None, metadata=_h("visual noun lexicon file (default: shipped)"))
     safety_prompts: str | None = field(default=None, metadata=_h("safety prompt JSON (default: shipped)"))
     langid_min_chars: int = field(default=1, metadata=_h("shortest caption given a language id"))
+    runtime: str = field(
+        default="torch", metadata=_h("clip-score model runtime: torch | onnx (the model's onnx export)")
+    )
     dedup: DedupConfig = field(default_factory=DedupConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
 
@@ -146,6 +149,8 @@ class CurateConfig:
         _check_numbers(self, "")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.runtime not in ("torch", "onnx"):
+            raise ConfigError(f"runtime must be torch or onnx, got {self.runtime!r}")
         for name in ("image_size", "draft_size"):
             v = getattr(self, name)
             if v is not None and v < 1:

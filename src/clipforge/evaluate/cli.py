@@ -97,7 +97,6 @@ def register(subparsers: Any) -> None:
     run.add_argument("--caption-limit", type=int, default=None, help="captioning: only the first N images")
     run.add_argument("--compositionality", action="store_true", help="also run generated compositionality "
                      "probes on flickr8k test (reusing its embeddings)")  # fmt: skip
-    run.add_argument("--llm", default=None, help="compositionality: blind LM (HF dir, .gguf, or smollm2)")
     run.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="metric deltas between two results.json files (B - A)")
@@ -226,7 +225,7 @@ def _add_compositionality(args: argparse.Namespace, cfg: Any, model: Any, report
     from clipforge.evaluate.config import CompositionalityConfig
     from clipforge.utils import write_json
 
-    ccfg = CompositionalityConfig(data_root=cfg.data_root, llm=args.llm, workers=cfg.workers,
+    ccfg = CompositionalityConfig(data_root=cfg.data_root, llm=cfg.llm, workers=cfg.workers,
                                   precision=cfg.precision, progress=cfg.progress,
                                   output=f"{cfg.output}/compositionality" if cfg.output else None)  # fmt: skip
     comp = run_compositionality(model, ccfg, images=images.get("flickr8k"))

@@ -27,7 +27,12 @@ class EvalConfig:
         None, "run only these tasks (zeroshot probe retrieval; default: each dataset's)"
     )
     templates: str | None = _f(None, "template set (imagenet80 | cifar10 | simple) or file")
-    descriptions: str | None = _f(None, "CuPL-style JSON {class: [sentences]}")
+    descriptions: str | None = _f(
+        None, "CuPL-style JSON {class: [sentences]}, or 'generate' (written by --llm, then ensembled)"
+    )
+    llm: str | None = _f(
+        None, "causal LM (HF dir, .gguf file, or 'smollm2'): --descriptions generate; eval run's blind LM"
+    )
     output: str | None = _f(None, "where results.json, config.yaml and PNGs go (CLI default: runs/eval)")
     # how images and texts are embedded
     batch_size: int = _f(64, "images per forward pass")
@@ -36,6 +41,9 @@ class EvalConfig:
     image_size: int | None = _f(None, "override the model's eval resolution")
     channels_last: bool = _f(True, "NHWC memory format for the image tower (--no-channels-last: NCHW)")
     precision: str = _f("fp32", "bf16 autocast: faster, ~approx", choices=["fp32", "bf16"])
+    runtime: str = _f(
+        "torch", "torch | onnx: embed with the model's exported graphs in onnxruntime", choices=["torch", "onnx"]
+    )
     # linear probe
     k_shot: int | None = _f(None, "few-shot: k training examples per class")
     solver: str = _f("auto", "logistic regression solver", choices=["auto", "torch", "sklearn"])
@@ -54,6 +62,8 @@ class EvalConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.runtime not in ("torch", "onnx"):
+            raise ConfigError(f"runtime must be torch or onnx, got {self.runtime!r}")
         if self.solver not in ("auto", "torch", "sklearn"):
             raise ConfigError(f"solver must be auto, torch or sklearn, got {self.solver!r}")
         bad = [t for t in self.tasks or () if t not in TASKS]

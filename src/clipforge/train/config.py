@@ -27,8 +27,9 @@ class CaptionConfig:
     condition: str = _f(
         "auto",
         "what the decoder reads: features (pooled frozen image features; locked tower), embedding (the "
-        "image embedding, so caption gradients reach the image head), auto: features when locked",
-        choices=["auto", "features", "embedding"],
+        "image embedding, so caption gradients reach the image head), spatial (cross-attention to the "
+        "image tower's spatial tokens, cached when locked), auto: features when locked",
+        choices=["auto", "features", "embedding", "spatial"],
     )
     prefix_len: int = _f(4, "learned prefix vectors per image")
     width: int = _f(256, "decoder width")
@@ -42,9 +43,9 @@ class CaptionConfig:
     lr_scale: float = _f(1.0, "decoder learning rate = lr x this")
 
     def validate(self) -> None:
-        if self.condition not in ("auto", "features", "embedding"):
+        if self.condition not in ("auto", "features", "embedding", "spatial"):
             raise ConfigError(
-                f"caption.condition must be auto, features or embedding, got {self.condition!r}"
+                f"caption.condition must be auto, features, embedding or spatial, got {self.condition!r}"
             )
         if self.vocab_min_count < 1 or self.lr_scale <= 0 or not 0 <= self.label_smoothing < 1:
             raise ConfigError("caption: vocab_min_count >= 1, lr_scale > 0, label_smoothing in [0, 1)")
