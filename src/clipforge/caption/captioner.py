@@ -26,7 +26,7 @@ from clipforge.caption.vocab import CaptionVocab
 def encoder_fingerprint(model: Any, kind: str) -> str:
     from clipforge.models.encode import fingerprint
 
-    return fingerprint(model, frozen_only=kind == "features")
+    return fingerprint(model, frozen_only=kind in ("features", "spatial"))
 
 
 class Captioner:
@@ -121,12 +121,14 @@ class Captioner:
     def candidates(
         self, cond: torch.Tensor, opts: DecodeOptions, decap_temperature: float | None = None
     ) -> tuple[list[list[str]], list[list[float]]]:
-        """Condition vectors [N, C] -> ``opts.num_candidates`` captions per row (best first), scores."""
+        """Condition vectors [N, C] (image tokens [N, T, C] for ``spatial``) -> ``opts.num_candidates``
+        captions per row (best first), scores."""
         if self.mode == "text-only":
             t = self.meta.get("decap_temperature") if decap_temperature is None else decap_temperature
             cond = self.project(cond, t)
             cond = F.normalize(cond.float(), dim=-1)
-        seqs, scores = generate_candidates(self.decoder, cond.float(), opts, self.ids)
+        cond = cond if cond.ndim == 3 else cond.float()  # image tokens stay fp16: the decoder casts per chunk
+        seqs, scores = generate_candidates(self.decoder, cond, opts, self.ids)
         return [[self.vocab.decode(s) for s in row] for row in seqs], scores
 
     def caption(
@@ -141,8 +143,27 @@ class Captioner:
         self, encoder: Any, images: list[Any], opts: DecodeOptions, decap_temperature: float | None = None
     ) -> list[str]:
         """PIL images -> captions (what ``POST /caption`` needs): encoder from :meth:`load_encoder`."""
-        from clipforge.caption.features import image_conditions
-
         if not images:
             return []
-        return self.caption(image_conditions(encoder, images, self.condition), opts, decap_temperature)[0]
+        return self.caption(self.image_conditions(encoder, images), opts, decap_temperature)[0]
+
+    def image_conditions(self, encoder: Any, images: list[Any]) -> torch.Tensor:
+        """What the decoder reads for PIL images: vectors [N, C] or, for ``spatial``, tokens [N, T, C]."""
+        if self.condition == "spatial":
+            from clipforge.caption.spatial import image_spatial_conditions
+
+            return image_spatial_conditions(encoder, images)
+        from clipforge.caption.features import image_conditions
+
+        return image_conditions(encoder, images, self.condition)
+
+    def shard_conditions(self, encoder: Any, shards: str | list[str], **kw: Any) -> Any:
+        """:func:`clipforge.caption.features.shard_conditions` for this captioner's condition kind
+        (``spatial``: float16 image tokens, :func:`clipforge.caption.spatial.shard_spatial_conditions`)."""
+        if self.condition == "spatial":
+            from clipforge.caption.spatial import shard_spatial_conditions
+
+            return shard_spatial_conditions(encoder, shards, **kw)
+        from clipforge.caption.features import shard_conditions
+
+        return shard_conditions(encoder, shards, self.condition, **kw)

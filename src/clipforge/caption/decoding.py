@@ -8,6 +8,9 @@ until ``min_len`` words are out, BOS/PAD (and UNK unless allowed) can never be p
 stops at ``max_len`` tokens. Sampling draws from a ``torch.Generator`` seeded with ``seed`` plus the
 chunk's first row, so the same inputs, options and batch size give the same captions.
 
+A cross-attention (CoCa) decoder takes image tokens [N, T, C] instead of vectors [N, C]; its image
+keys/values are computed once per input in ``model.start`` and never re-gathered per step.
+
 Beam search keeps ``beam_width`` running hypotheses per input; a hypothesis that emits EOS is set
 aside with score ``sum(log p) / length ** length_penalty`` and the search for an input stops once no
 running hypothesis can beat the worst finished one. With ``length_penalty=0`` and width 1 it is
@@ -213,7 +216,7 @@ def _beam(
         scores = new_scores
         if not any(active) or t == opts.max_len - 1:
             break
-        cache.select(rows)
+        cache.select(rows, cross=False)  # parents are beams of the same input: image K/V unchanged
         logits = model.step(token.view(-1), cache)
     out, out_scores = [], []
     for i in range(b):

@@ -108,8 +108,8 @@ def recaption_shard(
     """Captions (and clip scores) of one shard's decodable samples; bad ones in the report."""
     kind = cap.condition
     prep = RunPrepare(encoder.preprocess)
-    c = shard_conditions(encoder, [url], kind, batch_size=cfg.batch_size, workers=cfg.workers, prepare=prep,
-                         fields=(), decode=DecodeConfig(image=True, caption=False))  # fmt: skip
+    c = cap.shard_conditions(encoder, [url], batch_size=cfg.batch_size, workers=cfg.workers, prepare=prep,
+                             fields=(), decode=DecodeConfig(image=True, caption=False))  # fmt: skip
     cands, cand_scores = cap.candidates(c.cond, cfg.decode, cfg.decap_temperature)
     originals = [str(x) for x in c.fields.get("caption", [""] * len(c))]
     img = None

@@ -25,6 +25,7 @@ import torch
 from clipforge.caption.captioner import Captioner, encoder_fingerprint
 from clipforge.caption.decoding import DecodeOptions
 from clipforge.caption.features import pool_features
+from clipforge.caption.spatial import spatial_tokens
 from clipforge.models.encode import embed_pixels, model_device
 
 
@@ -32,11 +33,11 @@ def check_captioner(captioner: Captioner, model: Any, where: str = "the captione
     """Raise ValueError (a one-line reason) unless ``captioner`` was trained on ``model``'s vectors."""
     enc = captioner.meta.get("encoder") or {}
     kind = enc.get("condition")
-    if kind not in ("embedding", "features"):
+    if kind not in ("embedding", "features", "spatial"):
         raise ValueError(f"{where} records no usable encoder condition ({kind!r}): not a captioner dir?")
-    if kind == "features" and not getattr(model, "image_locked", False):
+    if kind in ("features", "spatial") and not getattr(model, "image_locked", False):
         raise ValueError(
-            f"{where} reads frozen image-tower features, but the served model has no locked image tower"
+            f"{where} reads frozen image-tower {kind}, but the served model has no locked image tower"
         )
     want = enc.get("fingerprint")
     if not want:
@@ -101,12 +102,14 @@ class CaptionEngine:
 
     @torch.inference_mode()
     def conditions(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        """[N, C] condition vectors of ``pixels`` (chunks of ``image_batch``: CPU convnets slow down
+        """[N, C] condition vectors (``spatial``: [N, T, C] tokens) of ``pixels`` (chunks of ``image_batch``: CPU convnets slow down
         per image in big batches, see service.py)."""
         out = []
         for s in range(0, len(pixels), self.image_batch):
             px = torch.stack(pixels[s : s + self.image_batch])
-            if self.captioner.condition == "features":
+            if self.captioner.condition == "spatial":  # image tokens [n, T, C] (cross-attention decoder)
+                out.append(spatial_tokens(self.model, px.to(model_device(self.model))).cpu())
+            elif self.captioner.condition == "features":
                 feats = self.model.image_features(px.to(model_device(self.model)))
                 out.append(pool_features(feats).float().cpu())
             else:
@@ -120,10 +123,10 @@ class CaptionEngine:
 
         cond = self.conditions([self.model.preprocess(Image.new("RGB", (64, 64)))])
         want = self.captioner.decoder.cfg.cond_dim
-        if cond.shape[1] != want:
+        if cond.shape[-1] != want:
             raise ValueError(
                 f"the captioner expects {want}-d {self.captioner.condition} vectors, the model gives "
-                f"{cond.shape[1]}-d"
+                f"{cond.shape[-1]}-d"
             )
         self._decode(cond, DecodeOptions(method="greedy", max_len=2, min_len=0))
 
@@ -136,7 +139,7 @@ class CaptionEngine:
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
             if j.opts.method == "sample":  # alone: its draws must not depend on its batch mates
-                texts, scores = self._decode(cond[i : i + 1].repeat(j.num, 1), j.opts)
+                texts, scores = self._decode(cond[i : i + 1].expand(j.num, *cond.shape[1:]), j.opts)
                 out[i] = CaptionResult(texts, [_finite(s) for s in scores])
             else:
                 groups.setdefault(batch_key(j.opts), []).append(i)

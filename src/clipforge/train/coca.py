@@ -8,7 +8,12 @@ The decoder is caption/decoder.py's prefix decoder (one implementation), conditi
   init runs under its own seed, its gradients are clipped apart, so the heads train exactly as in a
   plain ``clip`` run;
 - ``embedding``: the image embedding itself, so the caption loss also trains the image side (CoCa's
-  shared encoder; the only choice when the image tower trains).
+  shared encoder; the only choice when the image tower trains);
+- ``spatial``: CoCa's cross-attention decoder over the locked image tower's spatial tokens
+  (EfficientNet-Lite0's 7x7x1280 last stage, ViT patch tokens; caption/spatial.py). With the feature
+  cache they are cached once too (float16, :func:`~clipforge.caption.spatial.load_or_build_spatial_cache`)
+  and ride in the cached image features as ``SPATIAL_KEY`` (so batches, GradCache splits and device
+  moves carry them unchanged); without it they are computed from the batch's pixels.
 
 During training the decoder is a submodule of the model (``model.caption_decoder``): the optimizer,
 checkpoints (exact resume), gradient averaging and device moves need nothing new. At the end it is
@@ -37,6 +42,7 @@ from clipforge.models.base import ClipModel, Features
 log = logging.getLogger(__name__)
 
 ATTR = "caption_decoder"  # the decoder's submodule name while training
+SPATIAL_KEY = "coca_spatial"  # the spatial tokens' entry in the cached image features
 VOCAB_FILE = "caption_vocab.json"
 CAPTIONER_DIR = "captioner"  # inside a saved model dir
 
@@ -50,6 +56,10 @@ def resolve_condition(condition: str, model: ClipModel) -> str:
             "caption.condition=features needs a locked image tower (its features would change while "
             "training); use caption.condition=embedding"
         )
+    if condition == "spatial":
+        from clipforge.caption.spatial import check_spatial
+
+        check_spatial(model)
     return condition
 
 
@@ -101,16 +111,58 @@ def condition_dim(model: ClipModel, condition: str, cached_image: Features | Non
     return int(pool_features(feats).shape[-1])
 
 
-def build_decoder(cfg: Any, vocab_size: int, cond_dim: int, seed: int) -> CaptionDecoder:
-    """The decoder, initialised from its own seed: the global RNG (dropout, data) is left as it was."""
+def build_decoder(
+    cfg: Any, vocab_size: int, cond_dim: int, seed: int, cross_tokens: int | None = None
+) -> CaptionDecoder:
+    """The decoder, initialised from its own seed: the global RNG (dropout, data) is left as it was.
+
+    ``cross_tokens`` (image tokens per image): a cross-attention decoder over ``cond_dim``-wide tokens."""
+    cross = cross_tokens is not None
     dcfg = DecoderConfig(
         vocab_size=vocab_size, cond_dim=cond_dim, prefix_len=cfg.prefix_len, width=cfg.width,
         layers=cfg.layers, heads=cfg.heads, max_len=cfg.max_len, dropout=cfg.dropout,
+        cross_dim=cond_dim if cross else 0, cross_tokens=cross_tokens or 0,
     )  # fmt: skip
     dcfg.validate()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 7919 + 17)
         return CaptionDecoder(dcfg)
+
+
+def attach_spatial_cache(trainer: Any) -> int:
+    """Spatial tokens of every cached sample, into the cached image features as ``SPATIAL_KEY``
+    (rank 0 builds the token cache, the others read its files); returns tokens per image."""
+    from clipforge.caption.spatial import align, load_or_build_spatial_cache
+    from clipforge.train.dist import barrier
+
+    cfg, data = trainer.cfg, trainer.source.data
+    root = Path(cfg.cache_dir) if cfg.cache_dir else trainer.out.parent / ".feature_cache"
+    kw = dict(batch_size=cfg.cache_batch_size, workers=cfg.workers, progress=trainer.show)
+    if trainer.dist.main:
+        keys, tokens, path = load_or_build_spatial_cache(trainer.model, trainer.urls, root, **kw)
+    barrier(trainer.world)
+    if not trainer.dist.main:
+        keys, tokens, path = load_or_build_spatial_cache(trainer.model, trainer.urls, root, **kw)
+    data.image[SPATIAL_KEY] = align(list(data.keys), keys, tokens)
+    trainer.spatial_cache_dir = path
+    log.info("coca: spatial tokens %s of %d images from %s", tuple(tokens.shape[1:]), len(data), path)
+    return int(tokens.shape[1])
+
+
+def decoder_for(trainer: Any, condition: str, vocab_size: int) -> CaptionDecoder:
+    """The run's decoder for ``condition`` (what ``Trainer._setup_coca`` builds): a prefix decoder on
+    the embedding or pooled features, or, for ``spatial``, a cross-attention decoder whose tokens are
+    cached with the features (a locked tower and the cache on) or computed per batch."""
+    cfg, model = trainer.cfg, trainer.model
+    if condition != "spatial":
+        cached = trainer.source.data.image if trainer.cached else None
+        return build_decoder(cfg.caption, vocab_size, condition_dim(model, condition, cached), cfg.seed)
+    from clipforge.caption.spatial import token_shape
+
+    n_tokens, dim = token_shape(model)
+    if trainer.cached:
+        n_tokens = attach_spatial_cache(trainer)
+    return build_decoder(cfg.caption, vocab_size, dim, cfg.seed, cross_tokens=n_tokens)
 
 
 def decoder_of(model: ClipModel) -> CaptionDecoder | None:
@@ -133,6 +185,12 @@ class CocaHead:
     ) -> torch.Tensor:
         if self.condition == "embedding":
             return img_emb
+        if self.condition == "spatial":
+            if cached:
+                return feats[SPATIAL_KEY]
+            from clipforge.caption.spatial import spatial_tokens
+
+            return spatial_tokens(model, feats["pixels"])
         if not cached:
             with torch.no_grad():
                 feats = model.image_features(feats["pixels"])
