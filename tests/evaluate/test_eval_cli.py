@@ -75,3 +75,33 @@ def test_errors_are_clear(patched, color_shards, tmp_path: Path, capsys) -> None
     (tmp_path / "x.json").write_text("{}")
     rc, _, err = _run(["eval", "compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")], capsys)
     assert rc == 2 and "not a clipforge eval result" in err
+
+
+def test_runtime_onnx_gives_torch_metrics(color_shards, tmp_path: Path, capsys) -> None:
+    """``--runtime onnx``: the model's onnx export (made once into the cache) scores as torch (1e-4)."""
+    pytest.importorskip("onnxruntime")
+    shards, cn = color_shards
+    spec = str(shards[0].parent / "color-*.tar")
+    common = ["--model", "scratch:vit-nano", "--shards", spec, "--workers", "0", "--threads", "1", "--json"]
+    got = {}
+    zs = ["--classnames", str(cn), "--templates", "simple"]
+    for runtime in ("torch", "onnx"):
+        for task, extra in (("zeroshot", zs), ("retrieval", [])):
+            rc, out, err = _run(["eval", task, *common, *extra, "--runtime", runtime,
+                                 "--output", str(tmp_path / f"{task}-{runtime}")], capsys)  # fmt: skip
+            assert rc == 0, err
+            res = json.loads(out)
+            got[task, runtime] = res["results"][0]["metrics"]
+            if runtime == "onnx":
+                assert res["model"]["runtime"] == "onnx" and res["model"]["source_spec"] == "scratch:vit-nano"
+    for task in ("zeroshot", "retrieval"):
+        a, b = got[task, "torch"], got[task, "onnx"]
+        nums = [k for k, v in a.items() if isinstance(v, float)]
+        assert nums and all(abs(a[k] - b[k]) <= 1e-4 for k in nums), task
+    exports = list((tmp_path / "cache" / "onnx").iterdir())
+    assert len(exports) == 1  # exported once, reused by the second task
+    rc, _, err = _run(["eval", "retrieval", *common, "--runtime", "onnx", "--precision", "bf16"], capsys)
+    assert rc == 2 and "fp32 graphs" in err
+    rc, _, err = _run(["eval", "retrieval", "--model", str(exports[0]), "--shards", spec, "--workers", "0",
+                       "--output", str(tmp_path / "x")], capsys)  # fmt: skip
+    assert rc == 2 and "--runtime onnx" in err

@@ -4,17 +4,57 @@ This is the LAION/DataComp "CLIP score" filter signal. The image and text embedd
 float16 ``.npy`` files beside the score table (columns ``__emb_image__``/``__emb_text__``) so dedup,
 eval-set dedup and safety reuse them instead of re-running the model. The model work is the one
 encode layer (:mod:`clipforge.models.encode`); this stage keeps only the NaN rows for missing inputs.
+With ``runtime: onnx`` (``--runtime onnx``) the model stages run the model's onnx export in
+onnxruntime (:func:`stage_model`; exported once into the cache by fingerprint, as index/serve do).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
+from clipforge.curate.config import CurateConfig
 from clipforge.curate.stages import Batch, Columns, Context, batch_images, register_stage
 from clipforge.models import encode
+
+ONNX_UNSUPPORTED = ("copy",)  # pre-head features: the onnx graphs emit the final embedding only
+
+
+def stage_model(config: CurateConfig, model: Any = None) -> Any:
+    """The model the model stages run: ``model`` (a loaded model) or ``config.model`` loaded, as the
+    torch model or, with ``config.runtime == "onnx"``, its onnx export in onnxruntime (threads: torch's)."""
+    from clipforge.export.runtime import OnnxClipModel, is_onnx_export, load_runtime
+
+    if model is None:
+        from clipforge.models.spec import SPEC_HELP
+
+        if not config.model:
+            raise ValueError(f"this stage needs a model: pass --model SPEC ({SPEC_HELP})")
+        if is_onnx_export(config.model):
+            return load_runtime(config.model, config.runtime)  # refuses runtime torch by name
+        from clipforge.models import load_model  # the one spec parser and backend table
+
+        model = load_model(config.model)
+    if config.runtime == "torch" or isinstance(model, OnnxClipModel):
+        return model.eval()
+    return load_runtime(model, "onnx")
+
+
+def check_runtime_stages(config: CurateConfig, stage_names: list[str]) -> None:
+    """What ``runtime: onnx`` cannot do is refused up front: stages that need the torch model's
+    internals, and another input size than the graphs were exported at."""
+    if config.runtime != "onnx":
+        return
+    bad = [s for s in stage_names if s in ONNX_UNSUPPORTED]
+    if bad:
+        raise ValueError(
+            f"stage(s) {', '.join(bad)} need the torch model's pre-head features: run them with --runtime torch"
+        )
+    if config.image_size:
+        raise ValueError("--runtime onnx: the graphs take the exported input size; drop --image-size")
 
 
 def model_transform(ctx: Context):
@@ -72,9 +112,6 @@ def text_embeddings(batch: Batch, ctx: Context) -> np.ndarray:
     batch["__emb_text__"] = out
     ctx.timing["model_s"] = ctx.timing.get("model_s", 0.0) + (time.perf_counter() - t0)
     return out
-
-
-embed_images, embed_texts = image_embeddings, text_embeddings  # old names: curate/safety.py imports them
 
 
 @register_stage("clip-score", needs_model=True)

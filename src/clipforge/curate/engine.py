@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.config import ConfigError, check_run_config, diff_configs, from_dict, write_run_config
+from clipforge.curate.clipscore import check_runtime_stages, stage_model
 from clipforge.curate.config import BalanceConfig, CurateConfig, DedupConfig
 from clipforge.curate.outputs import prepare_output
 from clipforge.curate.plan import resolve_stages
@@ -50,17 +51,22 @@ log = logging.getLogger(__name__)
 
 
 # -- the local engine ----------------------------------------------------------------------------
-class _LockedContext(Context):
-    """Context whose lazy caches are built once even when worker threads ask at the same time."""
+class EngineContext(Context):
+    """Context whose lazy caches are built once even when worker threads ask at the same time, and
+    whose model runs under ``config.runtime`` (torch, or its onnx export: curate.clipscore.stage_model)."""
 
     def __init__(self, config: CurateConfig, model: Any = None) -> None:
         super().__init__(config, model)
         self._lock = threading.RLock()
+        self._model_ready = False
 
     @property
     def model(self) -> Any:
         with self._lock:
-            return Context.model.fget(self)  # type: ignore[attr-defined]
+            if not self._model_ready:
+                self._model = stage_model(self.config, self._model)
+                self._model_ready = True
+            return self._model
 
     def cached(self, name: str, build: Any) -> Any:
         with self._lock:
@@ -246,7 +252,10 @@ def check_model_spec(spec: str | None) -> None:
 
     if not spec:
         raise ValueError(f"stages {MODEL_STAGES} need a model: pass --model SPEC ({SPEC_HELP})")
-    parse_spec(spec)
+    from clipforge.export.runtime import is_onnx_export
+
+    if not is_onnx_export(spec):  # an onnx export dir runs as is under --runtime onnx
+        parse_spec(spec)
 
 
 def score_shards(
@@ -310,10 +319,11 @@ def run_curation(
     stages = resolve_stages(config.stages)
     if model is None and any(s.needs_model for s in stages):
         check_model_spec(config.model)  # a typo fails now, not after the model-free stages ran
+    check_runtime_stages(config, [s.name for s in stages])
     sample_stages = [s for s in stages if s.kind == "sample"]
     global_stages = [s for s in stages if s.kind == "global"]
     open_run_dir(out_dir, config, overwrite, inputs=urls)
-    ctx = _LockedContext(config, model)
+    ctx = EngineContext(config, model)
     t0 = time.perf_counter()
     results = score_shards(
         urls,

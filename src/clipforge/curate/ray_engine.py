@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.curate.config import CurateConfig
-from clipforge.curate.registry import Context, Stage
+from clipforge.curate.registry import Stage
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ class ShardScorer:
         model: Any = None,
         threads: int = 1,
     ) -> None:
+        from clipforge.curate.engine import EngineContext
         from clipforge.curate.plan import resolve_stages
         from clipforge.runtime import setup_process
 
         setup_process(max(1, threads))  # allocator tuning + torch threads, as in the CLI process
-        self.ctx = Context(CurateConfig.from_dict(config), model)
+        self.ctx = EngineContext(CurateConfig.from_dict(config), model)  # honours config.runtime
         self.stages = [s for s in resolve_stages(stage_names) if s.kind == "sample"]
         self.out_dir = Path(out_dir)
 

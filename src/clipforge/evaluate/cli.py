@@ -285,6 +285,28 @@ def eval_config_from_args(args: argparse.Namespace) -> Any:
     return from_args(EvalConfig, args, base=base)
 
 
+def load_eval_model(spec: str, cfg: Any, threads: int | None = None) -> Any:
+    """``--model`` under ``--runtime torch|onnx`` (export.runtime.load_runtime: an onnx export dir runs
+    as is, any other model is exported once into the cache by fingerprint). The onnx graphs are fp32 at
+    the exported input size, so ``--precision bf16`` and ``--image-size`` are refused with onnx."""
+    from clipforge.config import ConfigError
+    from clipforge.export.runtime import is_onnx_export, load_runtime
+    from clipforge.models import load_model
+
+    runtime = cfg.runtime
+    if is_onnx_export(spec) and runtime == "torch":
+        raise ConfigError(f"{spec} is an onnx export: evaluate it with --runtime onnx")
+    if runtime == "onnx":
+        if cfg.precision != "fp32":
+            raise ConfigError("--runtime onnx runs the fp32 graphs: drop --precision bf16")
+        if cfg.image_size:
+            raise ConfigError("--runtime onnx: the graphs take the exported input size; drop --image-size")
+        if is_onnx_export(spec):
+            return load_runtime(spec, "onnx", threads)
+    model = load_model(spec, allow_code=True)  # --model is the user's own argument
+    return model if runtime == "torch" else load_runtime(model, "onnx", threads)
+
+
 def _run(args: argparse.Namespace, task: str | None) -> int:
     from clipforge.config import ConfigError
     from clipforge.evaluate import dist
@@ -293,7 +315,7 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
     dist.init_from_env()
     setup_torch_threads(args.threads)
     try:
-        from clipforge.models import load_model
+        import clipforge.models  # noqa: F401  (a clear error when the models package cannot load)
     except ImportError as e:
         print(f"error: the models package is not available: {e}", file=sys.stderr)
         return 2
@@ -306,7 +328,7 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
             if task
             else [d.strip() for d in args.datasets.split(",") if d.strip()]
         )
-        model = load_model(args.model, allow_code=True)  # --model is the user's own argument
+        model = load_eval_model(args.model, cfg, args.threads)
         images: dict[str, Any] = {}
         report = evaluate(model, datasets, cfg, images=images)
         if task is None and getattr(args, "captioner", None) and dist.is_main():

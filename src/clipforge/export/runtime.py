@@ -132,7 +132,9 @@ class OnnxClipModel(nn.Module):
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"spec": self.config.spec, "params": 0, "trainable": 0, "embed_dim": self.config.embed_dim}
+        o = self.config.options
+        return {"spec": self.config.spec, "params": 0, "trainable": 0, "embed_dim": self.config.embed_dim,
+                "runtime": "onnx", "source_spec": o.get("source_spec"), "int8": o.get("int8", False)}  # fmt: skip
 
 
 def model_identity(model: nn.Module) -> str:
