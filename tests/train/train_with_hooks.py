@@ -21,7 +21,9 @@ from clipforge.train.hooks import TrainHooks
 def log_keys(path: str):
     def hook(step: int, batch: dict, rank: int) -> None:
         with open(f"{path}.rank{rank}", "a") as f:
-            f.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+            f.write(
+                json.dumps({"step": step, "keys": batch["keys"], "captions": batch.get("captions")}) + "\n"
+            )
 
     return hook
 

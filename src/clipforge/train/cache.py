@@ -72,6 +72,8 @@ class CachedData:
     text: dict[str, torch.Tensor] | None = None
     text_offsets: torch.Tensor | None = None  # [N + 1]
     bad: dict[str, Any] = field(default_factory=dict)
+    shards: list[str] = field(default_factory=list)  # shard name of each sample (side-table lookups)
+    extra_rows: dict[str, int] = field(default_factory=dict)  # side-table text -> its row in ``text``
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -91,6 +93,18 @@ class CachedData:
         """Text features of caption ``cap[i, j]`` of sample ``idx[i]``, flattened to [len(idx) * k, ...]."""
         assert self.text is not None and self.text_offsets is not None
         rows = (self.text_offsets[idx].unsqueeze(1) + cap).reshape(-1)
+        return {k: _to_compute(v[rows]) for k, v in self.text.items()}
+
+    def text_row(self, i: int, text: str) -> int:
+        """Row in ``text`` of caption ``text`` of sample ``i``: its own cached caption, else a side-table text."""
+        assert self.text_offsets is not None
+        caps = self.captions[i]
+        if text in caps:
+            return int(self.text_offsets[i]) + caps.index(text)
+        return self.extra_rows[text]
+
+    def text_rows_at(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self.text is not None
         return {k: _to_compute(v[rows]) for k, v in self.text.items()}
 
 
@@ -284,6 +298,8 @@ def load_or_build_cache(
         for url, sh in fresh.items():
             _save_shard(_shard_file(root, url), sh)  # empty shards too: their bad-sample counts persist
     shards = [_load_shard(_shard_file(root, u)) for u in urls]
+    for sh, url in zip(shards, urls):
+        sh["shard"] = shard_name(url)
     if report is not None:
         for sh in shards:
             report.merge(sh["bad"])
@@ -302,4 +318,46 @@ def _merge(shards: list[dict[str, Any]]) -> CachedData:
         text = {k: cat_padded([s["text"][k] for s in shards]) for k in shards[0]["text"]}
         counts = torch.tensor([len(c) for c in captions], dtype=torch.long)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    return CachedData(keys, captions, image, text, offsets)
+    names = [s["shard"] for s in shards for _ in s["keys"]]
+    return CachedData(keys, captions, image, text, offsets, shards=names)
+
+
+def add_side_texts(
+    data: CachedData,
+    model: ClipModel,
+    pools: list[list[str]],
+    root: Path,
+    *,
+    batch_size: int = 128,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> int:
+    """Text features of the side-table texts of each sample (``pools[i]``), each distinct text encoded once.
+
+    Texts a sample already holds (its shard captions) keep their cached rows; the others are encoded
+    once, stored beside the shard files under a hash of the text set (a rerun with the same tables reads
+    them) and appended to ``data.text``. No-op when texts are not cached (a trained text tower).
+    Returns how many distinct texts were added."""
+    if data.text is None:
+        return 0
+    extra = sorted({t for i, pool in enumerate(pools) for t in pool if t not in data.captions[i]})
+    if not extra:
+        return 0
+    digest = hashlib.sha256(json.dumps(extra).encode()).hexdigest()[:16]
+    path = Path(root) / f"texts-{digest}.safetensors"
+    feats = None
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            if json.loads((f.metadata() or {}).get("texts", "[]")) == extra:
+                feats = {k: f.get_tensor(k) for k in f.keys()}
+    if feats is None:
+        device = device or torch.device("cpu")
+        feats = {k: _store(v) for k, v in _encode_texts(model, extra, batch_size, device, progress).items()}
+        with atomic_path(path) as tmp:
+            save_file(
+                {k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"texts": json.dumps(extra)}
+            )
+    base = next(iter(data.text.values())).shape[0]
+    data.text = {k: cat_padded([v, feats[k]]) for k, v in data.text.items()}
+    data.extra_rows = {t: base + j for j, t in enumerate(extra)}
+    return len(extra)

@@ -98,6 +98,22 @@ class TrainConfig:
         "captions (all of KEY.json's, one picked per epoch) | caption",
         choices=["captions", "caption"],
     )
+    # text sources (train/textsource.py)
+    text_source: str = _f(
+        "raw",
+        "captions trained on: raw (the shard's) | synthetic (side table) | mix:P (synthetic with probability P "
+        "each time seen) | multi (raw + synthetic + rewrites + sentences as multi_positive positives, "
+        "default 2) | rewrites:K (raw or one of K rewrites, uniformly)",
+    )
+    text_tables: list[str] = _f(
+        [], "Parquet side tables keyed by sample key: files, globs, dirs (caption run's OUTPUT works)"
+    )
+    text_column: str = _f(
+        "caption_synthetic", "side-table column of the synthetic caption (or caption_fused)"
+    )
+    rewrites_column: str = _f("caption_rewrites", "side-table column of the rewrites (list of strings)")
+    weight_column: str | None = _f(None, "side-table column of per-pair loss weights >= 0 (ALIP-style)")
+    text_splits: bool = _f(True, "multi: also the sentences of multi-sentence captions (DreamLIP)")
     # locked-tower feature cache
     cache: str = _f("auto", "cache locked-tower features (auto) or not (off)", choices=["auto", "off"])
     cache_dir: str | None = _f(None, "feature cache root (default: OUTPUT/../.feature_cache)")
@@ -146,6 +162,22 @@ class TrainConfig:
             raise ConfigError(f"cache must be auto or off, got {self.cache!r}")
         if not self.data:
             raise ConfigError("no training data: give shard specs (data=...)")
+        self._validate_text()
+
+    def _validate_text(self) -> None:
+        from clipforge.train.textsource import TextSource
+
+        if isinstance(self.text_tables, str):
+            self.text_tables = [self.text_tables]
+        source = TextSource.parse(self.text_source)
+        if (source.mode != "raw" or self.weight_column) and not self.text_tables:
+            raise ConfigError(
+                f"text_source {self.text_source}"
+                + (f" / weight_column {self.weight_column}" if self.weight_column else "")
+                + " needs text_tables (Parquet side tables keyed by sample key, e.g. caption run's OUTPUT)"
+            )
+        if self.multi_positive > 1 and source.mode not in ("raw", "multi"):
+            raise ConfigError(f"multi_positive applies to text_source raw or multi, not {self.text_source}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -179,6 +211,9 @@ RESUME_MAY_CHANGE = (
 )
 
 
+TEXT_FIELDS = ("text_source", "text_tables", "text_column", "rewrites_column", "weight_column", "text_splits")
+
+
 def check_resume_config(path: str | Path, cfg: TrainConfig) -> None:
     """The run at ``path`` (its config.yaml) must have trained what ``cfg`` continues.
 
@@ -187,4 +222,8 @@ def check_resume_config(path: str | Path, cfg: TrainConfig) -> None:
     ignore = list(RESUME_MAY_CHANGE)
     if cfg.loss != "coca":
         ignore += ["caption_weight", "caption", *(f"caption.{k}" for k in to_dict(CaptionConfig()))]
+    saved = load_file(path) if Path(path).is_file() else {}
+    defaults = to_dict(TrainConfig(data=["x"], steps=1))
+    mine = to_dict(cfg)
+    ignore += [k for k in TEXT_FIELDS if k not in saved and mine[k] == defaults[k]]  # runs from before them
     check_run_config(path, cfg, ignore=ignore)

@@ -26,15 +26,16 @@ from clipforge.data.dataset import DataPosition, ShardDataset, collate
 from clipforge.data.decode import DecodeConfig
 from clipforge.data.reader import split_member_name
 from clipforge.data.report import BadSampleReport
-from clipforge.data.shards import is_remote, open_shard
+from clipforge.data.shards import is_remote, open_shard, shard_name
 from clipforge.data.transforms import ImageTransform, PreprocessConfig
+from clipforge.train.textsource import TextChooser
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples in the shards from a header-only tar scan (no member data is read for local files)."""
-    total = 0
+def shard_keys(urls: list[str]) -> list[tuple[str, str]]:
+    """(shard name, key) of every sample, from a header-only tar scan (no member data is read locally)."""
+    out: list[tuple[str, str]] = []
     for url in urls:
-        keys: set[str] = set()
+        keys: dict[str, None] = {}
         try:
             if is_remote(url):
                 with open_shard(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
@@ -47,9 +48,15 @@ def count_samples(urls: list[str]) -> int:
         for n in names:
             parts = split_member_name(n)
             if parts:
-                keys.add(parts[0])
-        total += len(keys)
-    return total
+                keys[parts[0]] = None
+        name = shard_name(url)
+        out += [(name, k) for k in keys]
+    return out
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in the shards from a header-only tar scan (no member data is read for local files)."""
+    return len(shard_keys(urls))
 
 
 def pick_captions(captions: list[str], k: int, seed: int, epoch: int, key: str) -> list[str]:
@@ -73,12 +80,24 @@ class _EpochDataset(ShardDataset):
 
 
 class TrainSampleMap:
-    """Decoded sample -> {"key", "pixels", "texts"}: seeded augmentation and caption choice."""
+    """Decoded sample -> {"key", "pixels", "texts"(, "weight")}: seeded augmentation and caption choice.
 
-    def __init__(self, preprocess: dict, augment: bool, n_captions: int, seed: int, all_captions: bool):
+    ``chooser`` (:class:`~clipforge.train.textsource.TextChooser`): the run's text source (side-table
+    captions, mix, multi, rewrites); ``None`` or ``raw`` is the shard's captions as before."""
+
+    def __init__(
+        self,
+        preprocess: dict,
+        augment: bool,
+        n_captions: int,
+        seed: int,
+        all_captions: bool,
+        chooser: TextChooser | None = None,
+    ):
         self.cfg = PreprocessConfig.from_dict(preprocess)
         self.augment, self.k, self.seed, self.all_captions = augment, n_captions, seed, all_captions
         self.eval_tf = ImageTransform(self.cfg, train=False)
+        self.chooser = chooser
 
     def __call__(self, s: dict[str, Any], epoch: int) -> dict[str, Any]:
         if self.augment:
@@ -88,11 +107,13 @@ class TrainSampleMap:
         else:
             pixels = self.eval_tf(s["image"])
         caps = s["captions"] if self.all_captions else [s["caption"]]
-        return {
-            "key": s["key"],
-            "pixels": pixels,
-            "texts": pick_captions(caps, self.k, self.seed, epoch, s["key"]),
-        }
+        texts = pick_captions(caps, self.k, self.seed, epoch, s["key"])
+        out = {"key": s["key"], "pixels": pixels, "texts": texts}
+        if self.chooser is not None:
+            out["texts"] = self.chooser.choose(texts, caps, s["key"], s.get("shard", ""), epoch)
+            if self.chooser.weighted:
+                out["weight"] = self.chooser.weight(s["key"], s.get("shard", ""))
+        return out
 
 
 class RoundRobin:
@@ -187,6 +208,7 @@ class StreamingBatches:
         out = {
             "keys": list(b["key"]),
             "captions": [ts[0] for ts in b["texts"]],  # one per image (the CoCa decoder's target)
+            "texts": texts,  # all of them, k per image in order
             "image": {"pixels": b["pixels"]},
             "text": dict(self.tokenize(texts)),
             "image_cached": False,
@@ -194,6 +216,8 @@ class StreamingBatches:
             "img_ids": None,
             "txt_ids": None,
         }
+        if "weight" in b:
+            out["weights"] = torch.tensor(b["weight"], dtype=torch.float32)
         if k > 1:  # multi-positive: group ids unique across ranks
             base = self.rank * 1_000_000_000
             out["img_ids"] = base + torch.arange(b["size"])
@@ -218,6 +242,7 @@ class CachedBatches:
         seed: int,
         n_captions: int,
         all_captions: bool,
+        chooser: TextChooser | None = None,
     ):
         if global_batch % world:
             raise ValueError(f"batch size {global_batch} is not divisible by world size {world}")
@@ -233,6 +258,8 @@ class CachedBatches:
         )
         self.steps_per_epoch = len(data) // global_batch
         self._perm_epoch, self._perm, self._choice = -1, None, None
+        self.chooser = chooser if chooser is not None and chooser.source.mode != "raw" else None
+        self.weigher = chooser if chooser is not None and chooser.weighted else None
 
     def _epoch_tables(self, epoch: int) -> None:
         if epoch == self._perm_epoch:
@@ -261,14 +288,38 @@ class CachedBatches:
             "img_ids": None,
             "txt_ids": None,
         }
-        if self.data.text_cached:
+        if self.chooser is not None:
+            self._side_texts(out, idx, cap_rows, epoch)
+        elif self.data.text_cached:
             out["text"] = self.data.text_rows(idx, cap_rows)
             out["text_cached"] = True
         else:
             texts = [self.data.captions[i][int(c)] for i, row in zip(idx.tolist(), cap_rows) for c in row]
             out["text"] = dict(self.tokenize(texts))
             out["text_cached"] = False
+        if self.weigher is not None:
+            sh = self.data.shards or [""] * len(self.data)
+            ws = [self.weigher.weight(self.data.keys[i], sh[i]) for i in idx.tolist()]
+            out["weights"] = torch.tensor(ws, dtype=torch.float32)
         if self.k > 1:
             out["img_ids"] = idx.clone()
             out["txt_ids"] = idx.repeat_interleave(self.k)
         return out
+
+    def _side_texts(self, out: dict[str, Any], idx: torch.Tensor, cap_rows: torch.Tensor, epoch: int) -> None:
+        """The text source's captions (raw picks as ``raw`` would make them, then the chooser's choice)."""
+        d, texts, rows = self.data, [], []
+        for i, r in zip(idx.tolist(), cap_rows):
+            raw_all = d.captions[i] if self.all_captions else d.captions[i][:1]
+            picked = [raw_all[int(c)] for c in r]
+            chosen = self.chooser.choose(picked, raw_all, d.keys[i], d.shards[i] if d.shards else "", epoch)
+            texts += chosen
+            if d.text_cached:
+                rows += [d.text_row(i, t) for t in chosen]
+        out["captions"], out["texts"] = texts[:: self.k], texts
+        if d.text_cached:
+            out["text"] = d.text_rows_at(torch.tensor(rows, dtype=torch.long))
+            out["text_cached"] = True
+        else:
+            out["text"] = dict(self.tokenize(texts))
+            out["text_cached"] = False

@@ -35,9 +35,9 @@ from clipforge.models import load_model
 from clipforge.models.base import ClipModel
 from clipforge.train import checkpoint as ckpt
 from clipforge.train import coca as coca_mod
-from clipforge.train.cache import load_or_build_cache
+from clipforge.train.cache import add_side_texts, load_or_build_cache
 from clipforge.train.config import TrainConfig, check_resume_config
-from clipforge.train.data import CachedBatches, StreamingBatches, TrainSampleMap, count_samples
+from clipforge.train.data import CachedBatches, StreamingBatches, TrainSampleMap, count_samples, shard_keys
 from clipforge.train.dist import (
     all_reduce_grads,
     barrier,
@@ -53,6 +53,7 @@ from clipforge.train.logger import MetricsLogger, plot_curves
 from clipforge.train.loss import build_loss
 from clipforge.train.optim import build_optimizer, clip_grad, lr_at, set_lr
 from clipforge.train.step import forward_backward, forward_image, forward_text
+from clipforge.train.textsource import build_chooser
 from clipforge.utils import clean_stale_tmp, format_table, setup_torch_threads, write_json
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     out = dict(batch)
     for k in ("image", "text"):
         out[k] = {n: v.to(device, non_blocking=True) for n, v in batch[k].items()}
-    for k in ("img_ids", "txt_ids"):
+    for k in ("img_ids", "txt_ids", "weights"):
         if out.get(k) is not None:
             out[k] = out[k].to(device)
     return out
@@ -175,7 +176,9 @@ class Trainer:
         self.cached = cfg.cache == "auto" and self.model.image_locked
         self.show = cfg.progress and dist.main
         self.cache_dir: Path | None = None
+        self.chooser, self.side = build_chooser(cfg, self._n_captions)
         self.source: Any = self._cached_source() if self.cached else None
+        self.text_report = self._text_report()
         if not self.cached:
             self.n_samples = broadcast_object(
                 count_samples(self.urls) if (dist.main and cfg.epochs) else 0, self.world
@@ -245,7 +248,30 @@ class Trainer:
     # -- data source ----------------------------------------------------------------------------
     @property
     def _n_captions(self) -> int:
+        if self.cfg.text_source == "multi" and self.cfg.multi_positive <= 1:
+            return 2  # multi: raw + synthetic at least
         return max(self.cfg.multi_positive, 1)
+
+    def _text_report(self) -> dict[str, Any] | None:
+        """What the side tables give this run's samples (counted once per key, not per view); rank 0."""
+        if self.side is None or not self.dist.main:
+            return None
+        if self.cached:
+            d = self.source.data
+            samples = list(zip(d.shards or [""] * len(d), d.keys))
+        else:
+            samples = shard_keys(self.urls)
+        rep = self.side.coverage(samples, self.chooser.source)
+        for role, n in rep["missing"].items():
+            if n:
+                log.warning(
+                    "text source: %d of %d samples have no %s (%s), e.g. %s%s", n, rep["samples"], role,
+                    rep["columns"][role], ", ".join(rep["missing_keys"][role][:3]),
+                    "; they keep their raw caption" if role == "synthetic" else "",
+                )  # fmt: skip
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "text_source.json", rep)
+        return rep
 
     def _cached_source(self) -> CachedBatches:
         """Locked image tower: features computed once (rank 0; the others read its files)."""
@@ -259,6 +285,19 @@ class Trainer:
         barrier(self.world)
         if not main:
             data, self.cache_dir = load_or_build_cache(self.model, self.urls, root, report=None, **kw)
+        if self.chooser.source.mode != "raw" and data.text_cached:  # side-table texts: encoded once
+            all_caps = cfg.caption_field == "captions"
+            pools = [
+                self.chooser.pool(caps if all_caps else caps[:1], key, shard)
+                for caps, key, shard in zip(data.captions, data.keys, data.shards)
+            ]
+            tkw = dict(batch_size=cfg.cache_batch_size, device=self.device, progress=self.show)
+            if main:
+                n = add_side_texts(data, self.model, pools, self.cache_dir, **tkw)
+                log.info("feature cache: %d distinct side-table texts", n)
+            barrier(self.world)
+            if not main:
+                add_side_texts(data, self.model, pools, self.cache_dir, **tkw)
         source = CachedBatches(
             data,
             cfg.batch_size,
@@ -268,6 +307,7 @@ class Trainer:
             seed=cfg.seed,
             n_captions=self._n_captions,
             all_captions=cfg.caption_field == "captions",
+            chooser=self.chooser,
         )
         self.steps_per_epoch, self.n_samples = source.steps_per_epoch, len(data)
         return source
@@ -282,6 +322,7 @@ class Trainer:
             self._n_captions,
             cfg.seed,
             cfg.caption_field == "captions",
+            chooser=self.chooser if self.side is not None else None,
         )
         return StreamingBatches(
             self.urls,
@@ -480,6 +521,8 @@ class Trainer:
             "cache_dir": str(self.cache_dir) if self.cache_dir else None,
             "bad_samples": self.report.to_dict()["counts"],
         }
+        if self.text_report is not None:
+            result["text_source"] = self.text_report
         if self.coca is not None and decoder is not None:  # ... and the decoder beside it
             result["caption_loss"] = getattr(self, "cap_v", float("nan"))
             result["caption_vocab"] = len(self.coca.vocab)

@@ -5,6 +5,11 @@ id are a positive pair. Without ids the i-th image goes with the i-th text (the 
 let several captions of one image in a batch all count as positives (multi-positive): CLIP then uses
 the positive mask normalized per row as soft targets, SigLIP labels every positive pair +1.
 
+Optional per-pair ``weights`` (one per image; ALIP-style agreement from a side table) scale the
+loss terms of each pair's own rows (image->texts and its texts->images); a weight of 0 removes the
+pair's own terms (it still serves as a negative for the others). All-ones weights equal no weights
+(bit for bit for CLIP; to rounding for SigLIP, which sums per row first).
+
 Distributed: features are gathered from every rank WITH gradients (:func:`gather_with_grad`, the one
 place that does it). Each rank then computes the loss of its local rows against all gathered columns
 (``local_loss=True``, the cheap default) or the whole matrix. Either way, after the trainer averages
@@ -82,14 +87,28 @@ def positive_mask(
     return row_ids.view(-1, 1) == col_ids.view(1, -1)
 
 
-def soft_cross_entropy(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of CE against the positive mask normalized per row (one-hot mask = plain CE)."""
+def soft_cross_entropy(
+    logits: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over rows of CE against the positive mask normalized per row (one-hot mask = plain CE).
+
+    ``weights`` (one per row): each row's CE times its weight before the mean (a 0 drops the row)."""
     pos = pos.to(logits.device)
     counts = pos.sum(1)
     if (counts == 0).any():
         raise ValueError("a row has no positive: every image needs a caption in the batch and vice versa")
     target = pos.float() / counts.unsqueeze(1)
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    rows = -(target * F.log_softmax(logits, dim=1)).sum(1)
+    return rows.mean() if weights is None else (rows * weights.to(rows)).mean()
+
+
+def text_weights(weights: torch.Tensor | None, n_img: int, n_txt: int) -> torch.Tensor | None:
+    """Per-text weights from per-image ones: the k captions of image i follow each other in a batch."""
+    if weights is None:
+        return None
+    if weights.shape[0] != n_img or n_txt % max(n_img, 1):
+        raise ValueError(f"{weights.shape[0]} weights for {n_img} images and {n_txt} texts")
+    return weights.repeat_interleave(n_txt // max(n_img, 1))
 
 
 class ClipLoss(nn.Module):
@@ -107,8 +126,10 @@ class ClipLoss(nn.Module):
         bias: torch.Tensor | None = None,
         img_ids: torch.Tensor | None = None,
         txt_ids: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         img, txt = img.float(), txt.float()
+        w_img, w_txt = weights, text_weights(weights, img.shape[0], txt.shape[0])
         all_img, all_txt = gather_with_grad(img), gather_with_grad(txt)
         all_img_ids = gather_with_grad(img_ids) if img_ids is not None else None
         all_txt_ids = gather_with_grad(txt_ids) if txt_ids is not None else None
@@ -123,9 +144,11 @@ class ClipLoss(nn.Module):
             logits_t = logits_i.T
             pos_i = positive_mask(all_img_ids, all_txt_ids, all_img.shape[0], all_txt.shape[0])
             pos_t = pos_i.T
+            if weights is not None:  # rows are the whole gathered batch
+                w_img, w_txt = gather_with_grad(w_img.float()), gather_with_grad(w_txt.float())
         if bias is not None:
             logits_i, logits_t = logits_i + bias, logits_t + bias
-        return (soft_cross_entropy(logits_i, pos_i) + soft_cross_entropy(logits_t, pos_t)) / 2
+        return (soft_cross_entropy(logits_i, pos_i, w_img) + soft_cross_entropy(logits_t, pos_t, w_txt)) / 2
 
 
 class SigLipLoss(nn.Module):
@@ -144,6 +167,7 @@ class SigLipLoss(nn.Module):
         bias: torch.Tensor | None = None,
         img_ids: torch.Tensor | None = None,
         txt_ids: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if bias is None:
             raise ValueError("SigLIP needs a model with logit_bias (init -10): build it with loss=siglip")
@@ -154,6 +178,8 @@ class SigLipLoss(nn.Module):
         pos = positive_mask(img_ids, all_txt_ids, img.shape[0], all_txt.shape[0], offset).to(img.device)
         logits = scale * img @ all_txt.T + bias
         labels = pos.float() * 2 - 1
+        if weights is not None:  # each image's row of pairs scaled by its weight
+            return -(F.logsigmoid(labels * logits).sum(1) * weights.to(logits)).sum() / img.shape[0]
         return -F.logsigmoid(labels * logits).sum() / img.shape[0]
 
 

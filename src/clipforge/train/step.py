@@ -9,7 +9,8 @@ Gradients equal the full-batch gradients; memory is one micro-batch of activatio
 
 A batch here is ``{"image": Features, "text": Features, "image_cached": bool, "text_cached": bool,
 "img_ids": LongTensor | None, "txt_ids": LongTensor | None}`` where Features are either model
-inputs (``{"pixels"}`` / tokens) or cached frozen-prefix features.
+inputs (``{"pixels"}`` / tokens) or cached frozen-prefix features; an optional ``"weights"`` (one per
+image, from the text source's ``weight_column``) scales each pair's loss terms.
 """
 
 from __future__ import annotations
@@ -47,10 +48,6 @@ def forward_text(model: ClipModel, feats: Features, cached: bool) -> torch.Tenso
         else:
             feats = model.text_features(feats)
     return F.normalize(model.text_head(feats), dim=-1)
-
-
-_embed_images, _embed_texts = forward_image, forward_text
-embed_images, embed_texts = forward_image, forward_text  # old names: train/loop.py still imports them
 
 
 def scale_and_bias(model: ClipModel) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,16 +94,17 @@ def forward_backward(
     pass 3 (weighted by its share of the target tokens): the gradient is still the full batch's.
     """
     device = device or torch.device("cpu")
-    embed_images, embed_texts = embed or (_embed_images, _embed_texts)
+    embed_images, embed_texts = embed or (forward_image, forward_text)
     ic, tc = bool(batch.get("image_cached")), bool(batch.get("text_cached"))
     ids = (batch.get("img_ids"), batch.get("txt_ids"))
+    wkw = {"weights": batch["weights"]} if batch.get("weights") is not None else {}
     tokens = batch.get("caption_tokens") if coca is not None else None
     if accum <= 1:
         with autocast(precision, device):
             img = embed_images(model, batch["image"], ic)
             txt = embed_texts(model, batch["text"], tc)
         scale, bias = scale_and_bias(model)
-        loss = loss_fn(img, txt, scale, bias, *ids)
+        loss = loss_fn(img, txt, scale, bias, *ids, **wkw)
         total = loss
         if tokens is not None:
             with autocast(precision, device):
@@ -132,7 +130,7 @@ def forward_backward(
     img_all = torch.cat(img_embs).requires_grad_(True)
     txt_all = torch.cat(txt_embs).requires_grad_(True)
     scale, bias = scale_and_bias(model)
-    loss = loss_fn(img_all, txt_all, scale, bias, *ids)  # pass 2: full-batch loss -> embedding grads
+    loss = loss_fn(img_all, txt_all, scale, bias, *ids, **wkw)  # pass 2: full-batch loss -> embedding grads
     loss.backward()
     after = _rng_state()
     img_grads = torch.split(img_all.grad, [e.shape[0] for e in img_embs])
