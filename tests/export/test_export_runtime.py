@@ -71,3 +71,30 @@ def test_sessions_sleep_instead_of_spinning(nano, tmp_path):
         opts = sess.get_session_options()
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert opts.intra_op_num_threads == 2
+
+
+def test_int8_one_side_of_an_all_export(nano, tmp_path, texts):
+    """int8='text' on a --quantize all export: the int8 text graph, the fp32 image graph (the
+    combination bench_onnx.py --accuracy measures); identity follows what was actually quantized."""
+    from clipforge.export import export_model
+    from clipforge.export.runtime import OnnxClipModel, model_identity
+    from clipforge.models.encode import embed_texts, fingerprint
+
+    export_model(nano, "onnx", tmp_path / "onnx", quantize_int8="all")
+    d = tmp_path / "onnx"
+    fp32, text8, all8 = (
+        OnnxClipModel(d, 1),
+        OnnxClipModel(d, 1, int8="text"),
+        OnnxClipModel(d, 1, int8="all"),
+    )
+    px = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fp32.encode_image(px), text8.encode_image(px))
+    assert not torch.equal(fp32.encode_image(px), all8.encode_image(px))
+    assert np.array_equal(embed_texts(text8, texts), embed_texts(all8, texts))
+    assert np.abs(embed_texts(fp32, texts) - embed_texts(text8, texts)).max() > 0
+    assert model_identity(fp32) == fingerprint(nano) and model_identity(text8) != fingerprint(nano)
+    assert (
+        text8.describe()["int8"] == "text" and OnnxClipModel(d, 1, int8="none").describe()["int8"] == "none"
+    )
+    with pytest.raises(ValueError, match="int8 must be"):
+        OnnxClipModel(d, 1, int8="int4")

@@ -203,7 +203,7 @@ def _source_fingerprint(model: nn.Module) -> str:
     return getattr(model, "source_fingerprint", None) or fingerprint(model)
 
 
-def sessions(directory: str | Path, threads: int | None = None, int8: bool = False, spin: bool = False):
+def sessions(directory: str | Path, threads: int | None = None, int8: bool | str = False, spin: bool = False):
     """(image, text) onnxruntime sessions of an export dir (``threads``: intra-op threads;
     ``int8``: the quantized graphs where the export has them, else the fp32 ones).
 
@@ -224,17 +224,31 @@ def sessions(directory: str | Path, threads: int | None = None, int8: bool = Fal
     )
 
 
-def graph_paths(directory: str | Path, int8: bool = False) -> tuple[Path, Path]:
-    """(image, text) graph files: the int8 copy of each where asked for and present, else fp32."""
+def int8_sides(int8: bool | str) -> tuple[bool, bool]:
+    """``int8`` as (image, text): True or ``all`` both graphs, ``text`` / ``image`` one, False / ``none``
+    neither (the text graph is the one whose int8 copy holds its accuracy: bench_onnx.py --accuracy)."""
+    if isinstance(int8, bool):
+        return int8, int8
+    if int8 not in ("none", "text", "image", "all"):
+        raise ValueError(f"int8 must be a bool or one of none, text, image, all; got {int8!r}")
+    return int8 in ("image", "all"), int8 in ("text", "all")
+
+
+def graph_paths(directory: str | Path, int8: bool | str = False) -> tuple[Path, Path]:
+    """(image, text) graph files: the int8 copy of each where asked for (:func:`int8_sides`) and
+    present, else fp32."""
     d = Path(directory)
+    sides = int8_sides(int8)
 
-    def pick(f: str) -> Path:
-        return d / int8_name(f) if int8 and (d / int8_name(f)).is_file() else d / f
+    def pick(f: str, want: bool) -> Path:
+        return d / int8_name(f) if want and (d / int8_name(f)).is_file() else d / f
 
-    return pick(IMAGE_FILE), pick(TEXT_FILE)
+    return pick(IMAGE_FILE, sides[0]), pick(TEXT_FILE, sides[1])
 
 
-def check_parity(model: nn.Module, directory: str | Path, int8: bool = False) -> dict[str, float] | None:
+def check_parity(
+    model: nn.Module, directory: str | Path, int8: bool | str = False
+) -> dict[str, float] | None:
     """Largest |onnxruntime - torch| on a batch of 3 (another size than the traced one), None without ort."""
     try:
         img, txt = sessions(directory, int8=int8)

@@ -29,17 +29,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipforge.export.onnx import CONFIG_FILE, IMAGE_FILE, PREPROCESS_FILE, TEXT_FILE, graph_paths, sessions
+from clipforge.export.onnx import (
+    CONFIG_FILE,
+    IMAGE_FILE,
+    PREPROCESS_FILE,
+    TEXT_FILE,
+    graph_paths,
+    int8_sides,
+    sessions,
+)
 
 log = logging.getLogger("clipforge.export")
 RUNTIMES = ("torch", "onnx")
+
+
+def int8_label(int8: bool | str) -> str:
+    """``none`` | ``text`` | ``image`` | ``all``: which graphs were asked for as int8."""
+    image, text = int8_sides(int8)
+    return {(False, False): "none", (False, True): "text", (True, False): "image"}.get((image, text), "all")
 
 
 class OnnxClipModel(nn.Module):
     """The image and text graphs of an ONNX export behind clipforge's encode interface (CPU)."""
 
     def __init__(
-        self, directory: str | Path, threads: int | None = None, int8: bool = False, spin: bool = False
+        self, directory: str | Path, threads: int | None = None, int8: bool | str = False, spin: bool = False
     ) -> None:
         super().__init__()
         from clipforge.data.transforms import ImageTransform, PreprocessConfig
@@ -54,7 +68,8 @@ class OnnxClipModel(nn.Module):
         pre = json.loads((d / PREPROCESS_FILE).read_text())
         self.directory = d
         # int8 graphs give other embeddings: they keep their own identity (the graph digest)
-        self.source_fingerprint: str | None = None if int8 else meta.get("source_fingerprint")
+        quantized = any(f.name.endswith(".int8.onnx") for f in graph_paths(d, int8))
+        self.source_fingerprint: str | None = None if quantized else meta.get("source_fingerprint")
         self.image_session, self.text_session = sessions(d, threads, int8=int8, spin=spin)
         self.tokenizer = Tokenizer.from_dir(d)
         self.config = ModelConfig(
@@ -65,7 +80,7 @@ class OnnxClipModel(nn.Module):
             init_logit_bias=meta.get("logit_bias"),
             preprocess=pre,
             context_length=int(meta["context_length"]),
-            options={"source_spec": meta.get("spec"), "opset": meta.get("opset"), "int8": bool(int8)},
+            options={"source_spec": meta.get("spec"), "opset": meta.get("opset"), "int8": int8_label(int8)},
         )
         self.preprocess = ImageTransform(PreprocessConfig.from_dict(pre), train=False)
         self.logit_scale = nn.Parameter(torch.tensor(self.config.init_logit_scale), requires_grad=False)
@@ -134,7 +149,7 @@ class OnnxClipModel(nn.Module):
     def describe(self) -> dict[str, Any]:
         o = self.config.options
         return {"spec": self.config.spec, "params": 0, "trainable": 0, "embed_dim": self.config.embed_dim,
-                "runtime": "onnx", "source_spec": o.get("source_spec"), "int8": o.get("int8", False)}  # fmt: skip
+                "runtime": "onnx", "source_spec": o.get("source_spec"), "int8": o.get("int8", "none")}  # fmt: skip
 
 
 def model_identity(model: nn.Module) -> str:
