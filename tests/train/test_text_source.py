@@ -75,8 +75,6 @@ def test_unknown_mode_and_column_are_clear_errors(flickr_slice, tmp_path):
         cfg_for(tmp_path, data=flickr_slice, text_source="mix:0.5")
     with pytest.raises(ConfigError, match=r"P must be in \[0, 1\]"):
         TextSource.parse("mix:1.5")
-    with pytest.raises(ConfigError, match="multi_positive applies"):
-        cfg_for(tmp_path, data=flickr_slice, text_source="synthetic", text_tables=["x"], multi_positive=2)
     tables, _ = write_tables(flickr_slice, tmp_path / "side")
     with pytest.raises(ConfigError, match="did you mean 'caption_synthetic'"):
         SideTexts.load([str(tables)], TextSource("synthetic"), "caption_synthetc", "caption_rewrites", None)
@@ -117,6 +115,9 @@ def test_mix_rate_is_p_and_deterministic():
     assert all(zero.choose(["r"], ["r"], k, "", 0) == ["r"] for k in keys)  # mix:0 == raw
     assert all(one.choose(["r"], ["r"], k, "", 0) == [f"syn {k}"] for k in keys)
     assert one.choose(["r"], ["r"], "not-in-table", "", 0) == ["r"]  # no synthetic: the raw caption
+    # multi_positive K > 1: the source decides the first positive, the others stay raw
+    k3 = TextChooser(TextSource("mix", p=1.0), side, k=3, seed=7)
+    assert k3.choose(["r0", "r1", "r2"], ["r0", "r1", "r2"], "k1", "", 0) == ["syn k1", "r1", "r2"]
 
 
 def test_rewrites_uniform_over_original_and_first_k():
@@ -191,13 +192,15 @@ def test_mix_streaming_picks_raw_or_synthetic(flickr_slice, tmp_path):
     tables, missing = write_tables(flickr_slice, tmp_path / "side")
     seen: list[dict] = []
     cfg = cfg_for(tmp_path, data=flickr_slice, text_source="mix:0.5", text_tables=[str(tables)], steps=5,
-                  shuffle_buffer=16)  # fmt: skip
+                  shuffle_buffer=16, multi_positive=2)  # fmt: skip
     model = fit(make_tiny(), flickr_slice, cfg, hooks=record(seen))
     assert model.train_result["mode"] == "streaming"
     raw = {s["__key__"]: json.loads(s["json"])["captions"] for u in flickr_slice for s in iter_tar_samples(u)}
     kinds = Counter()
     for b in seen:
-        for key, text in zip(b["keys"], b["texts"]):
+        assert len(b["texts"]) == 2 * len(b["keys"])
+        for key, text, second in zip(b["keys"], b["texts"][::2], b["texts"][1::2]):
+            assert second in raw[key]  # the second positive stays raw
             if text == f"synthetic {key}":
                 kinds["syn"] += 1
             else:

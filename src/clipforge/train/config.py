@@ -176,8 +176,6 @@ class TrainConfig:
                 + (f" / weight_column {self.weight_column}" if self.weight_column else "")
                 + " needs text_tables (Parquet side tables keyed by sample key, e.g. caption run's OUTPUT)"
             )
-        if self.multi_positive > 1 and source.mode not in ("raw", "multi"):
-            raise ConfigError(f"multi_positive applies to text_source raw or multi, not {self.text_source}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -13,6 +13,9 @@ keys that repeat across shards).
   rewrites, DreamLIP-style sentences of multi-sentence captions and the other raw captions.
 - ``rewrites:K``: uniform among the raw caption and the first K rewrites (LaCLIP).
 
+With ``multi_positive`` K > 1 (e.g. the quickstart recipe's 5), synthetic / mix / rewrites decide the
+first of the K positives; the other K - 1 stay the raw captions ``raw`` would give.
+
 Every random choice is seeded by (seed, epoch, key), so a resumed run picks the same captions, and
 ``mix:0`` equals ``raw``. Optional per-pair weights (``weight_column``, e.g. ALIP-style raw/synthetic
 agreement) go to the loss; a key without a weight gets 1.
@@ -288,12 +291,12 @@ class TextChooser:
         syn = row.get("synthetic")
         rng = random.Random(f"text:{self.seed}:{epoch}:{key}")
         if mode == "synthetic":
-            return [syn] * self.k if syn else raw_picked
+            return [syn, *raw_picked[1:]] if syn else raw_picked
         if mode == "mix":
-            return [syn] * self.k if syn and rng.random() < self.source.p else raw_picked
+            return [syn, *raw_picked[1:]] if syn and rng.random() < self.source.p else raw_picked
         if mode == "rewrites":
             options = [raw_picked[0], *row.get("rewrites", [])[: self.source.k]]
-            return [options[rng.randrange(len(options))] for _ in range(self.k)]
+            return [options[rng.randrange(len(options))], *raw_picked[1:]]
         # multi: a raw caption, the synthetic one, then the rest (rewrites, sentences, other raws) shuffled
         first = [raw_picked[0]] + ([syn] if syn else [])
         rest = [t for t in self.extras(raw_all, row) if t not in first]
