@@ -248,3 +248,122 @@ def test_coca_refuses_an_empty_vocabulary_and_fsdp(shards, tmp_path):
         train(cfg)
     with pytest.raises(ConfigError, match="fsdp"):
         TrainConfig.from_any({"data": ["a.tar"], "steps": 1, "loss": "coca", "fsdp": True})
+
+
+# -- condition=spatial: the cross-attention decoder on the locked tower's spatial tokens ----------------
+SPATIAL_KW = {"model": "py:tiny_model:make_tiny_scratch", "model_opts": {"lock_image": 1}}
+
+
+def _loop_builds_through_decoder_for() -> bool:
+    """train/loop.py's ``_setup_coca`` must build the decoder with ``coca.decoder_for`` (requested from
+    the loop's owner); until then the end-to-end spatial tests cannot run."""
+    import inspect
+
+    from clipforge.train.loop import Trainer
+
+    return "decoder_for" in inspect.getsource(Trainer._setup_coca)
+
+
+needs_loop_hook = pytest.mark.skipif(
+    not _loop_builds_through_decoder_for(), reason="train/loop.py does not call coca.decoder_for yet"
+)
+
+
+def test_spatial_decoder_for_a_cached_run_reads_the_token_cache(shards, tmp_path):
+    """With a locked tower and the feature cache, the spatial tokens are cached once (fp16, beside the
+    feature cache), aligned with the cached samples and carried in their image features."""
+    from types import SimpleNamespace
+
+    from tiny_model import make_tiny_scratch
+
+    from clipforge.caption.spatial import spatial_tokens
+    from clipforge.train import coca
+    from clipforge.train.cache import load_or_build_cache
+    from clipforge.train.config import CaptionConfig
+    from clipforge.train.data import CachedBatches
+
+    model = make_tiny_scratch(lock_image=1)
+    data, _ = load_or_build_cache(model, shards, tmp_path / ".feature_cache", workers=0, progress=False)
+    source = CachedBatches(data, 8, model.tokenize, rank=0, world=1, seed=0, n_captions=1, all_captions=True)
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(caption=CaptionConfig(**SMALL_DECODER, condition="spatial"), seed=0, cache_dir=None,
+                            cache_batch_size=8, workers=0),
+        model=model, source=source, cached=True, urls=shards, out=tmp_path / "run", show=False,
+        dist=SimpleNamespace(main=True), world=1,
+    )  # fmt: skip
+    dec = coca.decoder_for(trainer, "spatial", 40)
+    n_tok = dec.cfg.cross_tokens
+    assert dec.cfg.cross_dim == dec.cfg.cond_dim == 64 and n_tok > 1
+    assert trainer.spatial_cache_dir.parent == tmp_path / ".feature_cache"
+    assert len(list(trainer.spatial_cache_dir.glob("*.safetensors"))) == len(shards)
+    batch = source.batch(0)
+    tok = batch["image"][coca.SPATIAL_KEY]
+    assert tok.shape == (8, n_tok, 64) and tok.dtype == torch.float32
+    # row i of the batch holds the tokens of the batch's sample i (checked against the pixels' tokens)
+    from clipforge.caption.spatial import shard_spatial_conditions
+
+    direct = shard_spatial_conditions(model, shards, workers=0, fields=())
+    pos = {k: i for i, k in enumerate(direct.keys)}
+    want = direct.cond[[pos[k] for k in batch["keys"]]].float()
+    torch.testing.assert_close(tok, want)
+    head = coca.CocaHead(None, "spatial", trainer.cfg.caption, 2.0)
+    assert head.condition_of(model, batch["image"], True, None) is tok
+    px = torch.randn(2, 3, 32, 32)
+    assert torch.equal(head.condition_of(model, {"pixels": px}, False, None), spatial_tokens(model, px))
+
+
+@needs_loop_hook
+def test_spatial_coca_uses_the_cache_keeps_the_contrastive_side_and_resumes_exactly(shards, tmp_path):
+    kw = {**SPATIAL_KW, "data": shards, "steps": 8, "save_every": 3}
+    spatial_caption = {**SMALL_DECODER, "condition": "spatial"}
+    ref = train(_cfg(tmp_path / "ref", caption=spatial_caption, **kw))
+    assert ref["mode"] == "cached"
+    assert len(list((tmp_path / ".feature_cache").glob("spatial-*/*.safetensors"))) == len(shards)
+    # exact resume: same losses and weights (decoder included) as the uninterrupted run
+    with pytest.raises(_Crash):
+        train(_cfg(tmp_path / "cut", caption=spatial_caption, **kw), _crash_at(5))
+    train(_cfg(tmp_path / "cut", resume=True, caption=spatial_caption, **kw))
+    cols = ("step", "loss", "contrastive_loss", "caption_loss")
+    assert [[r[c] for c in cols] for r in _rows(tmp_path / "cut")] == [
+        [r[c] for c in cols] for r in _rows(tmp_path / "ref")
+    ]
+    a = load_file(str(tmp_path / "ref" / "checkpoints/step-0000008/model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints/step-0000008/model.safetensors"))
+    assert any(k.startswith("caption_decoder.blocks.0.kv_x") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the contrastive side trains exactly as a plain clip run
+    clip = train(_cfg(tmp_path / "clip", **{**kw, "loss": "clip"}))
+    assert clip["mode"] == "cached"
+    assert [r["contrastive_loss"] for r in _rows(tmp_path / "ref")] == [
+        r["loss"] for r in _rows(tmp_path / "clip")
+    ]
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "clip" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the model dir embeds and captions through its cross-attention captioner
+    from clipforge.caption.captioner import Captioner
+    from clipforge.models import load_model
+
+    cap = Captioner.load(tmp_path / "ref" / "model" / "captioner")
+    assert cap.condition == "spatial" and cap.decoder.cfg.cross_dim == 64
+    imgs = _images(shards[0], 3)
+    greedy = DecodeOptions(method="greedy", min_len=1)
+    loaded = load_model(str(tmp_path / "ref" / "model"), allow_code=True)
+    caps = loaded.caption(imgs, greedy)
+    assert len(caps) == 3 and all(c.strip() for c in caps)
+    assert cap.caption_images(loaded, imgs, greedy) == caps
+
+
+@needs_loop_hook
+def test_spatial_coca_without_the_cache_reads_tokens_from_pixels(shards, tmp_path):
+    r = train(_cfg(tmp_path / "run", caption={**SMALL_DECODER, "condition": "spatial"}, cache="off",
+                   **{**SPATIAL_KW, "data": shards, "steps": 4}))  # fmt: skip
+    assert r["mode"] == "streaming" and not list(tmp_path.glob(".feature_cache/spatial-*"))
+    assert all(row["caption_loss"] > 0 for row in _rows(tmp_path / "run"))
+
+
+def test_spatial_needs_a_locked_image_tower(shards, tmp_path):
+    cfg = _cfg(tmp_path / "run", caption={**SMALL_DECODER, "condition": "spatial"}, model="scratch:vit-nano",
+               data=shards)  # fmt: skip
+    with pytest.raises(ConfigError, match="locked image tower"):
+        train(cfg)
