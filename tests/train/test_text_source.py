@@ -277,3 +277,51 @@ def test_weights_reach_the_loss_in_training(locked, flickr_slice, tmp_path):
     assert res["final_loss"] == 0.0  # every pair weighted 0 (the second table's column)
     assert res["text_source"]["with"]["weight"] == res["text_source"]["samples"]
     assert res["text_source"]["missing"]["synthetic"] == MISSING  # the first table's column, same keys
+
+
+# -- exact resume: the same captions after a kill -9 --------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode,extra",
+    [
+        ("streaming", ["--workers", "2", "--shuffle-buffer", "16", "--text-source", "mix:0.5"]),
+        ("cached", ["--workers", "1", "--model-opt", "lock_image=1", "--model-opt", "lock_text=1",
+                    "--text-source", "multi", "--multi-positive", "3"]),
+    ],
+)  # fmt: skip
+def test_kill9_resume_same_captions(mode, extra, flickr_slice, tmp_path, sub_env):
+    import signal
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent / "train_with_hooks.py"
+    tables, _ = write_tables(flickr_slice, tmp_path / "side")
+
+    def train(out: Path, kill_at: int = 0, resume: bool = False):
+        cmd = [sys.executable, str(script), "--keys-log", str(out / "keys.jsonl"), "--kill-at", str(kill_at), "--",
+               "--model", "py:tiny_model:make_tiny", "--data", *flickr_slice, "--output", str(out), "--steps", "14",
+               "--batch-size", "8", "--save-every", "5", "--lr", "1e-2", "--threads", "1", "--no-progress", "--json",
+               "--text-tables", str(tables), *extra, *(["--resume"] if resume else [])]  # fmt: skip
+        return subprocess.run(cmd, env=sub_env, capture_output=True, text=True, timeout=240)
+
+    def by_step(out: Path) -> dict[int, tuple]:
+        rows = [json.loads(x) for x in (out / "keys.jsonl.rank0").read_text().splitlines()]
+        return {r["step"]: (r["keys"], r["texts"]) for r in rows}  # a resumed step replaces the killed one
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    r = train(ref)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["mode"] == mode
+    assert train(cut, kill_at=8).returncode == -signal.SIGKILL
+    resumed = train(cut, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    want, got = by_step(ref), by_step(cut)
+    assert sorted(want) == list(range(1, 15)) and got == want
+    caps = [c for s in want.values() for c in s[1]]
+    assert any(c.startswith("synthetic ") for c in caps) and any(not c.startswith("synthetic ") for c in caps)
+    rows = [json.loads(x)["loss"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert rows == pytest.approx(ref_rows, rel=1e-5)

@@ -21,9 +21,7 @@ from clipforge.train.hooks import TrainHooks
 def log_keys(path: str):
     def hook(step: int, batch: dict, rank: int) -> None:
         with open(f"{path}.rank{rank}", "a") as f:
-            f.write(
-                json.dumps({"step": step, "keys": batch["keys"], "captions": batch.get("captions")}) + "\n"
-            )
+            f.write(json.dumps({"step": step, "keys": batch["keys"], "texts": batch.get("texts")}) + "\n")
 
     return hook
 
