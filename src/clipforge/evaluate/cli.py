@@ -32,7 +32,8 @@ def _args(p: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser, labels: bool) -> None:
-    p.add_argument("--dataset", default=None, help="built-in dataset: cifar10 | flickr8k")
+    p.add_argument("--dataset", default=None, help="built-in dataset: cifar10 | flickr8k, or wds:DIR "
+                   "(a CLIP_benchmark webdataset dir; wds:DIR/SPLIT for a split other than test)")  # fmt: skip
     p.add_argument("--shards", nargs="+", default=None, help="your own shards (paths, globs, brace ranges)")
     if labels:
         p.add_argument("--classnames", default=None, help="class-names file, one per line in label order")
@@ -91,7 +92,8 @@ def register(subparsers: Any) -> None:
 
     run = sub.add_parser("run", help="all tasks of the built-in datasets (cifar10 + flickr8k by default)")
     _args(run)
-    run.add_argument("--datasets", default="cifar10,flickr8k", help="comma-separated built-in datasets")
+    run.add_argument("--datasets", default="cifar10,flickr8k", help="comma-separated built-in datasets "
+                     "and/or wds:DIR (CLIP_benchmark webdataset dirs)")  # fmt: skip
     run.add_argument("--captioner", default=None, help="also score this captioner dir on flickr8k test "
                      "(CLIPScore/self-retrieval by --model)")  # fmt: skip
     run.add_argument("--caption-limit", type=int, default=None, help="captioning: only the first N images")
@@ -319,7 +321,9 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
     except ImportError as e:
         print(f"error: the models package is not available: {e}", file=sys.stderr)
         return 2
+    from clipforge.evaluate.recipes import builtin
     from clipforge.evaluate.runner import evaluate, summary_rows
+    from clipforge.evaluate.wds import is_wds, prepare_images
 
     try:
         cfg = eval_config_from_args(args)
@@ -328,8 +332,10 @@ def _run(args: argparse.Namespace, task: str | None) -> int:
             if task
             else [d.strip() for d in args.datasets.split(",") if d.strip()]
         )
+        datasets = [builtin(d, cfg.data_root) if is_wds(d) else d for d in datasets]  # read wds: dirs now
         model = load_eval_model(args.model, cfg, args.threads)
         images: dict[str, Any] = {}
+        prepare_images(model, datasets, cfg, images)  # wds retrieval sets: one caption per txt line
         report = evaluate(model, datasets, cfg, images=images)
         if task is None and getattr(args, "captioner", None) and dist.is_main():
             _add_captioning(args, cfg, report)

@@ -11,7 +11,8 @@
   (KEY.json ``captions``; KEY.txt when a sample has none).
 
 Any user shards with ``.cls`` labels (or KEY.json ``label``) and a class-names file work the same way
-through :class:`DatasetSpec`.
+through :class:`DatasetSpec`, and so does a CLIP_benchmark webdataset dir as ``wds:DIR`` (evaluate/wds.py:
+its own class names and templates, or its caption lines for retrieval).
 """
 
 from __future__ import annotations
@@ -67,9 +68,16 @@ def default_data_root() -> Path | None:
 
 
 def builtin(name: str, data_root: str | Path | None = None) -> DatasetSpec:
-    """A built-in recipe with its paths resolved under ``data_root`` (default: :func:`default_data_root`)."""
+    """A built-in recipe with its paths resolved under ``data_root`` (default: :func:`default_data_root`),
+    or ``wds:DIR``: a CLIP_benchmark webdataset dir (:mod:`clipforge.evaluate.wds`)."""
+    from clipforge.evaluate.wds import is_wds, wds_spec
+
+    if is_wds(name):
+        return wds_spec(name)
     if name not in BUILTIN:
-        raise ValueError(f"unknown dataset {name!r}: built-ins are {sorted(BUILTIN)}")
+        raise ValueError(
+            f"unknown dataset {name!r}: built-ins are {sorted(BUILTIN)}, or wds:DIR (CLIP_benchmark)"
+        )
     root = Path(data_root) if data_root else default_data_root()
     if root is None or not root.is_dir():
         raise FileNotFoundError(
