@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Any
@@ -20,6 +21,8 @@ LEGACY_FLAGS = [
     ("--keep", "dedup.keep", {"choices": list(KEEP)}),
     ("--balance-t", "balance.t", {"type": int}),
     ("--concepts", "balance.concepts", {}),
+    ("--folds", "folds.k", {"type": int}),  # issue 13's spelling: --folds K --recipe quickstart
+    ("--recipe", "folds.recipe", {"choices": ["quickstart", "frozen-linear"]}),
 ]
 
 
@@ -92,6 +95,38 @@ def register(subparsers: Any) -> None:
     th.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     th.set_defaults(func=cmd_threshold)
 
+    fx = sub.add_parser(
+        "fix",
+        help="recaption pairs below the clip-score cut instead of dropping them (action per key)",
+        description="Rows failing a --where keep-rule are dropped; rows matching --fix (default "
+        "'clip_score < auto', the label-free mixture cut) get the best synthetic caption of the "
+        "`caption run` side tables given (dropped when there is none, or when its scoring model prefers "
+        "the original); the rest are kept. Writes OUTPUT/actions.parquet (key, action, reason, captions) "
+        "and OUTPUT/shards/PREFIX-STEM.tar (KEY.txt = chosen caption, originals in KEY.json). Rerunning "
+        "with the same settings resumes.",
+    )
+    fx.add_argument("--scores", required=True, help="a `curate run` output dir (clip_score column)")
+    fx.add_argument(
+        "--captions", nargs="+", required=True, help="`caption run` output dirs or side-table Parquet files"
+    )
+    fx.add_argument("--output", required=True, help="dir for actions.parquet, fix.json and fixed shards")
+    fx.add_argument(
+        "--where",
+        action="append",
+        default=None,
+        help="keep-rule, repeatable (default: the recipe's image/duplicate rules whose columns exist)",
+    )
+    fx.add_argument("--fix", default="clip_score < auto", help="rows to recaption (a filter expression)")
+    fx.add_argument(
+        "--any-caption",
+        action="store_true",
+        help="recaption even when the side table's scoring model prefers the original caption",
+    )
+    fx.add_argument("--prefix", default="fixed", help="output shard name prefix")
+    fx.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
+    fx.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    fx.set_defaults(func=cmd_fix)
+
     rp = sub.add_parser("report", help="histograms, filter counts and contact sheets of a scored set")
     rp.add_argument("--scores", required=True, help="a `curate run` output dir")
     rp.add_argument("--output", default=None, help="report dir (default SCORES/report)")
@@ -128,6 +163,41 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
     return from_args(CurateConfig, args, base=base)
 
 
+def run_with_folds(args: argparse.Namespace, cfg: CurateConfig) -> dict[str, Any]:
+    """``--folds K``: the clip-score column comes from K fold scorers (curate/folds.py), each scoring
+    the fold it never trained on; the other stages run as usual (with ``--model``, its in-sample score
+    is kept as ``clip_score_model``). The run's config.yaml/manifest record K and the recipe."""
+    import dataclasses
+    from pathlib import Path
+
+    from clipforge.config import write_run_config
+    from clipforge.curate.engine import open_run_dir, run_curation
+    from clipforge.curate.folds import merge_oof, run_folds
+    from clipforge.data.shards import expand_shards
+    from clipforge.utils import write_json
+
+    out = Path(args.output)
+    stages = [s for s in cfg.stages if s != "clip-score" or cfg.model]
+    engine_cfg = dataclasses.replace(cfg, stages=stages)
+    open_run_dir(out, engine_cfg, args.overwrite, inputs=expand_shards(args.data))  # the dir rule first
+    folds = run_folds(args.data, out / "folds", cfg.folds, threads=args.threads)
+    if stages:
+        summary = run_curation(
+            args.data, out, engine_cfg, engine=args.engine, workers=args.workers, eval_data=args.eval_data,
+            ray_address=args.ray_address, progress=True,
+        )  # fmt: skip
+    else:  # clip-score only: the table is the out-of-fold scores with the usual key/shard/caption columns
+        summary = run_curation(args.data, out, dataclasses.replace(cfg, stages=["text"]), progress=True)
+    merged = merge_oof(out, out / "folds" / "oof.parquet")
+    write_run_config(out / "config.yaml", cfg)  # the stages asked for (clip-score included)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest.update(config=cfg.to_dict(), folds={**folds, **merged})
+    write_json(manifest_path, manifest)
+    summary["folds"] = {**folds, **merged}
+    return summary
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from clipforge.curate.engine import run_curation
     from clipforge.utils import OutputExistsError, emit_json, format_table, setup_torch_threads
@@ -135,17 +205,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_torch_threads(args.threads)
     try:
         cfg = config_from_args(args)
-        summary = run_curation(
-            args.data,
-            args.output,
-            cfg,
-            engine=args.engine,
-            workers=args.workers,
-            eval_data=args.eval_data,
-            ray_address=args.ray_address,
-            progress=True,
-            overwrite=args.overwrite,
-        )
+        if cfg.folds.k:
+            summary = run_with_folds(args, cfg)
+        else:
+            summary = run_curation(
+                args.data,
+                args.output,
+                cfg,
+                engine=args.engine,
+                workers=args.workers,
+                eval_data=args.eval_data,
+                ray_address=args.ray_address,
+                progress=True,
+                overwrite=args.overwrite,
+            )
     except (ValueError, FileNotFoundError, OutputExistsError) as e:  # ConfigError, ShardSpecError: ValueError
         return _fail(args, str(e))
     if args.json:
@@ -234,6 +307,34 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     print(
         f"estimated noise rate {res['noise_rate']:.4f}; below the cuts {res['below_cut']:.4f} of {res['n']}"
     )
+    return 0
+
+
+def cmd_fix(args: argparse.Namespace) -> int:
+    from clipforge.curate.fix import fix_run
+    from clipforge.utils import OutputExistsError, emit_json, format_table
+
+    try:
+        s = fix_run(
+            args.scores,
+            args.captions,
+            args.output,
+            where=args.where,
+            fix=args.fix,
+            require_better=not args.any_caption,
+            prefix=args.prefix,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, OutputExistsError, OSError) as e:  # FilterError: ValueError
+        return _fail(args, str(e))
+    if args.json:
+        emit_json(s)
+        return 0
+    rows = [(a, n) for a, n in s["actions"].items()] + [
+        (f"dropped: {r}", n) for r, n in s["dropped_by"].items()
+    ]
+    print(format_table(rows, ["action", "rows"]))
+    print(f"actions: {args.output}/actions.parquet; shards: {len(s['shards'])}")
     return 0
 
 

@@ -122,6 +122,50 @@ class BalanceConfig:
             raise ConfigError(f"balance.unmatched_prob must be in [0, 1], got {self.unmatched_prob}")
 
 
+FOLD_RECIPES = ("quickstart", "frozen-linear")
+
+
+@dataclass
+class FoldsConfig:
+    """Out-of-fold clip scores (``--folds K --recipe quickstart``, curate/folds.py): K scorers, each
+    trained on the other folds, score the fold they never saw (a scorer that trained on a pair has
+    memorized it, shuffled or not)."""
+
+    k: int = field(
+        default=0, metadata=_h("folds (0: off; >= 2: out-of-fold clip_score from K trained scorers)")
+    )
+    recipe: str = field(
+        default="quickstart",
+        metadata=_h(
+            "recipe the fold scorers train with (clipforge quickstart's)", choices=list(FOLD_RECIPES)
+        ),
+    )
+    epochs: float | None = field(default=None, metadata=_h("fold scorer epochs (default: the recipe's)"))
+    batch_size: int | None = field(default=None, metadata=_h("fold scorer batch (default: the recipe's)"))
+    seed: int = field(default=0, metadata=_h("salt of the key hash that assigns folds, and training seed"))
+    cache_dir: str | None = field(
+        default=None,
+        metadata=_h("locked-tower feature cache of the fold shards (default OUT/folds/feature_cache)"),
+    )
+    model: str | None = field(
+        default=None, metadata=_h("scorer model spec (default: the recipe's towers and options)")
+    )
+    model_opts: dict[str, Any] = field(
+        default_factory=dict, metadata=_h("options of --folds.model (the recipe's when no model is given)")
+    )
+
+    def validate(self) -> None:
+        _check_numbers(self, "folds.")
+        if self.k == 1 or self.k < 0:
+            raise ConfigError(f"folds.k must be 0 (off) or >= 2, got {self.k}")
+        if self.recipe not in FOLD_RECIPES:
+            raise ConfigError(f"folds.recipe must be one of {', '.join(FOLD_RECIPES)}, got {self.recipe!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"folds.batch_size must be >= 1, got {self.batch_size}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"folds.epochs must be > 0, got {self.epochs}")
+
+
 @dataclass
 class CurateConfig:
     """Knobs of a curation run (written to ``OUT/config.yaml``; a resume must use the same ones)."""
@@ -142,6 +186,7 @@ class CurateConfig:
     )
     dedup: DedupConfig = field(default_factory=DedupConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
 
     def validate(self) -> None:
         if not isinstance(self.stages, list) or not all(isinstance(s, str) for s in self.stages):

@@ -1,0 +1,181 @@
+"""Out-of-fold clip scores (issue 13): stable key folds, K scorers that never see their fold, resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from curate_testutils import CAPTIONS, image_bytes, write_shard
+
+from clipforge.curate.config import CurateConfig, FoldsConfig
+from clipforge.curate.folds import fold_of, run_folds, score_fold, split_folds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))  # tiny_model (py: spec)
+TINY = {"model": "py:tiny_model:make_tiny", "model_opts": {"lock_image": 1, "lock_text": 1}}
+
+
+def shards(tmp: Path, n_shards: int = 2, per_shard: int = 16) -> list[str]:
+    paths = []
+    tmp.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        rows = [
+            {
+                "key": f"k{s}_{i:03d}",
+                "jpg": image_bytes(s * 100 + i),
+                "txt": CAPTIONS[(s + i) % len(CAPTIONS)],
+            }
+            for i in range(per_shard)
+        ]
+        if s == 0:
+            rows[3]["jpg"] = b"not an image"  # counted bad while caching: no score, never a crash
+        paths.append(str(write_shard(tmp / f"part-{s:06d}.tar", rows)))
+    return paths
+
+
+def test_fold_of_is_stable_and_balanced():
+    keys = [f"img_{i}" for i in range(4000)]
+    folds = [fold_of(k, 3) for k in keys]
+    assert folds == [fold_of(k, 3) for k in keys]  # deterministic (no per-process hash seed)
+    assert all(1200 < folds.count(i) < 1470 for i in range(3))
+    assert [fold_of(k, 3, seed=1) for k in keys] != folds  # the salt reshuffles
+
+
+def test_split_does_not_depend_on_the_shard_layout(tmp_path):
+    a = shards(tmp_path / "a", n_shards=2, per_shard=16)
+    merged = tmp_path / "b"
+    merged.mkdir()
+    from clipforge.data.reader import iter_tar_samples
+
+    rows = []
+    for u in a:
+        for s in iter_tar_samples(u):
+            rows.append({"key": s["__key__"], "jpg": s["jpg"], "txt": s["txt"].decode()})
+    b = [str(write_shard(merged / "one.tar", rows[::-1]))]  # one shard, reversed order
+    sa = split_folds(a, tmp_path / "fa", 2)
+    sb = split_folds(b, tmp_path / "fb", 2)
+    assert sa["rows"] == sb["rows"] and sum(sa["rows"]) == 32
+
+    def keys(d, i):
+        return sorted(
+            s["__key__"]
+            for u in sorted((d / "data").glob(f"fold{i}-*.tar"))
+            for s in iter_tar_samples(str(u))
+        )
+
+    assert keys(tmp_path / "fa", 0) == keys(tmp_path / "fb", 0)
+    assert split_folds(a, tmp_path / "fa", 2) == sa  # finished split: reused
+    with pytest.raises(ValueError, match="other inputs"):
+        split_folds(a, tmp_path / "fa", 3)
+
+
+def test_oof_scores_come_from_the_scorer_that_never_saw_the_fold(tmp_path, monkeypatch):
+    data = shards(tmp_path)
+    cfg = FoldsConfig(k=2, epochs=1, batch_size=8, **TINY)
+    res = run_folds(data, tmp_path / "folds", cfg, threads=1)
+    oof = pq.read_table(tmp_path / "folds" / "oof.parquet").to_pylist()
+    assert len(oof) == 31 == res["scored"]  # 32 samples, one undecodable
+    assert all(r["fold"] == fold_of(r["key"], 2) for r in oof)
+    for i in range(2):  # scorer i trained on the other fold's shards only
+        trained = json.loads((tmp_path / "folds" / f"scorer{i}" / "result.json").read_text())
+        import yaml
+
+        seen = yaml.safe_load((tmp_path / "folds" / f"scorer{i}" / "config.yaml").read_text())["data"]
+        assert seen and all(Path(u).name.startswith(f"fold{1 - i}-") for u in seen), (trained, seen)
+    # the cache path scores like the curate clip-score stage on the same model (float16 cache tolerance)
+    from clipforge.curate.engine import run_curation
+
+    fold0 = [str(p) for p in sorted((tmp_path / "folds" / "data").glob("fold0-*.tar"))]
+    from safetensors.torch import load_file
+    from tiny_model import make_tiny
+
+    m = make_tiny(lock_image=1, lock_text=1)
+    m.load_state_dict(load_file(str(Path(res["scorers"][0]) / "model.safetensors")))
+    m.eval()
+    cur = CurateConfig(stages=["clip-score"], model=res["scorers"][0])
+    run_curation(fold0, tmp_path / "stage", cur, model=m, progress=False)
+    st = pq.read_table(tmp_path / "stage" / "scores.parquet").to_pylist()
+    want = {r["key"]: r["clip_score"] for r in st if r["clip_score"] is not None}
+    got = score_fold(res["scorers"][0], fold0, tmp_path / "folds" / "feature_cache", model=m)
+    assert set(got) == set(want)
+    assert max(abs(got[k] - want[k]) for k in want) < 0.02
+
+    # resume: nothing is retrained or rescored
+    import clipforge.curate.folds as folds_mod
+
+    def boom(*a, **k):
+        raise AssertionError("a finished fold step ran again")
+
+    monkeypatch.setattr(folds_mod, "fit", boom, raising=False)
+    monkeypatch.setattr(folds_mod, "score_fold", boom)
+    again = run_folds(data, tmp_path / "folds", cfg, threads=1)
+    assert again["scorers"] == res["scorers"] and again["scored"] == 31
+
+
+def test_curate_run_folds_cli_writes_the_usual_table(tmp_path, capsys):
+    from clipforge.cli import main
+
+    data = shards(tmp_path)
+    out = tmp_path / "cur"
+    argv = ["curate", "run", "--data", *data, "--output", str(out), "--stages", "clip-score", "--folds", "2"]
+    argv += [
+        "--recipe",
+        "quickstart",
+        "--folds.epochs",
+        "1",
+        "--folds.batch-size",
+        "8",
+        "--folds.model",
+        TINY["model"],
+    ]
+    argv += [
+        "--folds.model-opts",
+        "lock_image=1",
+        "--folds.model-opts",
+        "lock_text=1",
+        "--threads",
+        "1",
+        "--json",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["folds"]["k"] == 2 and summary["folds"]["scored"] == 31
+    t = pq.read_table(out / "scores.parquet")
+    assert {"key", "clip_score", "fold"} <= set(t.column_names) and t.num_rows == 32
+    assert sum(v is not None for v in t.column("clip_score").to_pylist()) == 31  # the bad image: null
+    assert summary["folds"]["missing"] == 1
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (
+        saved["folds"]["k"] == 2
+        and saved["folds"]["recipe"] == "quickstart"
+        and "clip-score" in saved["stages"]
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["folds"]["k"] == 2 and len(manifest["folds"]["scorers"]) == 2
+    # the filter reads the out-of-fold column like any score
+    assert (
+        main(
+            [
+                "curate",
+                "filter",
+                "--scores",
+                str(out),
+                "--where",
+                "clip_score > auto",
+                "--output",
+                str(tmp_path / "f"),
+                "--no-reshard",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    # rerun = resume (same settings): nothing retrained
+    assert main(argv) == 0
+    assert (
+        main(["curate", "run", "--data", *data, "--output", str(out), "--folds", "1"]) == 2
+    )  # K=1 is an error
