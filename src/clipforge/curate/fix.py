@@ -1,0 +1,316 @@
+"""``clipforge curate fix``: recaption the pairs below the clip-score cut instead of dropping them.
+
+Why: a low clip score on a good image usually means a bad *caption* (shuffled, alt-text junk), and
+dropping the pair throws the image away with it. Recaptioning keeps the image with a caption that
+describes it (the data papers: "Improving multimodal datasets with image captioning", VeCLIP,
+LaCLIP). The captions come from ``clipforge caption run`` side tables (``caption_synthetic``, with
+``clip_score_synthetic`` / ``clip_score_original`` under its scoring model); the honest setup is a
+captioner trained out of fold (it never saw the pairs it recaptions: curate/folds.py), several tables
+may be given (e.g. one per fold or per captioner) and the best-scoring caption of a key wins.
+
+Per key, one action (``OUT/actions.parquet``: key, shard, action, reason, clip_score, caption,
+caption_new, clip_score_new, source):
+
+- ``dropped``: fails a ``--where`` expression (the same keep-rules as ``curate filter``: invalid or
+  blank image, duplicate...), or is below the cut with no usable synthetic caption;
+- ``recaptioned``: passes ``--where``, matches ``--fix`` (default ``clip_score < auto``: the mixture cut,
+  no ground truth) and has a synthetic caption that its scoring model prefers to the original;
+- ``kept``: everything else, byte for byte.
+
+Fixed shards ``OUT/shards/PREFIX-STEM.tar`` (one per input shard, each written atomically, so a killed
+run resumes at the next shard): kept samples as they were; a recaptioned one gets ``KEY.txt`` = the
+new caption and ``KEY.json`` ``captions`` = [new caption], its originals kept under
+``caption_original`` / ``captions_original`` (the trainer reads every JSON caption, so a shuffled
+pair's five wrong captions must not stay there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipforge.curate.filter import FilterError, apply_filters, columns_of, parse
+from clipforge.curate.outputs import prepare_output
+from clipforge.curate.reshard import load_run
+from clipforge.data.report import BadSampleReport
+from clipforge.data.shards import shard_name
+from clipforge.utils import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FIX = "clip_score < auto"
+# The keep-rules of the README recipe that do not involve the clip score (applied when their columns exist).
+DEFAULT_WHERE = ("image_valid and not is_blank", "not is_duplicate", "not is_eval_duplicate")
+ACTIONS = ("kept", "recaptioned", "dropped")
+CONFIG = "fix_config.json"
+
+
+def load_captions(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
+    """key -> the best synthetic caption over all side tables (by ``clip_score_synthetic``, else first).
+
+    ``paths``: ``caption run`` output dirs (their ``captions/*.parquet``) or Parquet files."""
+    best: dict[str, dict[str, Any]] = {}
+    for p in paths:
+        p = Path(p)
+        files = sorted((p / "captions").glob("*.parquet")) if p.is_dir() else [p]
+        if not files or not all(f.is_file() for f in files):
+            raise FileNotFoundError(f"no caption side table at {p} (a `clipforge caption run` output dir)")
+        for f in files:
+            t = pq.read_table(f)
+            if "key" not in t.column_names or "caption_synthetic" not in t.column_names:
+                raise ValueError(f"{f} is not a caption side table (needs key and caption_synthetic columns)")
+            cols = {c: t.column(c).to_pylist() for c in t.column_names if not c.startswith("caption_cand")}
+            n = t.num_rows
+            for i in range(n):
+                cap = cols["caption_synthetic"][i]
+                if not isinstance(cap, str) or not cap.strip():
+                    continue
+                new = cols.get("clip_score_synthetic", [None] * n)[i]
+                row = {
+                    "caption": " ".join(cap.split()),
+                    "score": new,
+                    "score_original": cols.get("clip_score_original", [None] * n)[i],
+                    "source": str(f),
+                }
+                old = best.get(cols["key"][i])
+                if old is None or (new is not None and (old["score"] is None or new > old["score"])):
+                    best[cols["key"][i]] = row
+    return best
+
+
+def decide(
+    table: pa.Table,
+    captions: dict[str, dict[str, Any]],
+    where: list[str],
+    fix: str,
+    require_better: bool = True,
+) -> dict[str, list[Any]]:
+    """The action, reason and new caption of every row of the score table (no file is touched)."""
+    keys = table.column("key").to_pylist()
+    n = len(keys)
+    dropped_by: list[str | None] = [None] * n
+    for e in where:
+        m, _ = apply_filters(table, [e])
+        for i in np.flatnonzero(~m):
+            dropped_by[i] = dropped_by[i] or f"fails {e!r}"
+    bad, _ = apply_filters(table, [fix])
+    score = table.column("clip_score").to_pylist() if "clip_score" in table.column_names else [None] * n
+    caps = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * n
+    cut = None
+    if "auto" in fix:
+        from clipforge.curate.threshold import table_auto_threshold
+
+        col = sorted(c for c in columns_of(parse(fix)))[0]
+        cut = table_auto_threshold(table, col)["cuts"]
+    out: dict[str, list[Any]] = {
+        c: [] for c in ("action", "reason", "caption_new", "clip_score_new", "source")
+    }
+    for i, k in enumerate(keys):
+        action, reason, new = "kept", "", None
+        if dropped_by[i]:
+            action, reason = "dropped", dropped_by[i]
+        elif bad[i]:
+            why = f"{fix}" + (
+                f" (score {score[i]:.4f} < cut {cut[i]:.4f})"
+                if cut is not None and score[i] is not None
+                else ""
+            )
+            new = captions.get(k)
+            if new is None:
+                action, reason = "dropped", f"{why}; no synthetic caption"
+            elif (
+                require_better
+                and new["score"] is not None
+                and new["score_original"] is not None
+                and new["score"] <= new["score_original"]
+            ):
+                action, reason, new = (
+                    "dropped",
+                    f"{why}; synthetic caption scores no better than the original",
+                    None,
+                )
+            else:
+                action, reason = "recaptioned", why
+        out["action"].append(action)
+        out["reason"].append(reason)
+        out["caption_new"].append(new["caption"] if new else None)
+        out["clip_score_new"].append(new["score"] if new else None)
+        out["source"].append(new["source"] if new else None)
+    return {"key": keys, "caption": caps, "clip_score": score, **out}
+
+
+def _fixed_sample(s: dict[str, Any], new: str) -> dict[str, Any]:
+    """The sample with KEY.txt = ``new`` and KEY.json captions = [new]; the originals kept in KEY.json."""
+    from clipforge.data.decode import TEXT_EXTS
+
+    try:
+        meta = json.loads(s["json"].decode("utf-8")) if "json" in s else {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {"json_original": meta}
+    old = next((s[e] for e in TEXT_EXTS if e in s), None)
+    if isinstance(old, bytes):
+        old = old.decode("utf-8", "replace")
+    meta["caption_original"] = old
+    if "captions" in meta:
+        meta["captions_original"] = meta["captions"]
+    meta["captions"] = [new]
+    meta["caption_fixed"] = True
+    out = {k: v for k, v in s.items() if not k.startswith("__") and k not in TEXT_EXTS and k != "json"}
+    out.update({"__key__": s["__key__"], "txt": new, "json": json.dumps(meta)})
+    return out
+
+
+def write_fixed_shard(url: str, rows: dict[str, dict[str, Any]], out: Path, prefix: str) -> dict[str, Any]:
+    """One input shard -> ``out/shards/PREFIX-STEM.tar`` (atomic); returns counts and bad samples."""
+    from clipforge.data.reader import iter_tar_samples
+    from clipforge.data.writer import ShardWriter
+
+    stem = shard_name(url).removesuffix(".tar")
+    final = out / "shards" / f"{prefix}-{stem}.tar"
+    report = BadSampleReport()
+    written = {"kept": 0, "recaptioned": 0}
+    tmp_dir = out / "shards" / f".{stem}.tmp"
+    import shutil
+
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    with ShardWriter(tmp_dir / "part-%06d.tar", maxcount=10**9, maxsize=1e15, side_table=False) as w:
+        for s in iter_tar_samples(url, report):
+            r = rows.get(s["__key__"])
+            if r is None or r["action"] == "dropped":
+                continue
+            if r["action"] == "recaptioned":
+                w.write(_fixed_sample(s, r["caption_new"]))
+            else:
+                w.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+            written[r["action"]] += 1
+    parts = sorted(tmp_dir.glob("*.tar"))
+    if parts:
+        parts[0].replace(final)  # the rename marks the shard done (a resume skips it)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return {"shard": str(final) if parts else None, **written, "bad": report.to_dict()}
+
+
+def fix_run(
+    scores_dir: str | Path,
+    captions: list[str | Path],
+    output: str | Path,
+    *,
+    where: list[str] | None = None,
+    fix: str = DEFAULT_FIX,
+    require_better: bool = True,
+    prefix: str = "fixed",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Decide an action per key, write ``OUT/actions.parquet`` and the fixed shards; resumable.
+
+    ``where`` (keep-rules, default: the recipe's non-clip rules whose columns exist) and ``fix`` are
+    ``curate filter`` expressions. Rerunning into the same ``output`` with the same settings resumes
+    (finished shards are skipped); other settings are refused unless ``overwrite``."""
+    from tqdm import tqdm
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", prefix):
+        raise ValueError(
+            f"--prefix must be a plain file-name part (letters, digits, _ . -), got {prefix[:100]!r}"
+        )
+    table, manifest = load_run(scores_dir)
+    skipped_where: list[str] = []
+    if where is None:
+        where = []
+        for e in DEFAULT_WHERE:
+            (where if columns_of(parse(e)) <= set(table.column_names) else skipped_where).append(e)
+    for e in [*where, fix]:
+        missing = columns_of(parse(e)) - set(table.column_names)
+        if missing:
+            raise FilterError(
+                f"{e!r} needs column(s) {sorted(missing)} that {scores_dir}/scores.parquet lacks"
+            )
+    caption_paths = [str(Path(p)) for p in captions]
+    settings = {
+        "scores": str(Path(scores_dir).resolve()),
+        "captions": [str(Path(p).resolve()) for p in caption_paths],
+        "where": list(where),
+        "fix": fix,
+        "require_better": require_better,
+        "prefix": prefix,
+    }
+    out = Path(output)
+    resume = (out / CONFIG).is_file() and not overwrite
+    if resume:
+        saved = json.loads((out / CONFIG).read_text())
+        if saved != settings:
+            diff = [k for k in settings if saved.get(k) != settings[k]]
+            raise ValueError(
+                f"{out} holds a fix run with other settings ({', '.join(diff)}): use --overwrite"
+            )
+    urls = manifest["urls"]
+    if not urls:
+        raise FileNotFoundError(f"{scores_dir}/manifest.json lists no input shards")
+    inputs = [Path(scores_dir) / "scores.parquet", *urls, *caption_paths]
+    out = prepare_output(out, overwrite=overwrite, resume=resume, inputs=inputs)
+    write_json(out / CONFIG, settings)
+    cap = load_captions(caption_paths)
+    d = decide(table, cap, where, fix, require_better)
+    shards = table.column("shard").to_pylist() if "shard" in table.column_names else [""] * table.num_rows
+    d = {"key": d["key"], "shard": shards, **{k: v for k, v in d.items() if k != "key"}}
+    actions = pa.table(
+        {
+            **{k: d[k] for k in ("key", "shard", "action", "reason", "caption", "caption_new", "source")},
+            "clip_score": pa.array(d["clip_score"], pa.float32()),
+            "clip_score_new": pa.array(d["clip_score_new"], pa.float32()),
+        }
+    )
+    with atomic_path(out / "actions.parquet") as tmp:
+        pq.write_table(actions, tmp)
+    by_key = {k: {"action": a, "caption_new": c} for k, a, c in zip(d["key"], d["action"], d["caption_new"])}
+    (out / "shards").mkdir(exist_ok=True)
+    written: list[str] = []
+    report = BadSampleReport()
+    resumed = 0
+    counts_written = {"kept": 0, "recaptioned": 0}
+    for url in tqdm(urls, desc="curate fix", unit="shard", disable=not progress):
+        stem = shard_name(url).removesuffix(".tar")
+        done = out / "shards" / f"{prefix}-{stem}.json"
+        if done.is_file():
+            r = json.loads(done.read_text())
+            resumed += 1
+        else:
+            r = write_fixed_shard(url, by_key, out, prefix)
+            write_json(done, r)
+        report.merge(r["bad"])
+        for a in counts_written:
+            counts_written[a] += r[a]
+        if r["shard"]:
+            written.append(r["shard"])
+    counts = {a: int(sum(x == a for x in d["action"])) for a in ACTIONS}
+    reasons: dict[str, int] = {}
+    for a, why in zip(d["action"], d["reason"]):
+        if a == "dropped":
+            reasons[why.split(" (score")[0]] = reasons.get(why.split(" (score")[0], 0) + 1
+    summary = {
+        "scores": str(scores_dir),
+        "output": str(out),
+        "rows": table.num_rows,
+        "actions": counts,
+        "dropped_by": reasons,
+        "where": where,
+        "where_skipped_no_column": skipped_where,
+        "fix": fix,
+        "synthetic_captions": len(cap),
+        "shards": written,
+        "shards_resumed": resumed,
+        "written": counts_written,
+        "bad_samples": report.to_dict()["counts"],
+    }
+    if counts_written["kept"] + counts_written["recaptioned"] != counts["kept"] + counts["recaptioned"]:
+        log.warning("decided %s but wrote %s (see bad_samples)", counts, counts_written)
+    write_json(out / "fix.json", summary)
+    return summary
