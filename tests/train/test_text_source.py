@@ -325,3 +325,48 @@ def test_kill9_resume_same_captions(mode, extra, flickr_slice, tmp_path, sub_env
     rows = [json.loads(x)["loss"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
     assert rows == pytest.approx(ref_rows, rel=1e-5)
+
+
+def test_cli_flags_and_yaml(tmp_path):
+    import argparse
+
+    from clipforge.train.cli import config_from_args, register
+
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers())
+    args = ap.parse_args(["train", "--data", "a.tar", "--steps", "1", "--text-source", "mix:0.5",
+                          "--text-tables", "t1", "t2", "--weight-column", "agree", "--no-text-splits"])  # fmt: skip
+    cfg = config_from_args(args)
+    assert (cfg.text_source, cfg.text_tables, cfg.weight_column, cfg.text_splits) == (
+        "mix:0.5",
+        ["t1", "t2"],
+        "agree",
+        False,
+    )
+    y = tmp_path / "c.yaml"
+    y.write_text("data: [a.tar]\nsteps: 1\ntext_source: rewrites:4\ntext_tables: side/\n")
+    cfg = config_from_args(ap.parse_args(["train", "--config", str(y)]))
+    assert (cfg.text_source, cfg.text_tables) == ("rewrites:4", ["side/"])
+    with pytest.raises(ConfigError, match="did you mean 'text_source'"):
+        y.write_text("data: [a.tar]\nsteps: 1\ntext_sourc: multi\n")
+        config_from_args(ap.parse_args(["train", "--config", str(y)]))
+
+
+def test_resume_checks_the_text_source(tmp_path):
+    import yaml
+
+    from clipforge.train.config import TEXT_FIELDS, check_resume_config
+
+    cfg = from_dict(TrainConfig, {"data": ["a.tar"], "steps": 1})
+    path = tmp_path / "config.yaml"
+    old = {k: v for k, v in cfg.to_dict().items() if k not in TEXT_FIELDS}  # a run from before the fields
+    path.write_text(yaml.safe_dump(old))
+    check_resume_config(path, cfg)
+    mixed = from_dict(
+        TrainConfig, {"data": ["a.tar"], "steps": 1, "text_source": "mix:0.5", "text_tables": ["t"]}
+    )
+    with pytest.raises(ConfigError, match="text_source"):
+        check_resume_config(path, mixed)
+    mixed.save(path)
+    with pytest.raises(ConfigError, match="text_source"):
+        check_resume_config(path, from_dict(TrainConfig, {**mixed.to_dict(), "text_source": "mix:0.4"}))
