@@ -47,9 +47,20 @@ def main() -> int:
     p.add_argument(
         "--flickr", default=str(Path(__file__).resolve().parents[2] / "shared/data/flickr8k/test-000000.tar")
     )
+    p.add_argument("--accuracy", action="store_true", help="the accuracy + throughput table (see above)")
+    p.add_argument(
+        "--data-root", default=None, help="dir with cifar10/ and flickr8k/ (default: ../shared/data)"
+    )
+    p.add_argument(
+        "--cifar-shards", type=int, default=10, help="--accuracy: CIFAR-10 test shards (1,000 each)"
+    )
+    p.add_argument("--variants", default=",".join(VARIANTS), help="--accuracy: which runtimes, in order")
+    p.add_argument("--out", default=None, help="--accuracy: also write the table here as JSON (per variant)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if a.accuracy:
+        return accuracy_main(a)
     from clipforge.export import export_model
     from clipforge.export.onnx import sessions
     from clipforge.models import load_model
@@ -176,6 +187,124 @@ def retrieval(model, fp32, int8, a: argparse.Namespace) -> dict:
         res[f"min_cos_fp32_int8_{side}"] = float((embs["onnx_fp32"][k] * embs["onnx_int8"][k]).sum(1).min())
     res["n_images"], res["n_captions"] = len(images), len(caps)
     return res
+
+
+# --accuracy: (name, runtime, int8 graphs) in run order; int8 "text" reuses onnx fp32's image embeddings
+VARIANTS = ("torch_fp32", "onnx_fp32", "onnx_int8_text", "onnx_int8_all")
+INT8 = {"onnx_fp32": "none", "onnx_int8_text": "text", "onnx_int8_all": "all"}
+HEAD = ("flickr8k", "text_to_image_R@1"), ("flickr8k", "image_to_text_R@1"), ("cifar10", "top1")
+MAX_LOSS = 0.01  # issue 15: int8 is offered as a default only if it loses <= this on each metric
+
+
+def throughput(models: dict, pixels: torch.Tensor, texts: list[str], rounds: int) -> dict:
+    """images/s and texts/s per variant, in alternating rounds (load from other processes hits all alike)."""
+    tokens = {n: m.tokenize(texts) for n, m in models.items()}
+    img: dict[str, list[float]] = {n: [] for n in models}
+    txt: dict[str, list[float]] = {n: [] for n in models}
+    with torch.inference_mode():
+        for r in range(rounds + 1):  # round 0: warm-up
+            for n, m in models.items():
+                t = time.perf_counter()
+                m.encode_image(pixels)
+                t1 = time.perf_counter()
+                m.encode_text(tokens[n])
+                t2 = time.perf_counter()
+                if r:
+                    img[n].append(t1 - t)
+                    txt[n].append(t2 - t1)
+    return {
+        n: {
+            "images_per_s": len(pixels) / statistics.median(img[n]),
+            "texts_per_s": len(texts) / statistics.median(txt[n]),
+        }
+        for n in models
+    }
+
+
+def accuracy_main(a: argparse.Namespace) -> int:
+    """Issue 15's table: flickr8k test R@1 (t2i, i2t) and CIFAR-10 zero-shot top-1 under torch fp32, onnx
+    fp32, onnx int8 (text graph) and onnx int8 (both graphs), with the throughput of each, in one run."""
+    from clipforge.evaluate.config import EvalConfig
+    from clipforge.evaluate.recipes import DatasetSpec, builtin
+    from clipforge.evaluate.runner import evaluate
+    from clipforge.export import export_model
+    from clipforge.export.runtime import OnnxClipModel
+    from clipforge.models import load_model
+    from clipforge.utils import write_json
+
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}: use {VARIANTS}")
+    setup_torch_threads(a.threads)
+    model = load_model(a.model).eval()
+    flickr = builtin("flickr8k", a.data_root)
+    cifar = builtin("cifar10", a.data_root)
+    n = a.cifar_shards
+    cifar = DatasetSpec("cifar10", cifar.shards.replace("{000000..000009}", f"{{000000..{n - 1:06d}}}"),
+                        cifar.classnames, "cifar10", ("zeroshot",))  # fmt: skip
+    cfg = EvalConfig(batch_size=a.batch_size, workers=1, cache=False, progress=False)
+    size = int(model.config.preprocess["size"])
+    pixels = torch.randn(a.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    texts = [
+        f"a photo of {w} near the water on a sunny day"
+        for w in ("a dog", "two children", "a man", "a red car")
+    ]
+    texts = (texts * 16)[:64]
+    out: dict = {"model": a.model, "threads": a.threads, "batch_size": a.batch_size, "image_size": size,
+                 "cifar10_images": 1000 * n, "variants": {}, "torch": torch.__version__}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        export_model(model, "onnx", f"{tmp}/onnx", quantize_int8="all")
+        out["export_s"] = time.perf_counter() - t0
+        models = {v: model if v == "torch_fp32" else OnnxClipModel(f"{tmp}/onnx", a.threads, int8=INT8[v])
+                  for v in variants}  # fmt: skip
+        images: dict[str, dict] = {}
+        for v, m in models.items():
+            t0 = time.perf_counter()
+            imgs = images.get("onnx_fp32") if v == "onnx_int8_text" else None  # same image graph
+            imgs = {} if imgs is None else dict(imgs)
+            rep = evaluate(m, [flickr, cifar], cfg, images=imgs)
+            images[v] = imgs
+            row = {f"{r['dataset']}/{k}": r["metrics"][k] for r in rep["results"] for ds, k in HEAD
+                   if r["dataset"] == ds}  # fmt: skip
+            row["embed_images_per_s"] = {r["dataset"]: r["images_per_s"] for r in rep["results"]}
+            row["seconds"] = time.perf_counter() - t0
+            out["variants"][v] = row
+            print(f"{v}: {row}", file=sys.stderr, flush=True)
+            if a.out:
+                write_json(a.out, out)
+        t0 = time.perf_counter()
+        tp = throughput(models, pixels, texts, a.rounds)
+        out["throughput_s"] = time.perf_counter() - t0
+    for v, row in out["variants"].items():
+        row.update(tp[v])
+    ref = out["variants"].get("torch_fp32")
+    if ref:
+        for v, row in out["variants"].items():
+            row["loss_vs_torch"] = {f"{ds}/{k}": ref[f"{ds}/{k}"] - row[f"{ds}/{k}"] for ds, k in HEAD}
+            row["offer_as_default"] = (
+                v.startswith("onnx_int8") and max(row["loss_vs_torch"].values()) <= MAX_LOSS
+            )
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if a.out:
+        write_json(a.out, out)
+    if a.json:
+        emit_json(out)
+        return 0
+    cols = ["variant", "flickr t2i R@1", "flickr i2t R@1", "cifar10 top-1", "images/s", "texts/s", "max loss"]
+    rows = []
+    for v, r in out["variants"].items():
+        loss = max(r["loss_vs_torch"].values()) if "loss_vs_torch" in r else float("nan")
+        rows.append((v, *(f"{r[f'{ds}/{k}']:.4f}" for ds, k in HEAD), f"{r['images_per_s']:.1f}",
+                     f"{r['texts_per_s']:.1f}", f"{loss:+.4f}"))  # fmt: skip
+    print(format_table(rows, cols))
+    return 0
 
 
 if __name__ == "__main__":

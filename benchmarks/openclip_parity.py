@@ -24,6 +24,16 @@ and ``PYTHONPATH=/tmp/ocpkg python benchmarks/openclip_parity.py write|load-expo
 (open_clip 3.3.0 with the torchvision stub, measured so: max |diff| 4.8e-07 over the four families).
 
 The fixtures are ~100 KB each (widths 16, 2 layers): commit them if the total stays < 1 MB.
+
+Throughput (issue 15): ViT-B-32 image embedding, the same random weights in open_clip (side venv) and in
+clipforge (``openclip:ViT-B-32=FILE``), torch eager vs clipforge's onnx runtime vs open_clip, same
+pixels, same batch, ``--threads`` each, in alternating rounds (one driver here; open_clip answers from a
+worker process in the side venv, idle while the others run):
+
+    python benchmarks/openclip_parity.py bench --out /tmp/vitb32 --side-python /tmp/oc/bin/python \
+        --threads 2 --batch-size 32 --rounds 5
+
+The text tower is not timed: clipforge's copy gets a stand-in tokenizer (no CLIP BPE files are local).
 """
 
 from __future__ import annotations
@@ -184,14 +194,129 @@ def check_export(directory: Path, save: Path) -> int:
     return 0 if worst < 1e-5 else 1
 
 
+def bench_worker(out: Path, threads: int, batch: int) -> int:
+    """Side venv: a random open_clip ViT-B-32 (weights + pixels written to ``out``), then one timed
+    ``encode_image`` per ``run`` line on stdin (seconds on stdout); ``quit`` saves its embeddings."""
+    try:
+        import torchvision.transforms  # noqa: F401
+    except Exception:
+        torchvision_stub.install()
+    import time
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32").eval()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "vit-b-32.safetensors"))
+    pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    save_file({"pixels": pixels}, str(out / "pixels.safetensors"))
+    print(
+        json.dumps({"ready": True, "open_clip": open_clip.__version__, "torch": torch.__version__}),
+        flush=True,
+    )
+    with torch.inference_mode():
+        model.encode_image(pixels)  # warm-up
+        for line in sys.stdin:
+            if line.strip() == "run":
+                t = time.perf_counter()
+                model.encode_image(pixels)
+                print(time.perf_counter() - t, flush=True)
+            elif line.strip() == "quit":
+                save_file({"image": model.encode_image(pixels)}, str(out / "open_clip_image.safetensors"))
+                print("bye", flush=True)
+                return 0
+    return 0
+
+
+def bench(out: Path, side_python: str, threads: int, batch: int, rounds: int) -> int:
+    """Driver (clipforge's venv): images/s of torch eager, onnx runtime and open_clip, alternating."""
+    import statistics
+    import subprocess
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from clipforge.export.runtime import load_runtime
+    from clipforge.models.openclip import build, build_config
+    from clipforge.models.tokenizer import Tokenizer
+    from clipforge.utils import setup_torch_threads
+
+    setup_torch_threads(threads)
+    cmd = [side_python, __file__, "bench-worker", "--out", str(out), "--threads", str(threads),
+           "--batch-size", str(batch)]  # fmt: skip
+    worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(worker.stdout.readline())
+        config = build_config(f"openclip:ViT-B-32={out / 'vit-b-32.safetensors'}")
+        model = build(config, tokenizer=Tokenizer.minilm(context_length=config.context_length)).eval()
+        pixels = load_file(str(out / "pixels.safetensors"))["pixels"]
+        t0 = time.perf_counter()
+        onnx = load_runtime(model, "onnx", threads, cache=out / "onnx")
+        export_s = time.perf_counter() - t0
+
+        def run_open_clip() -> float:
+            worker.stdin.write("run\n")
+            worker.stdin.flush()
+            return float(worker.stdout.readline())
+
+        def timed(fn) -> float:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                fn(pixels)
+            return time.perf_counter() - t
+
+        runs = {"torch": lambda: timed(model.encode_image), "onnx": lambda: timed(onnx.encode_image),
+                "open_clip": run_open_clip}  # fmt: skip
+        for fn in runs.values():
+            fn()  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(rounds):
+            for k, fn in runs.items():
+                times[k].append(fn())
+        worker.stdin.write("quit\n")
+        worker.stdin.flush()
+        worker.stdout.readline()
+        ref = torch.nn.functional.normalize(
+            load_file(str(out / "open_clip_image.safetensors"))["image"], dim=-1
+        )
+        with torch.inference_mode():
+            diffs = {"torch": float((model.encode_image(pixels) - ref).abs().max()),
+                     "onnx": float((onnx.encode_image(pixels) - ref).abs().max())}  # fmt: skip
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    res = {
+        "model": "ViT-B-32 (random, same weights)", "threads": threads, "batch_size": batch, "rounds": rounds,
+        "images_per_s": ips, "onnx_vs_torch": ips["onnx"] / ips["torch"],
+        "torch_vs_open_clip": ips["torch"] / ips["open_clip"], "onnx_vs_open_clip": ips["onnx"] / ips["open_clip"],
+        "max_abs_diff_vs_open_clip": diffs, "export_s": export_s, "side": info,
+    }  # fmt: skip
+    print(json.dumps(res, indent=1))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["write", "check", "load-export", "check-export"])
+    p.add_argument("step", choices=["write", "check", "load-export", "check-export", "bench", "bench-worker"])
     p.add_argument("--out", required=True, type=Path, help="fixtures dir (write/check) or an export dir")
     p.add_argument(
         "--save", type=Path, default=None, help="load-export/check-export: open_clip's outputs file"
     )
+    p.add_argument("--side-python", default="/tmp/oc/bin/python", help="bench: the side venv's python")
+    p.add_argument("--threads", type=int, default=2, help="bench: intra-op threads of every runtime")
+    p.add_argument("--batch-size", type=int, default=32, help="bench: images per timed batch")
+    p.add_argument("--rounds", type=int, default=5, help="bench: alternating rounds (median reported)")
     a = p.parse_args()
+    if a.step == "bench":
+        return bench(a.out, a.side_python, a.threads, a.batch_size, a.rounds)
+    if a.step == "bench-worker":
+        return bench_worker(a.out, a.threads, a.batch_size)
     if a.step == "write":
         write(a.out)
         return 0
