@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -66,3 +68,19 @@ def test_onnx_refuses_what_the_graphs_cannot_do(shards, tmp_path, nano):
                      model=nano, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="drop --image-size"):
         _run(shards, tmp_path / "s", "onnx", model=nano, cfg={"image_size": 32})
+
+
+def test_cli_runtime_onnx(shards, tmp_path, nano, capsys):
+    """``clipforge curate run --runtime onnx``: the generated flag reaches the clip-score stage."""
+    from clipforge.cli import main
+
+    _run(shards, tmp_path / "torch", "torch", model=nano)
+    argv = ["curate", "run", "--data", *map(str, shards), "--output", str(tmp_path / "cli"), "--stages",
+            "clip-score", "--model", "scratch:vit-nano", "--runtime", "onnx", "--threads", "1", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 20
+    a, b = _scores(tmp_path / "torch"), _scores(tmp_path / "cli")
+    ka = [k for k in a if a[k] is not None]
+    assert np.allclose([a[k] for k in ka], [b[k] for k in ka], atol=1e-4)
+    cfg = (tmp_path / "cli" / "config.yaml").read_text()
+    assert "runtime: onnx" in cfg
