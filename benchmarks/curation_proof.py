@@ -1,26 +1,30 @@
-"""Issue 5 proof on real data: train on clean, corrupted, and corrupted-then-curated flickr8k; compare.
+"""Issue 13 proof on real data: fixing noisy pairs beats dropping them; synthetic captions beat raw ones.
 
-One command, every step a ``clipforge`` CLI call (the commands users run), resumable (a step whose
-output exists is skipped):
+One command, every curation step a ``clipforge`` CLI call (the commands users run), resumable (a step
+whose output exists is skipped; ``--steps`` picks steps, so two processes can share the work):
 
 1. ``make_corrupted_flickr.py``: shuffle 30% of the captions (KEY.txt and all KEY.json captions), add
-   5% exact duplicates, 5% near duplicates, 2% blank images; ground truth in ``corrupt/faults.json``.
-2. ``clipforge quickstart`` (best recipe) on (a) clean and (b) corrupted shards.
-3. ``clipforge curate run`` on the corrupted set, stages clip-score,text,image,dedup (+ dedup against
-   flickr8k test), with model (b) as the scorer (a team only has its noisy data; model (a) saw the clean
-   pairs and would leak). Then, by default (``--scorer oof``), the clip-score column is replaced by
-   OUT-OF-FOLD scores: the corrupted shards are split in two folds, the recipe is trained on each fold,
-   and each fold is scored by the model that never saw it. A scorer trained on the pairs it scores has
-   memorized the shuffled ones (they score almost like true pairs, in-sample); out of fold, a shuffled
-   caption scores like a random one. ``--rounds 2`` (default) repeats it once with scorers trained on
-   their fold as curated by round 1 (cleaner pairs, a better scorer). P/R of every filter against the
-   ground truth; (c) is trained after every round.
-4. ``clipforge curate filter`` with the recipe below, then (c) ``clipforge quickstart`` on the result.
-5. Optionally (``--upper-bound``) re-score clip-score with model (a): an optimistic upper-bound row.
+   5% exact and 5% near duplicates, 2% blank images; ground truth in ``corrupt/faults.json`` (read only
+   to *score* the detectors, never to choose a cut).
+2. (a) clean and (b) corrupted: the quickstart recipe (``clipforge quickstart``'s training code).
+3. ``clipforge curate run --stages clip-score,text,image,dedup --folds K --recipe quickstart``: K fold
+   scorers, each fold scored by the one that never saw it (curate/folds.py); the cut is the label-free
+   2-Gaussian mixture per caption-length bucket (``clipforge curate threshold``), reported with its
+   estimated noise rate next to the injected one.
+4. (c) filtered: ``clipforge curate filter`` with the recipe (``clip_score > auto`` + image/duplicate
+   rules), then the quickstart recipe on what is kept.
+5. (d) fixed: per fold i, a captioner trained out of fold (``clipforge caption train --mode paired`` on
+   the other folds, on scorer i's frozen features) captions fold i's pairs below the cut
+   (``clipforge caption run``, best of N beam candidates by scorer i's CLIP score); ``clipforge curate
+   fix`` recaptions them instead of dropping them (drops only blanks/duplicates and pairs without a
+   better caption), then the quickstart recipe on the fixed shards.
+6. (e) clean + ``--text-source mix:0.5`` and (f) clean + ``--text-source multi``: synthetic captions of the
+   clean set from a paired captioner (``--captioner DIR``, default H3a's artifact if present, else one
+   trained here on the clean set with a wall budget) via ``clipforge caption run``.
 
 Prints one table and writes ``WORK/proof.json``.
 
-    python benchmarks/curation_proof.py --work /tmp/proof [--limit 3000] [--upper-bound]
+    python benchmarks/curation_proof.py --work /tmp/proof [--limit 2000] [--cifar-images 1000] [--json]
 """
 
 from __future__ import annotations
@@ -66,26 +70,42 @@ def sh(cmd: list[str]) -> dict:
 
 
 _MEMO: dict[str, object] = {}
+MEMO_DIR: list[Path] = []  # WORK/eval_memo once main() runs: the memo is shared by every process of a proof
 
 
 def _memo_image_features(model) -> None:
     """The image tower is locked and identical in every run (same pretrained weights, same fingerprint):
-    memoize its eval-set features by pixel-batch hash so flickr8k test + CIFAR-10 go through the tower
-    once for all runs. Only the trained heads differ between (a), (b), (c)."""
+    memoize its eval-set features by pixel-batch hash (in memory and under WORK/eval_memo, so parallel
+    or later processes reuse them too) so flickr8k test + CIFAR-10 go through the tower once for all
+    runs. Only the trained heads differ between the runs."""
     import hashlib
+    import os
+
+    import torch
 
     orig = model.image_features
 
     def feats(pixels):
         h = hashlib.sha1(pixels.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
         if h not in _MEMO:
-            _MEMO[h] = orig(pixels)
+            path = MEMO_DIR[0] / f"{h}.pt" if MEMO_DIR else None
+            if path is not None and path.exists():
+                _MEMO[h] = torch.load(path)
+            else:
+                _MEMO[h] = orig(pixels)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                    torch.save(_MEMO[h], tmp)
+                    tmp.replace(path)
         return _MEMO[h]
 
     model.image_features = feats
 
 
-def quickstart(data: list[str] | None, out: Path, a: argparse.Namespace) -> dict:
+def quickstart(
+    data: list[str] | None, out: Path, a: argparse.Namespace, train_extra: dict | None = None
+) -> dict:
     """The quickstart recipe (``clipforge quickstart``: same training code), in process so that the eval
     image-tower features are shared across runs (``--cifar-images`` can also limit CIFAR-10 zero-shot
     to the first N test images; the linear probe is then skipped). Reuses a finished run's report.json.
@@ -117,6 +137,15 @@ def quickstart(data: list[str] | None, out: Path, a: argparse.Namespace) -> dict
         return real(model, ds, **kw)
 
     runner.evaluate = evaluate
+    from clipforge.train import loop
+
+    real_fit = loop.fit
+
+    def fit(model, shards, config=None, hooks=None):  # the recipe + e.g. text_source/text_tables
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+        return real_fit(model, shards, {**cfg, **(train_extra or {})}, hooks)
+
+    loop.fit = fit
     try:
         print(
             f"+ quickstart --output {out} --train-data {' '.join(data or ['<flickr8k train>'])}",
@@ -127,6 +156,7 @@ def quickstart(data: list[str] | None, out: Path, a: argparse.Namespace) -> dict
         )
     finally:
         runner.evaluate = real
+        loop.fit = real_fit
 
 
 def curate_run(data: list[str], out: Path, model: str, stages: str, a: argparse.Namespace) -> None:
@@ -139,52 +169,6 @@ def curate_run(data: list[str], out: Path, model: str, stages: str, a: argparse.
     sh(cmd)
 
 
-def oof_scores(
-    folds: list[list[str]],
-    train_sets: list[list[str]],
-    w: Path,
-    base: Path,
-    tag: str,
-    a: argparse.Namespace,
-    times: dict,
-) -> tuple[Path, list]:
-    """Out-of-fold clip scores: the scorer trained on ``train_sets[i]`` (drawn from fold i) scores the
-    other fold. Writes ``w/scores_oof{tag}``: the base run's table with ``clip_score`` replaced (the
-    in-sample score kept as ``clip_score_insample``)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = w / f"scores_oof{tag}"
-    models = []
-    for i, train in enumerate(train_sets):
-        s = time.time()
-        models.append(quickstart(train, w / "runs" / f"scorer{tag}_fold{i}", a))
-        times[f"scorer{tag}_fold{i}"] = round(time.time() - s, 1)
-    if (out / "scores.parquet").exists():
-        return out, models
-    oof: dict[str, float] = {}
-    for i, fold in enumerate(folds):
-        other = models[1 - i]["model"]
-        s = time.time()
-        curate_run(fold, w / f"scores{tag}_fold{i}", other, "clip-score", a)
-        times[f"score{tag}_fold{i}"] = round(time.time() - s, 1)
-        t = pq.read_table(w / f"scores{tag}_fold{i}" / "scores.parquet", columns=["key", "clip_score"])
-        oof.update(zip(t.column("key").to_pylist(), t.column("clip_score").to_pylist()))
-    table = pq.read_table(base / "scores.parquet")
-    keys = table.column("key").to_pylist()
-    missing = [k for k in keys if k not in oof]
-    if missing:
-        raise RuntimeError(f"{len(missing)} keys have no out-of-fold score, e.g. {missing[:3]}")
-    table = table.rename_columns(
-        ["clip_score_insample" if c == "clip_score" else c for c in table.column_names]
-    )
-    table = table.append_column("clip_score", pa.array([oof[k] for k in keys], pa.float32()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text((base / "manifest.json").read_text())
-    pq.write_table(table, out / "scores.parquet")
-    return out, models
-
-
 def curate_filter(scores: Path, recipe: list[str], out: Path, extra: list[str] = ()) -> list[str]:
     """``clipforge curate filter`` (skipped when ``out`` holds a finished filter); the kept shards."""
     if not (out / "filter.json").exists():  # absent: no filter ran, or one was killed (replace its leftovers)
@@ -192,6 +176,38 @@ def curate_filter(scores: Path, recipe: list[str], out: Path, extra: list[str] =
         cmd = ["clipforge", "curate", "filter", "--scores", str(scores), *where, "--output", str(out)]
         sh(cmd + ["--json"] + (["--overwrite"] if out.exists() else []))
     return [str(p) for p in sorted(out.rglob("*.tar"))]
+
+
+def caption_run(
+    captioner: str, data: list[str], out: Path, a: argparse.Namespace, candidates: int = 3
+) -> Path:
+    """``clipforge caption run`` (best of ``candidates`` beam hypotheses by the encoder's CLIP score)."""
+    if not (out / "summary.json").exists():
+        cmd = ["clipforge", "caption", "run", "--captioner", captioner, "--data", *data, "--output", str(out)]
+        cmd += ["--decode.method", "beam", "--decode.beam-width", str(max(3, candidates))]
+        cmd += ["--decode.num-candidates", str(candidates), "--threads", str(a.threads), "--json"]
+        sh(cmd + (["--resume"] if out.exists() else []))
+    return out
+
+
+def caption_train(
+    model: str, data: list[str], out: Path, a: argparse.Namespace, opts: list[str] | tuple = ()
+) -> str:
+    """``clipforge caption train --mode paired`` on ``model``'s frozen features (shared feature cache)."""
+    if not (out / "captioner").exists():
+        cmd = ["clipforge", "caption", "train", "--mode", "paired", "--model", model, "--data", *data]
+        cmd += [x for o in opts for x in ("--model-opt", o)]
+        cmd += [
+            "--output",
+            str(out),
+            "--cache-dir",
+            str(out.parent / "feature_cache"),
+            "--threads",
+            str(a.threads),
+        ]
+        cmd += ["--wall-budget-minutes", str(a.captioner_minutes), "--json"]
+        sh(cmd + (["--overwrite"] if out.exists() else []))
+    return str(out / "captioner")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,22 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blank", type=float, default=0.02)
     ap.add_argument("--epochs", type=float, default=None, help="override the quickstart recipe's epochs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--folds", type=int, default=2, help="out-of-fold scorers (curate run --folds K)")
     ap.add_argument(
         "--cifar-images", type=int, default=10000, help="CIFAR-10 zero-shot on the first N test images"
     )
+    ap.add_argument("--captioner", default=None, help="paired captioner for (e)/(f) (caption train output)")
     ap.add_argument(
-        "--scorer",
-        choices=["oof", "insample"],
-        default="oof",
-        help="clip-score from out-of-fold models (default) or from model (b) itself",
+        "--captioner-minutes", type=float, default=8.0, help="wall budget of each captioner trained here"
     )
-    ap.add_argument("--rounds", type=int, default=2, help="out-of-fold rounds (--scorer oof)")
-    ap.add_argument("--upper-bound", action="store_true", help="also score with model (a) (optimistic)")
     ap.add_argument(
-        "--where",
-        action="append",
-        default=None,
-        help="curation recipe, repeatable (default: " + "; ".join(RECIPE).replace("%", "%%") + ")",
+        "--candidates", type=int, default=3, help="beam candidates per recaptioned pair (best by CLIP)"
+    )
+    ap.add_argument(
+        "--steps", default="a,b,oof,c,d,e,f", help="steps to run (comma list); the table shows all found"
     )
     ap.add_argument(
         "--clip-cut",
@@ -227,12 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="clip-score cut of the default recipe: mixture cut (auto) or the rate-informed top 70%%",
     )
-    ap.add_argument("--copy", action="store_true", help="also run the copy stage (near-copy descriptors)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a long step is
     t0 = time.time()
+    steps = set(a.steps.split(","))
     w = Path(a.work)
-    recipe = a.where or [CLIP_CUTS[a.clip_cut] if r == CLIP_CUTS["auto"] else r for r in RECIPE]
+    w.mkdir(parents=True, exist_ok=True)
+    MEMO_DIR[:] = [w / "eval_memo"]
+    recipe = [CLIP_CUTS[a.clip_cut] if r == CLIP_CUTS["auto"] else r for r in RECIPE]
+    keep_rules = [r for r in recipe if "clip_score" not in r and "caption_words" not in r]
     clean = [str(p) for p in sorted(FLICKR.glob("train-*.tar"))]
     corrupt = w / "corrupt"
     sys.path.insert(0, str(HERE))
@@ -245,17 +265,18 @@ def main(argv: list[str] | None = None) -> int:
         make_corrupted_flickr.main(
             ["--data", *clean, "--out", str(corrupt), *lim, *rates, "--blank", str(a.blank)]
         )
-    clean_data = None  # quickstart's default = clean flickr8k train
+    clean_data = clean
     if a.limit:  # the clean baseline uses the same clean samples the corrupted set was made from
-        if not (w / "clean" / "faults.json").exists():
-            zero = ["--shuffle", "0", "--exact", "0", "--near", "0", "--blank", "0"]
-            make_corrupted_flickr.main(["--data", *clean, "--out", str(w / "clean"), *lim, *zero])
-        clean_data = [str(p) for p in sorted((w / "clean").glob("corrupt-*.tar"))]
         if a.limit % 1000 == 0:  # the same samples: the first limit/1000 original shards (1000 each)
             clean_data = [str(FLICKR / f"train-{i:06d}.tar") for i in range(a.limit // 1000)]
+        else:
+            if not (w / "clean" / "faults.json").exists():
+                zero = ["--shuffle", "0", "--exact", "0", "--near", "0", "--blank", "0"]
+                make_corrupted_flickr.main(["--data", *clean, "--out", str(w / "clean"), *lim, *zero])
+            clean_data = [str(p) for p in sorted((w / "clean").glob("corrupt-*.tar"))]
     corrupt_shards = [str(p) for p in sorted(corrupt.glob("corrupt-*.tar"))]
     faults_json = str(corrupt / "faults.json")
-    reports, times = {}, {}
+    times: dict[str, float] = {}
 
     def timed(name, fn):
         s = time.time()
@@ -263,78 +284,99 @@ def main(argv: list[str] | None = None) -> int:
         times[name] = round(time.time() - s, 1)
         return r
 
-    reports["a_clean"] = timed("a_clean", lambda: quickstart(clean_data, w / "runs" / "a_clean", a))
-    reports["b_corrupted"] = timed(
-        "b_corrupted", lambda: quickstart(corrupt_shards, w / "runs" / "b_corrupted", a)
-    )
-    scorer = reports["b_corrupted"]["model"]
-    stages = "clip-score,text,image,copy,dedup" if a.copy else "clip-score,text,image,dedup"
-    timed("curate_run", lambda: curate_run(corrupt_shards, w / "scores", scorer, stages, a))
+    runs = w / "runs"
+    if "a" in steps:
+        timed("a_clean", lambda: quickstart(clean_data, runs / "a_clean", a))
+    if "b" in steps:
+        timed("b_corrupted", lambda: quickstart(corrupt_shards, runs / "b_corrupted", a))
     scores = w / "scores"
-    scorer_note = f"model (b), trained on the corrupted data it scores (in-sample): {scorer}"
-    insample, rounds = None, []
-    if a.scorer == "oof":
-        insample = evaluate_faults(str(scores), faults_json).get("shuffled_caption")
-        if (w / "runs" / "c_curated" / "report.json").exists():  # an earlier in-sample run
-            reports["c_curated_insample"] = json.loads((w / "runs" / "c_curated" / "report.json").read_text())
-        folds = [corrupt_shards[0::2], corrupt_shards[1::2]]
-        train_sets, base = folds, scores
-        for r in range(1, a.rounds + 1):
-            tag = "" if r == 1 else f"_r{r}"
-            scores, fold_reports = oof_scores(folds, train_sets, w, base, tag, a, times)
-            shuffled = evaluate_faults(str(scores), faults_json).get("shuffled_caption")
-            rounds.append({"round": r, "scorers": [x["model"] for x in fold_reports], "shuffled": shuffled})
-            print(f"round {r}: shuffled-caption P {shuffled['precision']:.3f} R {shuffled['recall']:.3f}",
-                  file=sys.stderr)  # fmt: skip
-            curated = curate_filter(scores, recipe, w / f"curated_oof{tag}")
-            name = f"c_curated_oof{tag}"
-            reports[name] = timed(name, lambda c=curated, n=name: quickstart(c, w / "runs" / n, a))
-            if r < a.rounds:  # next round's scorers train on their own fold, curated by this round
-                names = [[Path(u).name for u in f] for f in folds]
-                train_sets = [
-                    curate_filter(
-                        scores,
-                        recipe,
-                        w / f"round{r + 1}_train_fold{i}",
-                        ["shard in (" + ", ".join(repr(n) for n in names[i]) + ")"],
-                    )  # fmt: skip
-                    for i in range(len(folds))
-                ]
-        scorer_note = (
-            f"out-of-fold, {a.rounds} round(s): each fold is scored by a model trained on the other fold "
-            "(from round 2 on, on that fold as curated by the previous round)"
-        )
-    else:
+    if "oof" in steps and not (scores / "scores.parquet").exists():
+        cmd = ["clipforge", "curate", "run", "--data", *corrupt_shards, "--output", str(scores)]
+        cmd += ["--stages", "clip-score,text,image,dedup", "--folds", str(a.folds), "--recipe", "quickstart"]
+        cmd += ["--folds.cache-dir", str(w / "feature_cache"), "--eval-data", str(FLICKR / "test-000000.tar")]
+        cmd += ["--threads", str(a.threads), "--workers", "1", "--json"]
+        cmd += ["--folds.epochs", str(a.epochs)] if a.epochs else []
+        timed("curate_run_folds", lambda: sh(cmd))
+    if "c" in steps and (scores / "scores.parquet").exists():
         curated = curate_filter(scores, recipe, w / "curated")
-        reports["c_curated"] = timed("c_curated", lambda: quickstart(curated, w / "runs" / "c_curated", a))
-    faults = evaluate_faults(str(scores), faults_json)
-    filters = recipe_table(str(scores), faults_json, recipe)
-    clip_threshold = mixture_cut(scores)
-    upper = None
-    if a.upper_bound:  # clip-score only, scorer = model (a): it saw the clean pairs, so it leaks
-        timed(
-            "upper_bound",
-            lambda: curate_run(
-                corrupt_shards, w / "scores_upper", reports["a_clean"]["model"], "clip-score", a
-            ),
-        )
-        upper = evaluate_faults(str(w / "scores_upper"), faults_json).get("shuffled_caption")
+        timed("c_filtered", lambda: quickstart(curated, runs / "c_filtered", a))
+    if "d" in steps and (scores / "scores.parquet").exists():
+        folds = json.loads((scores / "folds" / "split.json").read_text())
+        captions = []
+        for i in range(a.folds):
+            others = [u for j in range(a.folds) if j != i for u in folds["shards"][str(j)]]
+            scorer = str(scores / "folds" / f"scorer{i}" / "model")  # trained on the other folds only
+            cap = timed(
+                f"captioner{i}",
+                lambda s=scorer, o=others, i=i: caption_train(s, o, w / f"captioner_fold{i}", a),
+            )
+            below = curate_filter(scores, [f"fold == {i}", "clip_score < auto"], w / f"below_fold{i}")
+            if below:
+                captions.append(
+                    str(
+                        timed(
+                            f"caption_run{i}",
+                            lambda c=cap, b=below, i=i: caption_run(
+                                c, b, w / f"captions_fold{i}", a, a.candidates
+                            ),
+                        )
+                    )
+                )
+        fixed = w / "fixed"
+        if not (fixed / "fix.json").exists():
+            where = [x for r in keep_rules for x in ("--where", r)]
+            cmd = ["clipforge", "curate", "fix", "--scores", str(scores), "--captions", *captions]
+            timed("fix", lambda: sh(cmd + ["--output", str(fixed), *where, "--json"]))
+        shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
+        timed("d_fixed", lambda: quickstart(shards, runs / "d_fixed", a))
+    if steps & {"e", "f"}:
+        cap = a.captioner
+        default = HERE.parents[1] / "coord" / "s4" / "artifacts" / "captioner_paired"
+        if cap is None and default.exists():
+            cap = str(default / "captioner") if (default / "captioner").exists() else str(default)
+        if cap is None:  # the recipe's towers: the same frozen features, already in the shared feature cache
+            from clipforge.quickstart import RECIPES
 
+            opts = [f"{k}={v}" for k, v in RECIPES["best"]["model_opts"].items()]
+            model = "towers:efficientnet-lite0+minilm-l6"
+            cap = timed(
+                "captioner_clean", lambda: caption_train(model, clean_data, w / "captioner_clean", a, opts)
+            )
+        syn = timed("caption_run_clean", lambda: caption_run(cap, clean_data, w / "captions_clean", a, 1))
+        for step, name, source in (("e", "e_clean_mix05", "mix:0.5"), ("f", "f_clean_multi", "multi")):
+            if step in steps:
+                extra = {"text_source": source, "text_tables": [str(syn)]}
+                timed(name, lambda n=name, x=extra: quickstart(clean_data, runs / n, a, x))
+    reports = {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("*/report.json"))}
+    res: dict = {}
+    if (scores / "scores.parquet").exists():
+        res["clip_threshold"] = mixture_cut(scores)
+        res["faults_by_column"] = evaluate_faults(str(scores), faults_json)
+        res["filters"] = recipe_table(str(scores), faults_json, recipe)
+        res["folds"] = json.loads((scores / "manifest.json").read_text()).get("folds")
+    if (w / "fixed" / "fix.json").exists():
+        res["fix"] = json.loads((w / "fixed" / "fix.json").read_text())
+        res["fix"].pop("shards", None)
+        res["fix_vs_faults"] = fix_vs_faults(w / "fixed" / "actions.parquet", faults_json)
+    injected = {
+        k: (len(v) if not isinstance(v, int) else v)
+        for k, v in json.loads(Path(faults_json).read_text()).items()
+    }
+    t2i = "flickr8k/retrieval/text_to_image_R@1"
+    m = {k: (r.get("metrics") or {}).get(t2i) for k, r in reports.items()}
+    if m.get("a_clean") is not None and m.get("b_corrupted") is not None:
+        loss = m["a_clean"] - m["b_corrupted"]
+        res["t2i_loss_recovered"] = {
+            k: (v - m["b_corrupted"]) / loss
+            for k, v in m.items()
+            if v is not None and k[0] in "cd" and loss > 0
+        }
     out = {
         "command": "python benchmarks/curation_proof.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "faults_injected": {
-            k: (len(v) if not isinstance(v, int) else v)
-            for k, v in json.loads(Path(faults_json).read_text()).items()
-        },
-        "scorer": scorer_note,
-        "insample_scorer_shuffled": insample,
-        "oof_rounds": rounds,
+        "faults_injected": injected,
         "recipe": recipe,
-        "faults_by_column": faults,
-        "clip_threshold": clip_threshold,  # the mixture's estimate; the injected rate is faults_injected
-        "filters": filters,
-        "upper_bound_clean_scorer_shuffled": upper,
+        **res,
         "runs": {
             k: {"model": r.get("model"), "train_samples": r.get("train_samples"), "metrics": r.get("metrics")}
             for k, r in reports.items()
@@ -346,51 +388,56 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(out))
         return 0
-    print(f"scorer: {out['scorer']}\ninjected: {out['faults_injected']}")
-    ct = out["clip_threshold"]
-    print(
-        f"clip-score mixture cut (no labels): est. noise rate {ct['noise_rate']:.3f}, below cut {ct['below_cut']:.3f}"
-    )
-    print(
-        "\nfilter P/R on removed rows (recall | precision per fault type; prec_any = removed rows with any fault)"
-    )
-    kinds = ["shuffled", "exact_dup", "near_dup", "blank"]
-    print(f"{'filter':34s} {'removed':>7s} " + " ".join(f"{k:>15s}" for k in kinds) + f" {'prec_any':>8s}")
-    for expr, r in filters.items():
-        cells = " ".join(f"{r[k]['recall']:6.3f} | {r[k]['precision']:5.3f}" for k in kinds)
-        print(f"{expr[:34]:34s} {r['removed']:7d} {cells} {r['precision_any']:8.3f}")
-    print("\nper-column detectors (eval_corruption.py):")
-    for k, v in faults.items():
-        if isinstance(v, dict):
-            print(
-                f"  {k:18s} injected {v['injected']:5d} flagged {v['flagged']:5d} "
-                f"P {v['precision']:.3f} R {v['recall']:.3f}"
-                + "".join(f" {x}={v[x]:.3f}" for x in v if x.startswith("recall_"))
-            )
-    if insample:
-        print(
-            f"  shuffled (in-sample scorer = model b): P {insample['precision']:.3f} R {insample['recall']:.3f}"
+    print(f"injected: {injected}")
+    if "clip_threshold" in res:
+        ct = res["clip_threshold"]
+        rate = injected["shuffled"] / max(
+            1, sum(injected[k] for k in ("clean", "exact_dup", "near_dup", "blank"))
         )
-    if upper:
         print(
-            f"  shuffled (UPPER BOUND, scorer = clean model a): P {upper['precision']:.3f} R {upper['recall']:.3f}"
+            f"clip-score mixture cut (no labels): est. noise rate {ct['noise_rate']:.3f}, below cut "
+            f"{ct['below_cut']:.3f}; injected shuffled share {rate:.3f} of all rows"
         )
-    print("\nquickstart (best recipe): flickr8k test retrieval R@1/5/10, CIFAR-10 zero-shot top-1")
+    if "fix" in res:
+        print(f"fix actions: {res['fix']['actions']}; vs ground truth: {res['fix_vs_faults']}")
+    print("\nquickstart recipe: flickr8k test retrieval R@1/5/10, CIFAR-10 zero-shot top-1")
     cols = [f"flickr8k/retrieval/text_to_image_R@{k}" for k in (1, 5, 10)]
     cols += [f"flickr8k/retrieval/image_to_text_R@{k}" for k in (1, 5, 10)] + ["cifar10/zeroshot/top1"]
     print(
-        f"{'run':12s} {'train n':>7s} {'t2i R@1':>8s} {'R@5':>6s} {'R@10':>6s} {'i2t R@1':>8s} {'R@5':>6s} "
-        f"{'R@10':>6s} {'c10 zs':>7s}"
+        f"{'run':14s} {'train n':>7s} {'t2i R@1':>8s} {'R@5':>6s} {'R@10':>6s} {'i2t R@1':>8s} {'R@5':>6s} {'R@10':>6s} {'c10 zs':>7s}"
     )
     for name, r in reports.items():
-        m = r.get("metrics") or {}
+        mm = r.get("metrics") or {}
         vals = " ".join(
-            f"{m.get(c, float('nan')):{8 if i in (0, 3) else 7 if i == 6 else 6}.4f}"
+            f"{mm.get(c, float('nan')):{8 if i in (0, 3) else 7 if i == 6 else 6}.4f}"
             for i, c in enumerate(cols)
         )
-        print(f"{name:12s} {r.get('train_samples', 0):7d} {vals}")
+        print(f"{name:14s} {r.get('train_samples', 0):7d} {vals}")
+    if "t2i_loss_recovered" in res:
+        print(
+            "t2i R@1 loss (a - b) recovered: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in res["t2i_loss_recovered"].items())
+        )
     print(f"\nwall {out['wall_s']} s; steps {times}")
     return 0
+
+
+def fix_vs_faults(actions: Path, faults_json: str) -> dict:
+    """How the fix's actions line up with the injected faults (scored after the fact, never used to act)."""
+    import pyarrow.parquet as pq
+
+    f = json.loads(Path(faults_json).read_text())
+    shuffled = set(f["shuffled"]) | set(f.get("shuffled_copies", []))
+    dup = set(f["exact_dup"]) | set(f["near_dup"])
+    blank = set(f["blank"])
+    rows = pq.read_table(actions, columns=["key", "action"]).to_pylist()
+    out: dict = {}
+    for name, keys in (("shuffled", shuffled), ("duplicate", dup), ("blank", blank)):
+        acts = [r["action"] for r in rows if r["key"] in keys]
+        out[name] = {x: acts.count(x) for x in ("kept", "recaptioned", "dropped")}
+    clean = [r["action"] for r in rows if r["key"] not in shuffled | dup | blank]
+    out["clean"] = {x: clean.count(x) for x in ("kept", "recaptioned", "dropped")}
+    return out
 
 
 if __name__ == "__main__":
