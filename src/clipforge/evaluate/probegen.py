@@ -15,13 +15,18 @@ negatives are often *ungrammatical or implausible*, which a text-only LM can spo
 :mod:`clipforge.evaluate.blindlm` filters them, so each item carries several ``candidates`` for it.
 
 Deterministic: the choices for (type, image key) come from a generator seeded with (seed, type, key),
-so the items of one type do not depend on which other types or images were asked for.
+so the items of one type do not depend on which other types were asked for. With ``frequency=True``
+the substitutes are drawn in proportion to their count in the whole caption set (a listed word the
+captions never use is never proposed): a blind LM wins rule-made probes largely by word frequency
+("a camel", "a silver dog"), and in-domain frequent words take that away (the items then depend on
+the caption set, still not on the other types).
 """
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -123,8 +128,30 @@ def _pick(rng: np.random.Generator, xs: list[Any], k: int) -> list[Any]:
     return [xs[i] for i in rng.choice(len(xs), size=k, replace=False)]
 
 
-def negatives(kind: str, caption: str, rng: np.random.Generator, k: int = 6) -> list[str]:
-    """Up to ``k`` distinct hard negatives of ``caption`` by rule ``kind`` ([] when it does not apply)."""
+def _pick_words(rng: np.random.Generator, xs: list[str], k: int, counts: Counter | None) -> list[str]:
+    """Up to ``k`` of ``xs``: uniformly, or (``counts``) in proportion to each word's count, unseen ones never."""
+    if counts is None:
+        return _pick(rng, xs, k)
+    w = np.array([min(counts[t] for t in x.split()) for x in xs], dtype=np.float64)
+    xs = [x for x, c in zip(xs, w) if c > 0]
+    w = w[w > 0]
+    if not xs:
+        return []
+    idx = rng.choice(len(xs), size=min(k, len(xs)), replace=False, p=w / w.sum())
+    return [xs[i] for i in idx]
+
+
+def word_counts(captions: dict[str, list[str]]) -> Counter:
+    """Lowercased word counts over every caption (the frequency the substitutes are drawn by)."""
+    return Counter(w for caps in captions.values() for c in caps if c for w in c.lower().split())
+
+
+def negatives(kind: str, caption: str, rng: np.random.Generator, k: int = 6,
+              counts: Counter | None = None) -> list[str]:  # fmt: skip
+    """Up to ``k`` distinct hard negatives of ``caption`` by rule ``kind`` ([] when it does not apply).
+
+    ``counts``: draw replacement / added words by their frequency in the caption set (``word_counts``).
+    """
     wl = word_lists()
     words = caption.split()
     lw = _lower(words)
@@ -136,21 +163,21 @@ def negatives(kind: str, caption: str, rng: np.random.Generator, k: int = 6) -> 
             i = int(rng.choice(pos))
             cat, num = wl.nouns[lw[i]]
             alts = [f[num] for f in wl.forms[cat] if f[num] not in present and lw[i] not in f]
-            out = [_sub(words, i, 1, [a]) for a in _pick(rng, alts, k)]
+            out = [_sub(words, i, 1, [a]) for a in _pick_words(rng, alts, k, counts)]
     elif kind == "replace_att":
         pos = _attr_positions(lw, wl, ("colours", "sizes", "numbers"))
         if pos:
             i = int(rng.choice(pos))
             cat = wl.attribute_category(lw[i])
             alts = [a for a in wl.attributes[cat] if a not in present and {a, lw[i]} != {"gray", "grey"}]
-            out = [_sub(words, i, 1, [a]) for a in _pick(rng, alts, k)]
+            out = [_sub(words, i, 1, [a]) for a in _pick_words(rng, alts, k, counts)]
     elif kind == "replace_rel":
         hits = [(i, n, p, "spatial") for i, n, p in _find_phrases(lw, wl.relations["spatial"])]
         hits += [(i, 1, w, "actions") for i, w in enumerate(lw) if w in wl.relations["actions"]]
         if hits:
             i, n, p, cat = hits[int(rng.integers(len(hits)))]
             alts = [a for a in wl.relations[cat] if a != p and not (cat == "actions" and a in present)]
-            out = [_sub(words, i, n, a.split()) for a in _pick(rng, alts, k)]
+            out = [_sub(words, i, n, a.split()) for a in _pick_words(rng, alts, k, counts)]
     elif kind in SWAP:
         pos = (_noun_positions(lw, wl) if kind == "swap_obj"
                else _attr_positions(lw, wl, ("colours", "sizes")))  # fmt: skip
@@ -168,7 +195,7 @@ def negatives(kind: str, caption: str, rng: np.random.Generator, k: int = 6) -> 
         if pos:
             i = int(rng.choice(pos))
             alts = [f[0] for c in ("animals", "objects") for f in wl.forms[c] if not present & set(f)]
-            for a in _pick(rng, alts, k):
+            for a in _pick_words(rng, alts, k, counts):
                 art = "an" if a[0] in "aeiou" else "a"
                 out.append(words[: i + 1] + ["with", art, a] + words[i + 1 :])
     elif kind == "add_att":
@@ -176,7 +203,7 @@ def negatives(kind: str, caption: str, rng: np.random.Generator, k: int = 6) -> 
         if pos:
             i = int(rng.choice(pos))
             alts = [a for c in ("colours", "sizes") for a in wl.attributes[c] if a not in present]
-            out = [_sub(words, i, 0, [a]) for a in _pick(rng, alts, k)]
+            out = [_sub(words, i, 0, [a]) for a in _pick_words(rng, alts, k, counts)]
     elif kind in ORDER:
         out = _order(kind, words, lw, wl, rng, k)
     else:
@@ -229,23 +256,32 @@ def generate(
     seed: int = 0,
     candidates: int = 6,
     max_items: int | None = None,
+    per_image: int = 1,
+    frequency: bool = False,
 ) -> list[dict[str, Any]]:
     """Probe items ``{"id", "type", "image", "positive", "candidates"}`` for ``{image key: captions}``.
 
     Per type and image, the captions are tried in a seeded order and the first one the rule applies to
-    gives the item (so one item per image and type at most). With ``max_items``, a seeded subset of
-    the images is used per type. ``candidates`` negatives are proposed per item (the blind-LM filter
-    chooses among them; without it the first is the negative).
+    gives the item (so one item per image and type at most). With ``per_image`` > 1 the first
+    ``per_image`` such captions each give an item, marked ``group`` (type/image) and ``attempt``
+    (0, 1, ...): the blind filter tries them in turn and keeps one per group. With ``max_items``, the
+    images are taken in one seeded order (the same for every type, so the types share images and an
+    LM scores each caption once) until ``max_items`` of them gave an item. ``candidates`` negatives are proposed per item (the
+    blind-LM filter chooses among them; without it the first is the negative). ``frequency``: see the
+    module docstring.
     """
     bad = [t for t in types if t not in PROBE_TYPES]
     if bad:
         raise ValueError(f"unknown probe type(s) {bad}: use {', '.join(PROBE_TYPES)}")
+    if per_image < 1:
+        raise ValueError(f"per_image must be >= 1, got {per_image}")
+    counts = word_counts(captions) if frequency else None
     keys = sorted(captions)
     items = []
     for t in types:
         order = keys
         if max_items is not None and max_items < len(keys):
-            perm = np.random.default_rng([seed, zlib.crc32(t.encode())]).permutation(len(keys))
+            perm = np.random.default_rng([seed, zlib.crc32(b"images")]).permutation(len(keys))
             order = [keys[i] for i in perm]
         n = 0
         for key in order:
@@ -253,11 +289,17 @@ def generate(
                 break
             rng = item_rng(seed, t, key)
             caps = [c.strip() for c in captions[key] if c and c.strip()]
+            found = 0
             for ci in rng.permutation(len(caps)) if caps else []:
-                negs = negatives(t, caps[ci], rng, candidates)
-                if negs:
-                    items.append({"id": f"{t}/{key}", "type": t, "image": key, "positive": caps[ci],
-                                  "candidates": negs})  # fmt: skip
-                    n += 1
+                negs = negatives(t, caps[ci], rng, candidates, counts)
+                if not negs:
+                    continue
+                it = {"id": f"{t}/{key}", "type": t, "image": key, "positive": caps[ci], "candidates": negs}
+                if per_image > 1:
+                    it.update(id=f"{t}/{key}/{found}", group=f"{t}/{key}", attempt=found)
+                items.append(it)
+                found += 1
+                if found >= per_image:
                     break
+            n += found > 0
     return items
