@@ -52,6 +52,29 @@ def throughput(cap: Captioner, cond: torch.Tensor, opts: DecodeOptions) -> dict[
     return out
 
 
+def test_conditions(encoder, test: str, kind: str, workers: int, path: str | None, spec: str):
+    """The test split's condition vectors, cached in ``path`` (safetensors; keys and references in its
+    metadata) so that a rerun on a loaded machine encodes nothing; recomputed when kind/model differ."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clipforge.caption.features import Conditions
+
+    want = {"kind": kind, "model": spec, "shards": test}
+    if path and Path(path).is_file():
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if all(meta.get(k) == v for k, v in want.items()):
+                keys, caps = json.loads(meta["keys"]), json.loads(meta["captions"])
+                return Conditions(keys, f.get_tensor("cond").float(), caps)
+    c = shard_conditions(encoder, test, kind, workers=workers)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        meta = {**want, "keys": json.dumps(c.keys), "captions": json.dumps(c.captions)}
+        save_file({"cond": c.cond.contiguous()}, path, metadata=meta)
+    return c
+
+
 def curve_png(eval_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -110,7 +133,18 @@ def main() -> None:
         "--model-opt", action="append", default=None, help="KEY=VALUE (default image_head=multiscale)"
     )
     p.add_argument("--decoder", default="4,256,4", help="layers,width,heads")
+    p.add_argument("--prefix-len", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--mode", default="paired", choices=("paired", "text-only"))
+    p.add_argument("--noise-std", type=float, default=0.126, help="text-only: CapDec sigma")
+    p.add_argument("--cross-caption", action=argparse.BooleanOptionalAction, default=True,
+                   help="text-only: CLOSE cross-caption targets")  # fmt: skip
+    p.add_argument("--decap-temperature", type=float, default=0.0,
+                   help="text-only: DeCap temperature stored with the captioner (0: off)")  # fmt: skip
     p.add_argument("--min-count", type=int, default=5)
+    p.add_argument("--tokenizer", default="word", choices=("word", "wordpiece"),
+                   help="caption vocabulary (wordpiece: the text tower's; --min-count 0 keeps all pieces)")  # fmt: skip
     p.add_argument("--output", default="runs/bench_caption")
     p.add_argument("--epochs", type=float, default=6.0)
     p.add_argument("--eval-every", type=int, default=400)
@@ -133,6 +167,15 @@ def main() -> None:
     p.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=False,
                    help="build the locked-tower feature cache (also ~30k MiniLM caption passes) instead of "
                    "encoding the images in memory")  # fmt: skip
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache root (default OUTPUT/feature_cache; the quickstart's cache is reused "
+                   "when the frozen towers match)")  # fmt: skip
+    p.add_argument("--test-cache", default=None,
+                   help="safetensors file caching the test conditions (written on first use)")  # fmt: skip
+    p.add_argument("--beam-width", type=int, default=3)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--no-baselines", action="store_true", help="skip the baseline rows")
+    p.add_argument("--no-throughput", action="store_true", help="skip the decoding-throughput check")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--skip-train", action="store_true", help="reuse OUTPUT/train")
@@ -150,22 +193,26 @@ def main() -> None:
         parse_kv([o for o in a.model_opt if o]) if a.model_opt is not None else {"image_head": "multiscale"}
     )
     layers, width, heads = (int(x) for x in a.decoder.split(","))
+    cache_dir = a.cache_dir or str(out / "feature_cache")
     cfg = {
-        "data": [train], "output": str(out / "train"), "mode": "paired",
+        "data": [train], "output": str(out / "train"), "mode": a.mode, "noise_std": a.noise_std,
+        "cross_caption": a.cross_caption, "decap_temperature": a.decap_temperature,
         "model": a.model, "model_opts": model_opts,
-        "decoder": {"prefix_len": 4, "layers": layers, "width": width, "heads": heads, "dropout": 0.1},
-        "min_count": a.min_count, "epochs": a.epochs, "max_steps": a.max_steps,
+        "decoder": {"prefix_len": a.prefix_len, "layers": layers, "width": width, "heads": heads,
+                    "dropout": a.dropout},
+        "min_count": a.min_count, "tokenizer": a.tokenizer, "epochs": a.epochs, "max_steps": a.max_steps,
         "cpu_budget_minutes": a.cpu_budget, "wall_budget_minutes": a.wall_budget, "precision": a.precision, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
-        "label_smoothing": 0.1, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
+        "label_smoothing": a.label_smoothing, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
         "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "feature_cache": a.feature_cache,
-        "cache_dir": str(out / "feature_cache"),
+        "cache_dir": cache_dir,
     }  # fmt: skip
     # the encoder and every image encoded once, shared by training, evaluation and the throughput check
     t0, c0 = time.perf_counter(), time.process_time()
     encoder = load_model(a.model, allow_code=True, **model_opts)
-    kind = "features" if encoder.image_locked else "embedding"
-    prepared = Prepared(encoder, training_set(encoder, train, kind, text=False, cache_root=None, workers=a.workers),
-                        shard_conditions(encoder, test, kind, workers=a.workers))  # fmt: skip
+    kind = "features" if encoder.image_locked and a.mode == "paired" else "embedding"
+    root = cache_dir if a.feature_cache else None
+    ts = training_set(encoder, train, kind, text=a.mode == "text-only", cache_root=root, workers=a.workers)
+    prepared = Prepared(encoder, ts, test_conditions(encoder, test, kind, a.workers, a.test_cache, a.model))
     encode = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
               "images": len(prepared.train.cond) + len(prepared.eval)}  # fmt: skip
     if a.skip_train:
@@ -181,20 +228,23 @@ def main() -> None:
         "train": summary,
         "curve": [json.loads(x) for x in (out / "train" / "eval.jsonl").read_text().splitlines()],
     }
-    for name, opts in (("greedy", DecodeOptions(method="greedy")), ("beam3", DecodeOptions(method="beam"))):
-        r = evaluate_captioning(cap_dir, test, scoring_model="none", decode=opts, baselines=name == "greedy",
-                                train_data=None if name == "greedy" else [], workers=a.workers,  # baselines once
+    beam = DecodeOptions(method="beam", beam_width=a.beam_width, length_penalty=a.length_penalty)
+    for name, opts in (("greedy", DecodeOptions(method="greedy")), ("beam3", beam)):
+        base = name == "greedy" and not a.no_baselines
+        r = evaluate_captioning(cap_dir, test, scoring_model="none", decode=opts, baselines=base,
+                                train_data=None if base else [], workers=a.workers,  # baselines once
                                 prepared=prepared)  # fmt: skip
         results[f"eval_{name}"] = r
         if name == "greedy":
             caption_grid(test, r["samples"], out / "caption_grid.png")
-    cap = Captioner.load(cap_dir)
-    cond = prepared.eval.cond[:256]
-    results["throughput"] = {
-        "greedy": throughput(cap, cond, DecodeOptions(method="greedy")),
-        "beam3": throughput(cap, cond, DecodeOptions(method="beam")),
-        "threads": torch.get_num_threads(),
-    }
+    if not a.no_throughput:
+        cap = Captioner.load(cap_dir)
+        cond = prepared.eval.cond[:256]
+        results["throughput"] = {
+            "greedy": throughput(cap, cond, DecodeOptions(method="greedy")),
+            "beam3": throughput(cap, cond, beam),
+            "threads": torch.get_num_threads(),
+        }
     write_json(out / "results.json", results)
     if a.json:
         emit_json(results)
@@ -210,7 +260,7 @@ def main() -> None:
     )
     print(f"train: {summary['steps']} steps, {summary['train_cpu_s'] / 60:.1f} decoder-training CPU min, "
           f"{summary['wall_s'] / 60:.1f} wall min (setup incl. feature cache {summary['prepare_cpu_s'] / 60:.1f} CPU min)")  # fmt: skip
-    for k, v in results["throughput"].items():
+    for k, v in results.get("throughput", {}).items():
         print(f"throughput {k}: {v}")
 
 

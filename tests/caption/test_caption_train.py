@@ -63,3 +63,9 @@ def test_cpu_budget_schedule_and_config_checks():
         CaptionTrainConfig(mode="text-only", condition="features").validate()
     with pytest.raises(ConfigError):
         CaptionTrainConfig(cpu_budget_minutes=0).validate()
+
+
+def test_tokenizer_choice_is_checked():
+    assert CaptionTrainConfig(tokenizer="wordpiece").tokenizer == "wordpiece"
+    with pytest.raises(ConfigError, match="tokenizer"):
+        CaptionTrainConfig(tokenizer="bpe").validate()

@@ -35,7 +35,7 @@ from clipforge.caption.captioner import Captioner, encoder_fingerprint
 from clipforge.caption.decoder import CaptionDecoder, DecoderConfig
 from clipforge.caption.decoding import DecodeOptions
 from clipforge.caption.features import Conditions, TrainingSet, training_set
-from clipforge.caption.vocab import CaptionVocab, build_vocab
+from clipforge.caption.vocab import TOKENIZERS, CaptionVocab, build_vocab, wordpiece_vocab
 from clipforge.config import ConfigError, check_run_config, from_dict, to_dict, write_run_config
 from clipforge.models.encode import autocast
 from clipforge.utils import prepare_output_dir, write_json
@@ -61,7 +61,15 @@ class CaptionTrainConfig:
         },
     )
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    min_count: int = field(default=5, metadata={"help": "words seen fewer times map to [UNK]"})
+    tokenizer: str = field(
+        default="word",
+        metadata={
+            "help": "word: the training captions' words | wordpiece: the text tower's WordPiece, trimmed "
+            "to pieces seen >= min_count times (min_count 0: all 30,522)",
+            "choices": TOKENIZERS,
+        },
+    )
+    min_count: int = field(default=5, metadata={"help": "words (pieces) seen fewer times map to [UNK]"})
     epochs: float = field(default=6.0, metadata={"help": "passes over all (image, caption) pairs"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
     cpu_budget_minutes: float | None = field(
@@ -124,6 +132,8 @@ class CaptionTrainConfig:
             raise ConfigError(f"mode {self.mode!r}: one of {', '.join(MODES)}")
         if self.condition not in ("auto", "features", "embedding"):
             raise ConfigError(f"condition {self.condition!r}: features | embedding | auto")
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"tokenizer {self.tokenizer!r}: one of {', '.join(TOKENIZERS)}")
         if self.mode == "text-only" and self.condition == "features":
             raise ConfigError("text-only captioners read embeddings (a text has no image features)")
         for name in ("cpu_budget_minutes", "wall_budget_minutes"):
@@ -339,7 +349,16 @@ class CaptionTrainer:
         vocab_path = self.out / "vocab.json"
         if self.ckpt is not None and vocab_path.is_file():
             return CaptionVocab.load(vocab_path)
-        vocab = build_vocab((c for caps in self.ts.cond.captions for c in caps), self.cfg.min_count)
+        captions = (c for caps in self.ts.cond.captions for c in caps)
+        if self.cfg.tokenizer == "wordpiece":
+            backend = getattr(getattr(self.encoder, "tokenizer", None), "backend", None)
+            if backend is None:
+                raise ConfigError(
+                    f"tokenizer=wordpiece: the encoder {self.cfg.model} has no tokenizers backend"
+                )
+            vocab = wordpiece_vocab(backend, captions, self.cfg.min_count)
+        else:
+            vocab = build_vocab(captions, self.cfg.min_count)
         vocab.save(vocab_path)
         return vocab
 
