@@ -22,15 +22,20 @@ from pathlib import Path
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -3, -4, -8
 
-# Values measured on CIFAR eval, index build, curate and the quickstart (README "Kernel time"): keep up
-# to 4 GiB of freed heap, grow the heap in 1 GiB steps, and never mmap a chunk (M_MMAP_MAX=0): a convnet
-# activation above glibc's 32 MiB threshold cap would otherwise be mmapped, zeroed by the kernel and
-# unmapped on every forward pass. Eval of 2,000 CIFAR images, idle: kernel 41.2 s -> 1.4 s of CPU.
+# Values measured on CIFAR eval, index build, curate and the quickstart (README "Kernel time"): never
+# mmap a chunk (M_MMAP_MAX=0): a convnet activation above glibc's 32 MiB threshold cap would otherwise
+# be mmapped, zeroed by the kernel and unmapped on every forward pass (eval of 2,000 CIFAR images, idle:
+# kernel 41.2 s -> 1.4 s of CPU). Keep freed heap: trim only above 2 GiB of free top, and then keep
+# 2 GiB (TOP_PAD). mallopt takes an int, so 2 GiB - 1 is the most it can set: the 4 GiB asked for
+# before was silently cut to 2 GiB while TOP_PAD stayed 1 GiB, and a forward pass whose activations
+# peak above 1 GiB (the quickstart's feature pass, batch 128 at 224 px: ~1.2 GiB) grew the heap by
+# brk, was trimmed back after the batch and page-faulted it all in again: 190k faults per batch.
 # (torch's THP_MEM_ALLOC_ENABLE made it worse here: 10.1 s vs 5.2 s of kernel time; huge-page zeroing.)
+_INT_MAX = 2**31 - 1
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
-    "MALLOC_TOP_PAD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(_INT_MAX),
+    "MALLOC_TOP_PAD_": str(_INT_MAX),
     "MALLOC_MMAP_MAX_": "0",
     # one arena: a worker thread's arena is a 64 MiB mmapped heap that glibc shrinks and unmaps as it
     # empties (curate's shard threads, the server's model thread): curate kernel 18.6 s -> 1.6 s
@@ -105,7 +110,7 @@ def tune_allocator(children: bool = True) -> bool:
         (_M_ARENA_MAX, "MALLOC_ARENA_MAX"),
     ):
         value = int(os.environ.get(env, ALLOCATOR_ENV[env]))
-        ok &= bool(mallopt(param, min(value, 2**31 - 1)))
+        ok &= bool(mallopt(param, min(value, _INT_MAX)))  # a user's larger env value: the most mallopt takes
     return ok
 
 

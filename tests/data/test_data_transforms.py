@@ -154,3 +154,23 @@ def test_draft_mode_only_when_2x_and_accurate(flickr_test_shard: Path) -> None:
     # measured: mean |diff| ~0.5/255, max ~13/255 (libjpeg DCT scaling vs. full-res bicubic)
     assert max(d.mean() for d in diffs) < 1.5
     assert max(d.max() for d in diffs) < 32
+
+
+@pytest.mark.parametrize("size", [224, 160, 33])
+def test_uint8_pixels_then_batch_normalize_is_bitwise_the_float_transform(
+    flickr_test_shard: Path, size: int
+) -> None:
+    """Workers send ``uint8`` pixels (a quarter of the shared memory per batch) and the consumer
+    normalizes the batch: the floats must be exactly those of stacking the per-image transform."""
+    t = ImageTransform(PreprocessConfig(size=size))
+    imgs = [img for _, img in _synthetic()]
+    imgs += [decode_image(d, draft_size=size) for d in _flickr_jpegs(flickr_test_shard, 4)]  # draft path
+    u8 = torch.stack([t.uint8(im) for im in imgs])
+    assert u8.dtype == torch.uint8 and u8.shape == (len(imgs), size, size, 3)
+    got = t.normalize(u8)
+    ref = torch.stack([t(im) for im in imgs])
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == ref.shape
+    assert torch.equal(got, ref)
+    train_a, train_b = (ImageTransform(PreprocessConfig(size=size), train=True, seed=3) for _ in range(2))
+    assert torch.equal(train_a.normalize(torch.stack([train_a.uint8(im) for im in imgs])),
+                       torch.stack([train_b(im) for im in imgs]))  # fmt: skip

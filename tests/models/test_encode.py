@@ -195,3 +195,22 @@ def test_encode_shards_limit_cuts_before_the_forward_and_reads_no_further(tmp_pa
     later = str(_shard(tmp_path / "b.tar", 12, bad_at=(5,)))
     assert len(list(enc.encode_shards(m, [later], batch_size=4, workers=0, limit=4, report=report))) == 1
     assert report.total == 0
+
+
+def test_workers_send_uint8_pixels_and_the_embeddings_are_bitwise_the_float_path(tmp_path):
+    """Prepare with clipforge's transform ships uint8 pixels; the loop normalizes them in the consumer.
+    The embeddings equal those of the per-image float transform exactly (not within a tolerance)."""
+    m = Tiny()
+    shard = str(_shard(tmp_path / "a.tar", 7))
+    prep = enc.Prepare(m.preprocess)
+    img = Image.open(io.BytesIO(_png_of(tmp_path, "0000"))).convert("RGB")
+    px = prep({"image": img, "key": "0000", "shard": "a"})["pixels"]
+    assert px.dtype == torch.uint8 and px.shape == (8, 8, 3)
+    assert torch.equal(prep.finish(px.unsqueeze(0)), m.preprocess(img).unsqueeze(0))
+    for workers in (0, 1):
+        (b,) = list(enc.encode_shards(m, [shard], batch_size=7, workers=workers))
+        floats = torch.stack([m.preprocess(Image.open(io.BytesIO(_png_of(tmp_path, k)))) for k in b.keys])
+        assert np.array_equal(b.emb, enc.embed_pixels(m, floats))
+    other = enc.Prepare(lambda im: torch.zeros(3, 2, 2))  # any other transform: floats, passed through
+    assert other({"image": img, "key": "k", "shard": "a"})["pixels"].dtype == torch.float32
+    assert other.finish(torch.zeros(1, 3, 2, 2)).dtype == torch.float32

@@ -124,6 +124,23 @@ def to_tensor(img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...])
     return arr.sub_(m).div_(s)
 
 
+def to_uint8_hwc(img: Image.Image) -> torch.Tensor:
+    """uint8 HWC PIL -> uint8 ``[H, W, 3]`` tensor (a copy): what a DataLoader worker sends (1/4 of float32)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
+def normalize_uint8(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> normalized float32 ``[B, 3, H, W]`` (contiguous), bitwise equal to
+    stacking :func:`to_tensor` of each image: the same float ops (``/ 255``, ``- mean``, ``/ std``), each
+    exactly rounded per element, in the same order."""
+    b, h, w, c = pixels.shape
+    out = torch.empty((b, c, h, w), dtype=torch.float32)
+    out.copy_(pixels.permute(0, 3, 1, 2)).div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
+    return out.sub_(m).div_(s)
+
+
 @dataclass
 class ImageTransform:
     """Callable PIL image -> ``[3, size, size]`` float tensor. ``train=True`` adds random-resized-crop."""
@@ -154,8 +171,22 @@ class ImageTransform:
         return center_crop(resize_shortest(img, size, resample), size)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        if img.mode != "RGB":
-            from clipforge.data.decode import to_rgb
+        return to_tensor(self.geometry(_rgb(img)), self.cfg.mean, self.cfg.std)
 
-            img = to_rgb(img)
-        return to_tensor(self.geometry(img), self.cfg.mean, self.cfg.std)
+    def uint8(self, img: Image.Image) -> torch.Tensor:
+        """The geometry only, as uint8 ``[H, W, 3]``; :meth:`normalize` of a stack of these is bitwise
+        ``torch.stack([self(img), ...])``. Workers send these: a quarter of the shared memory per batch
+        (each batch is a fresh shared-memory segment, page-faulted in by the worker and the main process)."""
+        return to_uint8_hwc(self.geometry(_rgb(img)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` from :meth:`uint8` -> the float32 ``[B, 3, H, W]`` batch the model reads."""
+        return normalize_uint8(pixels, self.cfg.mean, self.cfg.std)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    from clipforge.data.decode import to_rgb
+
+    return to_rgb(img)
