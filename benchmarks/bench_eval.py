@@ -65,6 +65,10 @@ print(json.dumps(out))
 """
 
 
+def log(msg: str) -> None:
+    print(f"[bench_eval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def slice_samples(shards: list[str], dst: Path, n: int) -> str:
     """First ``n`` samples across ``shards`` into one tar (member bytes unchanged)."""
     from clipforge.data.reader import iter_tar_samples
@@ -188,10 +192,12 @@ def main() -> int:
         if prec == args.precision.split(",")[0]:
             imgs = got  # features for the solver comparison
         result[f"ours_{prec}"] = ours
+        log(f"ours {prec}: {json.dumps(ours)}")  # each side as it finishes: a cut-short run still reports
         rows.append([f"clipforge {prec}", "zeroshot+retrieval", ours["seconds"], ours["images_per_s"]])
     if args.cb_python and Path(args.cb_python).exists():
         cb = run_cb(args, cifar, flickr, c.classnames)
         result["clip_benchmark"] = cb
+        log(f"clip_benchmark: {json.dumps(cb)[:2000]}")
         if "error" not in cb:
             rows.append(
                 ["clip_benchmark", "zeroshot+retrieval", cb["seconds"], ours["images"] / cb["seconds"]]

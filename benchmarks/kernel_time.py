@@ -2,13 +2,18 @@
 
     python benchmarks/kernel_time.py --json                  # eval, index build, curate, serve
     python benchmarks/kernel_time.py --only eval --limit 2    # one command, 2 CIFAR shards
+    python benchmarks/kernel_time.py --only quickstart --before-src /tmp/old/src   # old code vs this
+    python benchmarks/kernel_time.py --only quickstart --runs after               # this code only
 
 Why: ``/usr/bin/time -v`` on our eval showed half its CPU time in the kernel, from page faults of
 large tensors that glibc hands back to the OS after every forward pass (see clipforge/runtime.py).
-Each command runs twice under ``/usr/bin/time -v``: ``CLIPFORGE_MALLOC=0`` (glibc defaults, as
-before the fix) and the default (mallopt, inherited by every child process through the environment).
-Reported: wall, user, system seconds, kernel share of CPU, minor page faults, peak RSS. Target: kernel
-< 10% of CPU time for every command. The load average is printed: these machines are shared.
+Each command runs twice under ``/usr/bin/time -v``: "before" and "after" (this checkout, allocator
+tuned, inherited by every child process through the environment). "before" is ``CLIPFORGE_MALLOC=0``
+(glibc defaults, as before the allocator fix), or with ``--before-src DIR`` an older source tree (e.g.
+``git archive <rev> src | tar -x -C /tmp/old``) run with its own defaults. Reported: wall, user,
+system seconds, kernel share of CPU, minor page faults, peak RSS (children included). Target: kernel
+< 10% of CPU time for every command. The load average is printed: these machines are shared, so the
+kernel share and the fault counts are the robust figures, not the wall time.
 """
 
 from __future__ import annotations
@@ -167,12 +172,25 @@ def commands(args: argparse.Namespace, work: Path) -> dict[str, dict]:
             "needs": "index",
             "cmd": lambda tag: [*cf, "serve", "--index", str(work / f"index-{tag}"), "--port", "{port}"],
         },
+        "quickstart": {  # feature pass (6,000 train images), head training, flickr8k + CIFAR-10 eval
+            "cmd": lambda tag: [
+                *cf,
+                "quickstart",
+                "--output",
+                str(work / f"quickstart-{tag}"),
+                "--json",
+                *(["--epochs", str(args.qs_epochs)] if args.qs_epochs is not None else []),
+            ],
+        },
     }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["eval", "index", "curate", "serve"])
+    p.add_argument("--only", nargs="+", choices=["eval", "index", "curate", "serve", "quickstart"])
+    p.add_argument("--runs", nargs="+", choices=["before", "after"], default=["before", "after"])
+    p.add_argument("--before-src", default=None, help="'before' runs this source tree (PYTHONPATH)")
+    p.add_argument("--qs-epochs", type=float, default=None, help="quickstart epochs (default: the recipe's)")
     p.add_argument("--limit", type=int, default=2, help="CIFAR-10 shards (1000 images each) for eval")
     p.add_argument("--requests", type=int, default=300, help="text searches sent to the server")
     p.add_argument("--work", default=None, help="scratch dir (default: a temp dir)")
@@ -180,21 +198,17 @@ def main() -> int:
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="kernel_time."))
     cmds = commands(args, work)
-    names = args.only or list(cmds)
+    names = args.only or [n for n in cmds if n != "quickstart"]
     if "serve" in names and "index" not in names:
         names = ["index", *names]
     results: dict[str, dict] = {}
     for name in names:
-        for tag, malloc in (("before", "0"), ("after", "1")):
-            env = {**os.environ, "CLIPFORGE_MALLOC": malloc}
-            if malloc == "0":
-                for k in (
-                    "MALLOC_MMAP_THRESHOLD_",
-                    "MALLOC_TRIM_THRESHOLD_",
-                    "MALLOC_TOP_PAD_",
-                    "THP_MEM_ALLOC_ENABLE",
-                ):
-                    env.pop(k, None)
+        for tag in args.runs:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+            env.pop("THP_MEM_ALLOC_ENABLE", None)
+            env["CLIPFORGE_MALLOC"] = "0" if tag == "before" and not args.before_src else "1"
+            if tag == "before" and args.before_src:
+                env["PYTHONPATH"] = str(Path(args.before_src).resolve())
             load0 = os.getloadavg()[0]
             cmd = cmds[name]["cmd"](tag)
             log(f"{name} [{tag}] load {load0:.2f}: {' '.join(cmd[3:])}")
@@ -205,11 +219,15 @@ def main() -> int:
             else:
                 r = timed(cmd, env)
             r["load_avg_1m_at_start"] = load0
+            report = work / f"quickstart-{tag}" / "report.json"
+            if name == "quickstart" and report.exists():  # same metrics before and after: behaviour unchanged
+                r["metrics"] = json.loads(report.read_text())["metrics"]
             results[f"{name}/{tag}"] = r
             log(f"  {json.dumps(r)}")
     rows = []
     for name in names:
-        b, a = results[f"{name}/before"], results[f"{name}/after"]
+        a = results.get(f"{name}/after") or results[f"{name}/before"]
+        b = results.get(f"{name}/before") or a
         rows.append(
             [
                 name,
@@ -220,7 +238,8 @@ def main() -> int:
                 f"{b['peak_rss_mb']:.0f} -> {a['peak_rss_mb']:.0f}",
             ]
         )
-    out = {"results": results, "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))}
+    out = {"results": results, "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+           "before": f"source {args.before_src}" if args.before_src else "CLIPFORGE_MALLOC=0 (glibc defaults)"}  # fmt: skip
     if args.json:
         print(json.dumps(out))
     else:
