@@ -352,8 +352,7 @@ class Trainer:
             return coca_mod.shard_captions(self.urls, all_caps)
 
         vocab = coca_mod.load_or_build_vocab(self.out, captions, cfg.caption, cfg.resume, self.dist.main)
-        dim = coca_mod.condition_dim(model, condition, cached_data.image if cached_data is not None else None)
-        decoder = coca_mod.build_decoder(cfg.caption, len(vocab), dim, cfg.seed)
+        decoder = coca_mod.decoder_for(self, condition, len(vocab))  # spatial: cross-attention + token cache
         model.add_module(coca_mod.ATTR, decoder.to(self.device))
         log.info(
             "coca: %s-conditioned decoder, %.2fM parameters, vocabulary %d, caption_weight %g",
