@@ -56,6 +56,7 @@ def main() -> int:
     )
     p.add_argument("--variants", default=",".join(VARIANTS), help="--accuracy: which runtimes, in order")
     p.add_argument("--out", default=None, help="--accuracy: also write the table here as JSON (per variant)")
+    p.add_argument("--budget-s", type=float, default=None, help="--accuracy: start no variant after this")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -259,8 +260,19 @@ def accuracy_main(a: argparse.Namespace) -> int:
         out["export_s"] = time.perf_counter() - t0
         models = {v: model if v == "torch_fp32" else OnnxClipModel(f"{tmp}/onnx", a.threads, int8=INT8[v])
                   for v in variants}  # fmt: skip
+        t0 = time.perf_counter()  # throughput first: a run cut by --budget-s still has it for every variant
+        tp = throughput(models, pixels, texts, a.rounds)
+        out["throughput_s"] = time.perf_counter() - t0
+        for v in models:
+            out["variants"][v] = dict(tp[v])
+        if a.out:
+            write_json(a.out, out)
         images: dict[str, dict] = {}
+        t_start = time.perf_counter()
         for v, m in models.items():
+            if a.budget_s is not None and time.perf_counter() - t_start > a.budget_s:
+                out["variants"][v]["skipped"] = f"--budget-s {a.budget_s:g} spent before it started"
+                continue
             t0 = time.perf_counter()
             imgs = images.get("onnx_fp32") if v == "onnx_int8_text" else None  # same image graph
             imgs = {} if imgs is None else dict(imgs)
@@ -270,18 +282,16 @@ def accuracy_main(a: argparse.Namespace) -> int:
                    if r["dataset"] == ds}  # fmt: skip
             row["embed_images_per_s"] = {r["dataset"]: r["images_per_s"] for r in rep["results"]}
             row["seconds"] = time.perf_counter() - t0
-            out["variants"][v] = row
+            out["variants"][v].update(row)
+            row = out["variants"][v]
             print(f"{v}: {row}", file=sys.stderr, flush=True)
             if a.out:
                 write_json(a.out, out)
-        t0 = time.perf_counter()
-        tp = throughput(models, pixels, texts, a.rounds)
-        out["throughput_s"] = time.perf_counter() - t0
-    for v, row in out["variants"].items():
-        row.update(tp[v])
     ref = out["variants"].get("torch_fp32")
-    if ref:
+    if ref and "skipped" not in ref:
         for v, row in out["variants"].items():
+            if "skipped" in row:
+                continue
             row["loss_vs_torch"] = {f"{ds}/{k}": ref[f"{ds}/{k}"] - row[f"{ds}/{k}"] for ds, k in HEAD}
             row["offer_as_default"] = (
                 v.startswith("onnx_int8") and max(row["loss_vs_torch"].values()) <= MAX_LOSS
@@ -301,8 +311,8 @@ def accuracy_main(a: argparse.Namespace) -> int:
     rows = []
     for v, r in out["variants"].items():
         loss = max(r["loss_vs_torch"].values()) if "loss_vs_torch" in r else float("nan")
-        rows.append((v, *(f"{r[f'{ds}/{k}']:.4f}" for ds, k in HEAD), f"{r['images_per_s']:.1f}",
-                     f"{r['texts_per_s']:.1f}", f"{loss:+.4f}"))  # fmt: skip
+        acc = ("skipped",) * 3 if "skipped" in r else tuple(f"{r[f'{ds}/{k}']:.4f}" for ds, k in HEAD)
+        rows.append((v, *acc, f"{r['images_per_s']:.1f}", f"{r['texts_per_s']:.1f}", f"{loss:+.4f}"))
     print(format_table(rows, cols))
     return 0
 
