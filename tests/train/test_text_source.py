@@ -370,3 +370,30 @@ def test_resume_checks_the_text_source(tmp_path):
     mixed.save(path)
     with pytest.raises(ConfigError, match="text_source"):
         check_resume_config(path, from_dict(TrainConfig, {**mixed.to_dict(), "text_source": "mix:0.4"}))
+
+
+def test_tables_from_a_caption_run_dir_and_keys_in_several_shards(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipforge.train.textsource import table_files
+
+    run = tmp_path / "caprun"
+    (run / "captions").mkdir(parents=True)
+    for shard, text in (("a.tar", "from a"), ("b.tar", "from b")):  # the same key in two shards
+        pq.write_table(pa.table({"key": ["k0", f"only-{shard}"], "shard": [shard, shard],
+                                 "caption_synthetic": [text, "x"]}),
+                       str(run / "captions" / f"{shard}.parquet"))  # fmt: skip
+        (run / "captions" / f"{shard}.bad.json").write_text("{}")
+    (run / "summary.json").write_text("{}")
+    assert [p.name for p in table_files([str(run)])] == ["a.tar.parquet", "b.tar.parquet"]
+    pq.write_table(pa.table({"key": ["k0", "only-a.tar"], "w": [0.5, float("nan")],
+                             "caption_synthetic": ["  ", None]}), str(tmp_path / "w.parquet"))  # fmt: skip
+    side = SideTexts.load([str(run), str(tmp_path / "w.parquet")], TextSource("synthetic"), "caption_synthetic",
+                          "caption_rewrites", "w")  # fmt: skip
+    assert side.get("k0", "a.tar") == {"synthetic": "from a", "weight": 0.5}
+    assert side.get("k0", "b.tar") == {"synthetic": "from b", "weight": 0.5}
+    assert side.get("only-a.tar", "zzz") == {"synthetic": "x"}  # NaN weight refused, blank caption = none
+    assert side.bad == {"bad_weight": ["only-a.tar"], "bad_synthetic": ["k0"]}
+    rep = side.coverage([("a.tar", "k0"), ("c.tar", "new")], TextSource("synthetic"))
+    assert rep["missing"] == {"synthetic": 1, "weight": 1} and rep["missing_keys"]["synthetic"] == ["new"]

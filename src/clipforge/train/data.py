@@ -9,6 +9,10 @@ uninterrupted run would have.
 Cached (a locked image tower): a deterministic permutation of all cached samples per epoch; step
 ``s`` takes slice ``s`` of it as the GLOBAL batch and each rank its contiguous part, so the global
 batch is identical for any world size and resuming needs only the step.
+
+Both take the caption(s) of each sample from the run's text source (:mod:`clipforge.train.textsource`:
+shard captions, side-table synthetic captions, mixes, rewrites, several positives), chosen by
+(seed, epoch, key) as well.
 """
 
 from __future__ import annotations
