@@ -11,6 +11,11 @@
 One table per shard, written atomically: ``--resume`` skips the shards already done, like curation.
 Samples without a caption are still captioned (``caption_original`` empty, its score null); samples
 whose image cannot be decoded are counted by reason and key, never silently dropped.
+
+Engines (``--engine``): ``local`` captions the shards one after the other in this process; ``ray``
+runs the same :func:`caption_shard` in a Ray Data actor pool (``map_batches`` over the shard URLs, one
+shard per call, each actor holding the captioner and models once), as curation's Ray engine does.
+Both write the same per-shard files, byte for byte, so a run resumes on either engine.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from clipforge.models.encode import Prepare
 from clipforge.utils import atomic_path, prepare_output_dir, write_json
 
 log = logging.getLogger(__name__)
+ENGINES = ("local", "ray")
+RESUME_MAY_CHANGE = {"output", "workers", "threads", "batch_size", "engine", "ray_address"}
 
 
 @dataclass
@@ -55,12 +62,21 @@ class CaptionRunConfig:
         metadata={"help": "also write OUTPUT/shards: KEY.txt = synthetic, original kept in KEY.json"},
     )
     batch_size: int = 64
-    workers: int = 1
-    threads: int | None = None
+    workers: int = field(default=1, metadata={"help": "decode workers per shard (ray: also the actor count)"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (ray: per actor, default 1)"})
+    engine: str = field(
+        default="local",
+        metadata={"help": "local: shards one by one here; ray: a Ray Data actor pool", "choices": ENGINES},
+    )
+    ray_address: str | None = field(
+        default=None, metadata={"help": "ray: an existing cluster (the output must be on shared storage)"}
+    )
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("batch_size >= 1 and workers >= 0 are required")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
 
 class RunPrepare(Prepare):
@@ -184,6 +200,86 @@ def write_recaptioned_shard(url: str, rows: dict[str, list[Any]], out_dir: Path)
     return ",".join(Path(p).name for p in w.shards)
 
 
+def caption_shard(
+    url: str, cap: Captioner, encoder: Any, scorer: Any, cfg: CaptionRunConfig, scorer_name: str, out: Path
+) -> dict[str, Any]:
+    """One shard, the unit of work of both engines: skipped when its table exists (``resumed``: its
+    bad samples read back), else captioned into ``captions/SHARD.parquet`` (+ ``.bad.json``, and the
+    new shard with ``write_shards``); a shard with no decodable image is ``failed``, by name."""
+    name = shard_name(url)
+    path = Path(out) / "captions" / f"{name.removesuffix('.tar')}.parquet"
+    bad_path = path.with_suffix(".bad.json")
+    if path.exists():  # done by an earlier run: its bad samples still count in this summary
+        bad = json.loads(bad_path.read_text()) if bad_path.exists() else {}
+        return {"url": url, "status": "resumed", "rows": 0, "bad": bad}
+    try:
+        rows, report = recaption_shard(url, cap, encoder, scorer, cfg, scorer_name)
+    except ValueError as e:  # a shard with no decodable image: recorded, the run goes on
+        failed = BadSampleReport()
+        failed.add(name, "no_decodable_samples", str(e)[:300])
+        return {"url": url, "status": "failed", "rows": 0, "bad": failed.to_dict()}
+    write_json(bad_path, report.to_dict())
+    if cfg.write_shards:  # before the table: the table marks the shard done for --resume
+        write_recaptioned_shard(url, rows, Path(out) / "shards")
+    _table(rows, path)
+    return {"url": url, "status": "done", "rows": len(rows["key"]), "bad": report.to_dict()}
+
+
+class ShardCaptioner:
+    """Ray actor: holds the captioner and models (deserialized once) and captions whole shards."""
+
+    def __init__(
+        self, config: dict[str, Any], captioner: Captioner, encoder: Any, scorer: Any, scorer_name: str,
+        out_dir: str,
+    ) -> None:  # fmt: skip
+        from clipforge.runtime import setup_process
+
+        self.cfg = from_dict(CaptionRunConfig, config)
+        setup_process(self.cfg.threads or 1)
+        self.args = (captioner, encoder, scorer, self.cfg, scorer_name, Path(out_dir))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        cap, encoder, scorer, cfg, scorer_name, out = self.args
+        res = [caption_shard(str(u), cap, encoder, scorer, cfg, scorer_name, out) for u in batch["url"]]
+        return {
+            "url": [r["url"] for r in res],
+            "status": [r["status"] for r in res],
+            "rows": [r["rows"] for r in res],
+            "bad": [json.dumps(r["bad"]) for r in res],
+        }
+
+
+def run_ray(
+    urls: list[str], cap: Captioner, encoder: Any, scorer: Any, cfg: CaptionRunConfig, scorer_name: str,
+    out: Path,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every shard through :class:`ShardCaptioner` actors (an existing ``ray.init`` is reused; else a
+    local instance with ``workers`` CPUs, or ``ray_address``); results in the order of ``urls``."""
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit('the Ray engine needs Ray: pip install "ray[data]"  (or clipforge[ray])') from None
+    from clipforge.config import to_dict
+
+    if not ray.is_initialized():
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(1, cfg.workers), include_dashboard=False, log_to_driver=False)
+    cpus = int(ray.available_resources().get("CPU", 1)) or 1
+    n_actors = max(1, min(len(urls), cpus, max(1, cfg.workers)))
+    kwargs = {"config": to_dict(cfg), "captioner": cap, "encoder": encoder, "scorer": scorer,
+              "scorer_name": scorer_name, "out_dir": str(Path(out).resolve())}  # fmt: skip
+    ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=max(1, len(urls)))
+    ds = ds.map_batches(ShardCaptioner, fn_constructor_kwargs=kwargs, batch_size=1, concurrency=n_actors,
+                        num_cpus=1, batch_format="default")  # fmt: skip
+    rows = ds.take_all()
+    res = [{"url": r["url"], "status": r["status"], "rows": int(r["rows"]), "bad": json.loads(r["bad"])}
+           for r in rows]  # fmt: skip
+    order = {u: i for i, u in enumerate(urls)}
+    return sorted(res, key=lambda r: order[r["url"]])
+
+
 def run_captions(
     cfg: CaptionRunConfig | dict[str, Any],
     *,
@@ -208,7 +304,7 @@ def run_captions(
     cap = Captioner.load(cfg.captioner)
     out = prepare_output_dir(cfg.output, overwrite=overwrite, resume=resume)
     if resume:
-        check_run_config(out / "config.yaml", cfg, ignore={"output", "workers", "threads", "batch_size"})
+        check_run_config(out / "config.yaml", cfg, ignore=RESUME_MAY_CHANGE)
     write_run_config(out / "config.yaml", cfg)
     encoder = cap.load_encoder(cfg.encoder or None)
     scorer_name = cap.meta["encoder"]["model"] if cfg.scoring_model == "encoder" else cfg.scoring_model
@@ -218,28 +314,19 @@ def run_captions(
     elif cfg.scoring_model != "none":
         scorer = load_model(cfg.scoring_model)
     t0 = time.perf_counter()
+    if cfg.engine == "ray":
+        results = run_ray(urls, cap, encoder, scorer, cfg, scorer_name, out)
+    else:
+        results = [
+            caption_shard(url, cap, encoder, scorer, cfg, scorer_name, out)
+            for url in tqdm(urls, desc="caption run", unit="shard", disable=not progress)
+        ]
     report = BadSampleReport()
-    done = skipped = rows_total = 0
-    for url, name in tqdm(list(zip(urls, names)), desc="caption run", unit="shard", disable=not progress):
-        path = out / "captions" / f"{name.removesuffix('.tar')}.parquet"
-        bad_path = path.with_suffix(".bad.json")
-        if path.exists():  # done by an earlier run: its bad samples still count in this summary
-            skipped += 1
-            if bad_path.exists():
-                report.merge(json.loads(bad_path.read_text()))
-            continue
-        try:
-            rows, bad = recaption_shard(url, cap, encoder, scorer, cfg, scorer_name)
-        except ValueError as e:  # a shard with no decodable image: recorded, the run goes on
-            report.add(name, "no_decodable_samples", str(e)[:300])
-            continue
-        report.merge(bad)
-        write_json(bad_path, bad.to_dict())
-        if cfg.write_shards:  # before the table: the table marks the shard done for --resume
-            write_recaptioned_shard(url, rows, out / "shards")
-        _table(rows, path)
-        done += 1
-        rows_total += len(rows["key"])
+    for r in results:
+        report.merge(r["bad"])
+    done = sum(r["status"] == "done" for r in results)
+    skipped = sum(r["status"] == "resumed" for r in results)
+    rows_total = sum(r["rows"] for r in results if r["status"] == "done")
     summary = {
         "output": str(out),
         "captioner": cfg.captioner,
@@ -249,6 +336,7 @@ def run_captions(
         "shards_done": done,
         "shards_skipped_resume": skipped,
         "captions": rows_total,
+        "engine": cfg.engine,
         "bad_samples": report.to_dict(),
         "seconds": time.perf_counter() - t0,
     }
