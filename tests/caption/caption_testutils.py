@@ -1,67 +1,41 @@
-"""A tiny, deterministic CLIP for caption tests (``py:caption_testutils:tiny_clip``), and shard slices."""
+"""The shared fake CLIP (tests/fake_clip.py) as caption tests use it (``py:caption_testutils:tiny_clip``),
+and shard slices."""
 
 from __future__ import annotations
 
+import sys
 import tarfile
-import zlib
 from pathlib import Path
 
-import torch
-from torch import nn
+from clipforge.models.base import ModelConfig
 
-from clipforge.models.base import ClipModel, ModelConfig
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:  # tests/ holds the shared fake (a py: spec subprocess may have only this dir)
+    sys.path.append(_TESTS)
 
-
-class HashTokenizer:
-    """Words -> ids by crc32 (stable across processes), padded to the batch's longest caption."""
-
-    pad_token_id = 0
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        ids = [[1 + zlib.crc32(w.lower().encode()) % 511 for w in t.split()][:16] for t in texts]
-        ids = [i or [1] for i in ids]
-        out = torch.zeros(len(ids), max(len(i) for i in ids), dtype=torch.long)
-        for r, i in enumerate(ids):
-            out[r, : len(i)] = torch.tensor(i)
-        return {"input_ids": out, "attention_mask": (out != 0).long()}
+import fake_clip  # noqa: E402
 
 
-class TinyCaptionClip(ClipModel):
+class HashTokenizer(fake_clip.HashTokenizer):
+    """Padded to the batch's longest caption (16 words at most); a caption without words gets id 1."""
+
+    def __init__(self) -> None:
+        super().__init__(512, empty_id=1)
+
+
+class TinyCaptionClip(fake_clip.TinyClip):
     """Locked towers: image features are 4x4 average colours (48 values), text a frozen bag of words."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        g = torch.Generator().manual_seed(0)
-        self.tokenizer = HashTokenizer()
-        self.tok = nn.Embedding(512, 16)
-        self.tok.weight.data = torch.randn(512, 16, generator=g)
-        self.tok.weight.requires_grad_(False)
-        self.img_proj = nn.Linear(48, 16)
-        self.txt_proj = nn.Linear(16, 16)
-        for lin in (self.img_proj, self.txt_proj):
-            lin.weight.data = torch.randn(lin.weight.shape, generator=g) * 0.2
-            lin.bias.data.zero_()
+        super().__init__(
+            config, width=16, split="locked", emb_scale=1.0, zero_bias=True, order=("emb", "img", "txt"),
+            tokenizer=HashTokenizer(),
+        )  # fmt: skip
 
-    @property
-    def image_locked(self) -> bool:
-        return True
-
-    @property
-    def text_locked(self) -> bool:
-        return True
-
-    def image_features(self, pixels):
-        return {"pooled": nn.functional.adaptive_avg_pool2d(pixels, 4).flatten(1)}
-
-    def image_head(self, feats):
-        return self.img_proj(feats["pooled"])
-
-    def text_features(self, tokens):
-        m = tokens["attention_mask"].unsqueeze(-1).float()
-        return {"pooled": (self.tok(tokens["input_ids"]) * m).sum(1) / m.sum(1).clamp(min=1)}
-
-    def text_head(self, feats):
-        return self.txt_proj(feats["pooled"])
+    # the names the caption tests use
+    tok = property(lambda self: self.emb)
+    img_proj = property(lambda self: self.img)
+    txt_proj = property(lambda self: self.txt)
 
 
 def tiny_clip() -> TinyCaptionClip:

@@ -1,61 +1,40 @@
-"""Helpers for curation tests: a tiny deterministic ClipModel and synthetic shards."""
+"""Helpers for curation tests: the shared fake CLIP (tests/fake_clip.py) as curation uses it; synthetic
+shards."""
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
-import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from clipforge.models.base import ClipModel, ModelConfig
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:  # tests/ holds the shared fake (a py: spec subprocess may have only this dir)
+    sys.path.append(_TESTS)
+
+import fake_clip  # noqa: E402
+from fake_clip import tiny_config  # noqa: E402
 
 
-class HashTokenizer:
-    """Words -> ids by crc32 (stable across processes), padded; the ClipModel tokenizer contract."""
-
-    pad_token_id = 0
+class HashTokenizer(fake_clip.HashTokenizer):
+    """Every text padded to ``length`` ids, ``vocab`` 997: what the curation tests were written with."""
 
     def __init__(self, vocab: int = 997, length: int = 16) -> None:
-        self.vocab, self.length = vocab, length
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        ids = torch.zeros(len(texts), self.length, dtype=torch.long)
-        for i, t in enumerate(texts):
-            toks = [1 + zlib.crc32(w.lower().encode()) % (self.vocab - 1) for w in t.split()][: self.length]
-            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+        super().__init__(vocab, max_len=length, length=length)
 
 
-class TinyClip(ClipModel):
-    """Image: 4x4 average-pooled pixels -> linear; text: mean of word embeddings -> linear."""
+class TinyClip(fake_clip.TinyClip):
+    """Image: 4x4 average-pooled pixels -> linear; text: mean of word embeddings -> linear (in the heads)."""
 
     def __init__(self, dim: int = 16, size: int = 32) -> None:
         pre = {"size": size, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-        cfg = ModelConfig(backend="test", spec="test:tiny", embed_dim=dim, preprocess=pre)
-        super().__init__(cfg)
-        g = torch.Generator().manual_seed(0)
-        self.img = nn.Linear(48, dim)
-        self.emb = nn.Embedding(997, 24)
-        self.txt = nn.Linear(24, dim)
-        for p in self.parameters():
-            if p.dim() > 0:
-                p.data = torch.randn(p.shape, generator=g) * 0.2
-        self.tokenizer = HashTokenizer()
-
-    def image_head(self, feats):
-        return self.img(F.adaptive_avg_pool2d(feats["pixels"], 4).flatten(1))
-
-    def text_head(self, feats):
-        m = feats["attention_mask"].unsqueeze(-1).float()
-        e = (self.emb(feats["input_ids"]) * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.txt(e)
+        super().__init__(
+            tiny_config(dim, size, preprocess=pre), vocab=997, width=24, tokenizer=HashTokenizer()
+        )
 
 
 def image_bytes(seed: int, size: int = 40, fmt: str = "JPEG", color: tuple | None = None) -> bytes:

@@ -1,84 +1,51 @@
-"""Test helpers for evaluation: tiny ClipModels and synthetic colour shards (no real towers needed)."""
+"""Test helpers for evaluation: the shared fake CLIP (tests/fake_clip.py) as eval uses it, a colour-prototype
+model, synthetic colour shards (no real towers needed)."""
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from clipforge.data.transforms import PreprocessConfig
 from clipforge.models.base import ClipModel, ModelConfig
 
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:  # tests/ holds the shared fake (a py: spec subprocess may have only this dir)
+    sys.path.append(_TESTS)
+
+import fake_clip  # noqa: E402
+from fake_clip import tiny_config  # noqa: E402
+
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
 
 
-class WordTokenizer:
-    """Whitespace word tokenizer with hashed ids; pads to the longest text in the batch."""
-
-    pad_token_id = 0
+class WordTokenizer(fake_clip.HashTokenizer):
+    """Whitespace words, punctuation stripped, hashed ids; pads to the batch's longest text (no cut)."""
 
     def __init__(self, vocab: int = 97, fixed: dict[str, int] | None = None) -> None:
-        self.vocab = vocab
-        self.fixed = fixed or {}
-
-    def word_id(self, w: str) -> int:
-        w = w.strip(".,!?").lower()
-        return self.fixed.get(
-            w, zlib.crc32(w.encode()) % (self.vocab - 1 - len(self.fixed)) + 1 + len(self.fixed)
-        )
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        ids = [[self.word_id(w) for w in t.split()] or [self.vocab - 1] for t in texts]
-        n = max(len(i) for i in ids)
-        input_ids = torch.zeros(len(ids), n, dtype=torch.long)
-        mask = torch.zeros(len(ids), n, dtype=torch.long)
-        for r, i in enumerate(ids):
-            input_ids[r, : len(i)] = torch.tensor(i)
-            mask[r, : len(i)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        super().__init__(vocab, max_len=None, empty_id=vocab - 1, strip=".,!?", fixed=fixed)
 
 
-class TinyClip(ClipModel):
-    """Random but deterministic: 2x2-pooled pixels -> linear; mean word embedding -> linear."""
+class TinyClip(fake_clip.TinyClip):
+    """Random but deterministic: 2x2-pooled pixels -> linear; mean word embedding -> linear.
+
+    The pooling and the word bag are the frozen features (``split="features"``), as the eval caches see them.
+    """
 
     def __init__(self, dim: int = 16, size: int = 16, seed: int = 0) -> None:
-        cfg = ModelConfig(
-            backend="scratch",
-            spec="test:tiny",
-            embed_dim=dim,
-            preprocess=PreprocessConfig(size=size).to_dict(),
-        )
-        super().__init__(cfg)
-        g = torch.Generator().manual_seed(seed)
-        self.img = nn.Linear(12, dim)
-        self.emb = nn.Embedding(97, dim)
-        self.txt = nn.Linear(dim, dim)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g) * 0.5
-        self.tokenizer = WordTokenizer()
-        self.text_calls = 0
-
-    def image_features(self, pixels):
-        return {"x": F.adaptive_avg_pool2d(pixels, 2).flatten(1)}
-
-    def image_head(self, feats):
-        return self.img(feats["x"])
-
-    def text_features(self, tokens):
-        self.text_calls += 1
-        m = tokens["attention_mask"].unsqueeze(-1).float()
-        return {"x": (self.emb(tokens["input_ids"]) * m).sum(1) / m.sum(1).clamp(min=1)}
-
-    def text_head(self, feats):
-        return self.txt(feats["x"])
+        cfg = tiny_config(dim, size, backend="scratch", preprocess=PreprocessConfig(size=size).to_dict())
+        super().__init__(
+            cfg, grid=2, vocab=97, split="features", scale=0.5, order=("logit_scale", "img", "emb", "txt"),
+            seed=seed, tokenizer=WordTokenizer(),
+        )  # fmt: skip
 
 
 class ColorPrototypeModel(ClipModel):

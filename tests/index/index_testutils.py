@@ -1,74 +1,58 @@
-"""Index test helpers (TinyClip, coloured-square shards) under a unique module name.
+"""Index test helpers (the shared fake CLIP as index/serve use it, coloured-square shards).
 
-Test modules import them as ``from index_testutils import ...``: several test dirs have a conftest.py,
-and in one pytest session the module name "conftest" may be another dir's.
+A unique module name: test modules import them as ``from index_testutils import ...``; several test dirs
+have a conftest.py, and in one pytest session the module name "conftest" may be another dir's.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
-import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from clipforge.data.transforms import PreprocessConfig
-from clipforge.models.base import ClipModel, ModelConfig
+
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:  # tests/ holds the shared fake (a py: spec subprocess may have only this dir)
+    sys.path.append(_TESTS)
+
+import fake_clip  # noqa: E402
+from fake_clip import tiny_config  # noqa: E402
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
-class HashTokenizer:
-    """Words -> stable hashed ids (0 = pad); returns what ClipModel.tokenize promises."""
-
-    pad_token_id = 0
+class HashTokenizer(fake_clip.HashTokenizer):
+    """Every text padded to ``length`` ids; a text without words gets id 1 (never an all-padding row)."""
 
     def __init__(self, vocab: int = 512, length: int = 16) -> None:
-        self.vocab, self.length = vocab, length
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        ids = torch.zeros(len(texts), self.length, dtype=torch.long)
-        for i, t in enumerate(texts):
-            words = t.lower().split()[: self.length] or [""]
-            for j, w in enumerate(words):
-                ids[i, j] = 1 + zlib.crc32(w.encode()) % (self.vocab - 1)
-        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+        super().__init__(vocab, max_len=length, length=length, empty_id=1)
 
 
-class TinyClip(ClipModel):
+class TinyClip(fake_clip.TinyClip):
     """32-d embeddings from pooled 4x4 colors and a bag of hashed words: milliseconds per batch."""
 
     def __init__(self, dim: int = 32) -> None:
-        cfg = ModelConfig(
-            backend="test",
-            spec="test:tiny",
-            embed_dim=dim,
-            preprocess=PreprocessConfig(size=32).to_dict(),
+        cfg = tiny_config(dim, 32, preprocess=PreprocessConfig(size=32).to_dict())
+        super().__init__(
+            cfg,
+            text_proj=False,
+            emb_scale=1.0,
+            zero_bias=True,
+            order=("img", "emb"),
+            tokenizer=HashTokenizer(),
         )
-        super().__init__(cfg)
-        g = torch.Generator().manual_seed(0)
-        self.tokenizer = HashTokenizer()
-        self.img = nn.Linear(48, dim)
-        self.words = nn.Embedding(512, dim, padding_idx=0)
-        with torch.no_grad():
-            self.img.weight.copy_(torch.randn(dim, 48, generator=g) * 0.2)
-            self.img.bias.zero_()
-            self.words.weight.copy_(torch.randn(512, dim, generator=g))
-            self.words.weight[0].zero_()
 
-    def image_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.img(F.adaptive_avg_pool2d(feats["pixels"], 4).flatten(1))
-
-    def text_head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        e = self.words(feats["input_ids"])
-        m = feats["attention_mask"].unsqueeze(-1).float()
-        return (e * m).sum(1) / m.sum(1).clamp(min=1)
+    @property
+    def words(self) -> nn.Embedding:
+        """The word table (the text embedding is its masked mean, no projection)."""
+        return self.emb
 
 
 def _jpeg(color: tuple[int, int, int], seed: int, size: int = 48) -> bytes:

@@ -3,42 +3,39 @@
 from __future__ import annotations
 
 import json
-import zlib
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from clipforge.models.base import ClipModel, ModelConfig
+from clipforge.models.base import ModelConfig
+
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:  # tests/ holds the shared fake (a py: spec subprocess may have only this dir)
+    sys.path.append(_TESTS)
+
+import fake_clip  # noqa: E402
+from fake_clip import bag  # noqa: E402
 
 
-class HashTokenizer:
+class HashTokenizer(fake_clip.HashTokenizer):
     """Words -> ids by crc32 (stable across processes), padded to the batch's longest caption."""
 
-    pad_token_id = 0
-
     def __init__(self, vocab: int = 512, max_len: int = 16):
-        self.vocab, self.max_len = vocab, max_len
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        ids = [
-            [1 + zlib.crc32(w.lower().encode()) % (self.vocab - 1) for w in t.split()][: self.max_len]
-            for t in texts
-        ]
-        n = max(1, max(len(i) for i in ids))
-        input_ids = torch.zeros(len(ids), n, dtype=torch.long)
-        for r, i in enumerate(ids):
-            input_ids[r, : len(i)] = torch.tensor(i, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long()}
+        super().__init__(vocab, max_len=max_len)
 
 
-class TinyClip(ClipModel):
+class TinyClip(fake_clip.TinyClip):
+    """The shared fake with trainable towers: a conv + BatchNorm image trunk, a LayerNorm word table, MLP
+    heads with dropout; PyTorch's default init from the global seed. ``lock_image`` / ``lock_text`` in the
+    options freeze a trunk (the fake's locked properties read them)."""
+
     def __init__(self, config: ModelConfig):
-        super().__init__(config)
+        super().__init__(config, order=(), seed=None, tokenizer=HashTokenizer())
         o = config.options
         d = config.embed_dim
-        self.tokenizer = HashTokenizer()
         self.conv = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.GELU())
         self.img_proj = nn.Sequential(
             nn.Linear(8 * 4 * 4, 32), nn.Dropout(o.get("dropout", 0.0)), nn.Linear(32, d)
@@ -51,25 +48,14 @@ class TinyClip(ClipModel):
         for p in [*self.tok.parameters(), *self.txt_norm.parameters()]:
             p.requires_grad_(not o.get("lock_text"))
 
-    @property
-    def image_locked(self) -> bool:
-        return bool(self.config.options.get("lock_image"))
-
-    @property
-    def text_locked(self) -> bool:
-        return bool(self.config.options.get("lock_text"))
-
     def image_features(self, pixels):
-        x = self.conv(pixels)
-        return {"pooled": nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)}
+        return {"pooled": self.pool(self.conv(pixels))}
 
     def image_head(self, feats):
         return self.img_proj(feats["pooled"])
 
     def text_features(self, tokens):
-        m = tokens["attention_mask"].unsqueeze(-1).float()
-        x = self.txt_norm(self.tok(tokens["input_ids"]))
-        return {"pooled": (x * m).sum(1) / m.sum(1).clamp(min=1)}
+        return {"pooled": bag(self.txt_norm(self.tok(tokens["input_ids"])), tokens["attention_mask"])}
 
     def text_head(self, feats):
         return self.txt_proj(feats["pooled"])
