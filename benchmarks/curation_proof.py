@@ -196,7 +196,7 @@ def caption_train(
     """``clipforge caption train --mode paired`` on ``model``'s frozen features (shared feature cache)."""
     if not (out / "captioner").exists():
         cmd = ["clipforge", "caption", "train", "--mode", "paired", "--model", model, "--data", *data]
-        cmd += [x for o in opts for x in ("--model-opt", o)]
+        cmd += [x for o in opts for x in ("--model-opt", o)] + ["--epochs", str(a.captioner_epochs)]
         cmd += [
             "--output",
             str(out),
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--captioner", default=None, help="paired captioner for (e)/(f) (caption train output)")
     ap.add_argument(
         "--captioner-minutes", type=float, default=8.0, help="wall budget of each captioner trained here"
+    )
+    ap.add_argument(
+        "--captioner-epochs", type=float, default=15.0, help="epochs of each captioner trained here"
     )
     ap.add_argument(
         "--candidates", type=int, default=3, help="beam candidates per recaptioned pair (best by CLIP)"
