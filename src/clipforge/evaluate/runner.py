@@ -51,8 +51,13 @@ def run_zeroshot(
     text_batch_size: int = 256,
     precision: str = "fp32",
     progress: bool = True,
+    baseline: bool = False,
 ) -> dict[str, Any]:
-    """Zero-shot classification of embedded, labelled images -> result entry."""
+    """Zero-shot classification of embedded, labelled images -> result entry.
+
+    With ``descriptions`` and ``baseline``, the templates alone are scored too (``templates_only``), on
+    the same image embeddings: the gain of the descriptions, measured in one run.
+    """
     if images.labels is None:
         raise ValueError("zero-shot needs labelled images (embed_images(..., labels=True))")
     t0 = time.perf_counter()
@@ -72,6 +77,12 @@ def run_zeroshot(
         "seconds_text": time.perf_counter() - t0,
         "confusion": conf.tolist() if len(classnames) <= 100 else None,  # 1000 classes: PNG only
     }
+    if desc is not None and baseline:
+        base = class_embeddings(
+            model, classnames, tlist, None, cache=cache, fingerprint=fingerprint,
+            batch_size=text_batch_size, precision=precision, progress=progress,
+        )  # fmt: skip
+        out["templates_only"] = zeroshot_metrics(images.emb, base, images.labels)[0]
     if confusion_png and dist.is_main():
         out["confusion_png"] = str(plot_confusion(conf, classnames, confusion_png))
     return out
@@ -205,10 +216,13 @@ def evaluate(
             t0 = time.perf_counter()
             if task == "zeroshot":
                 png = out_dir / f"confusion_{spec.name}.png" if out_dir else None
+                desc = cfg.descriptions
+                if desc == "generate":  # CuPL: the LLM writes them (cached next to the results)
+                    desc = generated_descriptions(spec.name, classnames, cfg)
                 r = run_zeroshot(
-                    model, imgs, classnames, cfg.templates or spec.templates, cfg.descriptions,
+                    model, imgs, classnames, cfg.templates or spec.templates, desc,
                     confusion_png=png, cache=cache, fingerprint=fp, text_batch_size=cfg.text_batch_size,
-                    precision=cfg.precision, progress=cfg.progress,
+                    precision=cfg.precision, progress=cfg.progress, baseline=True,
                 )  # fmt: skip
             elif task == "probe":
                 r = run_probe(imgs, len(classnames), fractions=spec.probe_fractions, seed=cfg.probe_seed,
@@ -246,6 +260,18 @@ def evaluate(
     return report
 
 
+def generated_descriptions(dataset: str, classnames: list[str], cfg: EvalConfig) -> Path:
+    """``--descriptions generate``: CuPL descriptions by ``cfg.llm``, cached as
+    OUTPUT/descriptions_DATASET.json (or under the class-embedding cache without an output dir)."""
+    from clipforge.evaluate.cupl import cached_descriptions
+    from clipforge.evaluate.zeroshot import cache_dir
+
+    if not cfg.llm:
+        raise ValueError("--descriptions generate needs --llm (smollm2, an HF causal-LM dir or a .gguf file)")
+    root = Path(cfg.output) if cfg.output else Path(cfg.cache_dir or cache_dir()) / "cupl"
+    return cached_descriptions(root / f"descriptions_{dataset}.json", classnames, cfg.llm)
+
+
 def run_record(model: Any, fp: str, specs: list[DatasetSpec], cfg: EvalConfig) -> EvalRun:
     """What ``config.yaml`` holds: the model, the datasets as resolved (shards, class names, tasks),
     the config."""
@@ -273,6 +299,10 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
         for m in keep.get(r["task"].split("/")[0], ()):
             if isinstance(r["metrics"].get(m), (int, float)):
                 rows.append([r["dataset"], r["task"], m, float(r["metrics"][m])])
+        if r.get("templates_only"):  # --descriptions: the same run without them
+            rows.append(
+                [r["dataset"], "zeroshot, templates only", "top1", float(r["templates_only"]["top1"])]
+            )
         if "images_per_s" in r:  # captioning rows have no image-embedding pass of their own
             rows.append([r["dataset"], r["task"], "images/s", float(np.round(r["images_per_s"], 1))])
     return rows
