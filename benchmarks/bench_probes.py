@@ -24,30 +24,22 @@ from typing import Any
 import numpy as np
 
 from clipforge.config import from_dict
-from clipforge.evaluate.compositionality import _write_jsonl, bootstrap_ci, load_blind_lm, make_probes
+from clipforge.evaluate.compositionality import (
+    _write_jsonl,
+    bootstrap_ci,
+    load_blind_lm,
+    make_probes,
+    read_caption_shards,
+)
 from clipforge.evaluate.config import CompositionalityConfig
 from clipforge.utils import emit_json, format_table, write_json
 
 
 def read_captions(shards: list[str]) -> dict[str, list[str]]:
-    """``{key: captions}`` of caption shards, read without decoding images (bad samples: counted, skipped)."""
-    from clipforge.data.decode import DecodeConfig, decode_sample
-    from clipforge.data.reader import iter_tar_samples
-    from clipforge.data.skip import SkipSample
-
-    out: dict[str, list[str]] = {}
-    skipped = 0
-    for url in shards:
-        for s in iter_tar_samples(url):
-            try:
-                d = decode_sample(s, DecodeConfig(image=False, caption=True))
-            except SkipSample:
-                skipped += 1
-                continue
-            out[d["key"]] = list(d["captions"] or [d["caption"]])
-    if skipped:
-        print(f"{skipped} samples without a caption skipped", file=sys.stderr)
-    return out
+    caps, report = read_caption_shards(shards)
+    if report.total:
+        print(f"caption shards: {report.summary()}", file=sys.stderr)
+    return caps
 
 
 def stage_rows(kept: list[dict[str, Any]], generated: Any, info: dict[str, Any], n_boot: int) -> dict:

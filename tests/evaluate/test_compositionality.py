@@ -336,3 +336,20 @@ def test_lm_fingerprint_follows_weights_and_dtype(tmp_path: Path) -> None:
     assert a == blindlm.lm_fingerprint([f], "float32") and a != blindlm.lm_fingerprint([f], "bfloat16")
     f.write_bytes(b"weights-2")
     assert blindlm.lm_fingerprint([f], "float32") != a
+
+
+def test_only_the_probed_images_are_embedded_and_match_the_shard_path(color_shards) -> None:
+    """Generated probes embed just the images they use, and those rows equal the full shard embedding."""
+    from clipforge.evaluate.compositionality import embed_keys, read_caption_shards
+    from clipforge.evaluate.embed import embed_images
+
+    shards, _ = color_shards
+    model = TinyClip(seed=0).eval()
+    caps, _ = read_caption_shards([str(shards[0])])
+    full = embed_images(model, [str(shards[0])], captions=True, workers=0, progress=False)
+    assert {k: caps[k] for k in full.keys} == dict(zip(full.keys, full.captions))  # images are not decoded
+    some = set(sorted(caps)[::3])
+    emb = embed_keys(model, [str(shards[0])], some, CompositionalityConfig(batch_size=4))
+    assert set(emb) == {(k, None) for k in some & set(full.keys)}  # an undecodable image is left out
+    rows = dict(zip(full.keys, full.emb.numpy()))
+    assert all(np.allclose(emb[(k, None)], rows[k], atol=1e-5) for k in some & set(full.keys))

@@ -187,22 +187,82 @@ def _generated_items(model: Any, cfg: CompositionalityConfig, images: ImageSet |
     from clipforge.evaluate.results import shard_fingerprint
 
     shards = list(cfg.captions) or [builtin("flickr8k", cfg.data_root).shards]
-    if images is None:
-        images = caption_images(model, shards, cfg)
-    info.update(dataset=",".join(Path(s).name for s in shards), shards=shard_fingerprint(shards),
-                bad_samples=images.bad.to_dict())  # fmt: skip
-    emb = {(k, None): e for k, e in zip(images.keys, images.emb.numpy())}
+    info.update(dataset=",".join(Path(s).name for s in shards), shards=shard_fingerprint(shards))
+    if images is not None:  # embedded already (eval run): every image is there
+        info["bad_samples"] = images.bad.to_dict()
+        emb = {(k, None): e for k, e in zip(images.keys, images.emb.numpy())}
+        caps = {k: c for k, c in zip(images.keys, images.captions or []) if c}
+    else:  # captions first (no image decoded), then only the images the probes use are embedded
+        caps, report = read_caption_shards(shards)
+        info["bad_samples"] = report.to_dict()
+    generated, records = None, []
     if cfg.probes:
         items = read_probes(cfg.probes)
         info["blind_filter"] = f"as recorded in {cfg.probes}"
-        missing = [it for it in items if _img_ref(it) not in emb]
-        if missing:
-            log.warning("%d probe items name images not in the shards: skipped", len(missing))
-            info["skipped"] = {"image_not_in_shards": len(missing)}
-        return [it for it in items if _img_ref(it) in emb], emb, None, []
-    caps = {k: c for k, c in zip(images.keys, images.captions or []) if c}
-    kept, generated, records = make_probes(caps, cfg, info)
-    return kept, emb, generated, records
+    else:
+        items, generated, records = make_probes(caps, cfg, info)
+    if images is None:
+        emb = embed_keys(model, shards, {it["image"] for it in items}, cfg)
+    missing = [it for it in items if _img_ref(it) not in emb]
+    if missing:
+        log.warning("%d probe items name images not in the shards (or unreadable): skipped", len(missing))
+        info["skipped"] = {"image_not_in_shards": len(missing)}
+    records = [r for r in records if _img_ref(r) in emb]  # the published file names only usable images
+    return [it for it in items if _img_ref(it) in emb], emb, generated, records
+
+
+def read_caption_shards(shards: list[str]) -> tuple[dict[str, list[str]], Any]:
+    """``{key: captions}`` of caption shards, read without decoding any image; bad samples counted."""
+    from clipforge.data.decode import DecodeConfig, decode_sample
+    from clipforge.data.reader import iter_tar_samples
+    from clipforge.data.report import BadSampleReport
+    from clipforge.data.shards import expand_shards
+    from clipforge.data.skip import SkipSample
+
+    report, out = BadSampleReport(), {}
+    for url in expand_shards(shards):
+        for s in iter_tar_samples(url, report):
+            try:
+                d = decode_sample(s, DecodeConfig(image=False, caption=True))
+            except SkipSample as e:
+                report.add(s.get("__key__", "?"), e.reason, e.detail)
+                continue
+            out[d["key"]] = list(d["captions"] or [d["caption"]])
+    return out, report
+
+
+def embed_keys(
+    model: Any, shards: list[str], keys: set[str], cfg: CompositionalityConfig
+) -> dict[tuple, np.ndarray]:
+    """Embed only the shard images named in ``keys`` -> ``{(key, None): unit row}`` (undecodable: left out)."""
+    from clipforge.data.decode import DecodeConfig, decode_sample
+    from clipforge.data.reader import iter_tar_samples
+    from clipforge.data.shards import expand_shards
+    from clipforge.data.skip import SkipSample
+
+    out: dict[tuple, np.ndarray] = {}
+    batch: list[tuple[str, Any]] = []
+
+    def flush() -> None:
+        for (k, _), e in zip(batch, encode.embed_pil_images(model, [im for _, im in batch], cfg.precision)):
+            out[(k, None)] = e
+        batch.clear()
+
+    for url in expand_shards(shards):
+        for s in iter_tar_samples(url):
+            if s.get("__key__") not in keys:
+                continue
+            try:
+                batch.append(
+                    (s["__key__"], decode_sample(s, DecodeConfig(image=True, caption=False))["image"])
+                )
+            except SkipSample:
+                continue
+            if len(batch) >= cfg.batch_size:
+                flush()
+    if batch:
+        flush()
+    return out
 
 
 def make_probes(caps: dict[str, list[str]], cfg: CompositionalityConfig, info: dict[str, Any],
