@@ -123,7 +123,7 @@ class CompositionalityConfig:
     types: list[str] | None = _f(None, "probe types (default: all; see probegen.PROBE_TYPES)")
     max_items: int | None = _f(300, "images tried per probe type (seeded subset; 0 = all)")
     candidates: int = _f(4, "negatives proposed per item, among which the blind filter chooses")
-    per_image: int = _f(1, "captions tried per image and type; the blind filter keeps the first that passes")
+    per_image: int = _f(2, "captions tried per image and type; the blind filter keeps the first that passes")
     frequency: bool = _f(
         True, "draw substitute words by their frequency in the captions (--no-frequency: uniformly)"
     )
