@@ -254,21 +254,6 @@ def test_coca_refuses_an_empty_vocabulary_and_fsdp(shards, tmp_path):
 SPATIAL_KW = {"model": "py:tiny_model:make_tiny_scratch", "model_opts": {"lock_image": 1}}
 
 
-def _loop_builds_through_decoder_for() -> bool:
-    """train/loop.py's ``_setup_coca`` must build the decoder with ``coca.decoder_for`` (requested from
-    the loop's owner); until then the end-to-end spatial tests cannot run."""
-    import inspect
-
-    from clipforge.train.loop import Trainer
-
-    return "decoder_for" in inspect.getsource(Trainer._setup_coca)
-
-
-needs_loop_hook = pytest.mark.skipif(
-    not _loop_builds_through_decoder_for(), reason="train/loop.py does not call coca.decoder_for yet"
-)
-
-
 def test_spatial_decoder_for_a_cached_run_reads_the_token_cache(shards, tmp_path):
     """With a locked tower and the feature cache, the spatial tokens are cached once (fp16, beside the
     feature cache), aligned with the cached samples and carried in their image features."""
@@ -312,7 +297,6 @@ def test_spatial_decoder_for_a_cached_run_reads_the_token_cache(shards, tmp_path
     assert torch.equal(head.condition_of(model, {"pixels": px}, False, None), spatial_tokens(model, px))
 
 
-@needs_loop_hook
 def test_spatial_coca_uses_the_cache_keeps_the_contrastive_side_and_resumes_exactly(shards, tmp_path):
     kw = {**SPATIAL_KW, "data": shards, "steps": 8, "save_every": 3}
     spatial_caption = {**SMALL_DECODER, "condition": "spatial"}
@@ -354,7 +338,6 @@ def test_spatial_coca_uses_the_cache_keeps_the_contrastive_side_and_resumes_exac
     assert cap.caption_images(loaded, imgs, greedy) == caps
 
 
-@needs_loop_hook
 def test_spatial_coca_without_the_cache_reads_tokens_from_pixels(shards, tmp_path):
     r = train(_cfg(tmp_path / "run", caption={**SMALL_DECODER, "condition": "spatial"}, cache="off",
                    **{**SPATIAL_KW, "data": shards, "steps": 4}))  # fmt: skip
