@@ -203,6 +203,7 @@ def _generated_items(model: Any, cfg: CompositionalityConfig, images: ImageSet |
         items, generated, records = make_probes(caps, cfg, info)
     if images is None:
         emb = embed_keys(model, shards, {it["image"] for it in items}, cfg)
+        info["images_embedded"] = len(emb)
     missing = [it for it in items if _img_ref(it) not in emb]
     if missing:
         log.warning("%d probe items name images not in the shards (or unreadable): skipped", len(missing))
