@@ -71,8 +71,11 @@ def load_causal_lm(spec: str, dtype: str = "auto") -> tuple[Any, Any]:
 
     ``dtype``: fp32 | bf16 | auto (bf16 where the CPU has native bf16, else fp32)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise ValueError(f"--llm needs transformers (pip install 'clipforge[llm]'): {e}") from None
     if dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"llm dtype {dtype!r}: fp32, bf16 or auto")
     bf16 = dtype == "bf16" or (dtype == "auto" and cpu_has_bf16())

@@ -11,8 +11,10 @@ The layout is ``caption run``'s (one table per shard under ``captions/``, keyed 
 sampling (a chat prompt with a few fixed in-context examples); a rewrite is rejected, and counted by
 reason, when it is empty, too long, a copy of the caption or of an earlier rewrite, echoes the prompt,
 drops one of the caption's nouns, or names more than ``max_added_nouns`` new ones (a small LLM
-likes to add a field or a ball that the image may not have). The noun check has no tagger: the caption's content words minus
-function words, common verbs and adjectives, singularized, with a few synonyms ("guy" = "man").
+likes to add a field or a ball that the image may not have); valid draws beyond K count as
+``surplus``, so the reasons add up to the draws. The noun check has no tagger: the caption's content
+words minus function words, common verbs and adjectives, singularized, with a few synonyms
+("guy" = "man"). Rare verbs and adjectives count as nouns, so the filter errs on the strict side.
 """
 
 from __future__ import annotations
