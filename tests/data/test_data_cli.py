@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -23,6 +24,26 @@ def test_help(argv: list[str], capsys) -> None:
 def test_ingest_without_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["data", "ingest", "--output", str(tmp_path / "o")]) == 2
     assert "--retry-from" in capsys.readouterr().err
+
+
+def test_ingest_shortest_side_flags(tmp_path: Path, capsys) -> None:
+    from data_testutils import image_bytes
+    from PIL import Image
+
+    from clipforge.data.reader import iter_tar_samples
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(image_bytes(50, 30))
+    (src / "a.txt").write_text("a small photo")
+    both = ["data", "ingest", str(src), "-o", str(tmp_path / "o"), "--max-side=100", "--shortest-side=64"]
+    assert main(both) == 2 and "not both" in capsys.readouterr().err
+    cases = {(): (107, 64), ("--resize-only-if-bigger",): (50, 30)}  # upsampled unless the flag
+    for extra, size in cases.items():
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["data", "ingest", str(src), "-o", str(out), "--shortest-side", "64", *extra]) == 0
+        (sample,) = iter_tar_samples(str(next(out.glob("*.tar"))))
+        assert Image.open(io.BytesIO(sample["jpg"])).size == size
 
 
 @pytest.mark.slow

@@ -67,6 +67,70 @@ def test_ingest_folder(tmp_path: Path) -> None:
     assert (row["width"], row["height"]) == (100, 67)
 
 
+def _smallest_max_size(w: int, h: int, s: int) -> tuple[int, int]:
+    """img2dataset keep_ratio = albumentations SmallestMaxSize: scale s / min(h, w), round each side."""
+    scale = s / min(h, w)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+# (w, h, format): larger, smaller, equal, a .5 rounding tie (201 * 0.5), a huge-JPEG draft case, PNG, GIF
+_SHORTEST_CASES = [(300, 200, "JPEG"), (50, 30, "JPEG"), (64, 100, "JPEG"), (201, 128, "JPEG"),
+                   (1200, 900, "JPEG"), (90, 257, "PNG"), (40, 48, "GIF")]  # fmt: skip
+_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif"}
+
+
+@pytest.mark.parametrize("only_if_bigger", [False, True])
+def test_ingest_shortest_side_follows_img2dataset_keep_ratio(tmp_path: Path, only_if_bigger: bool) -> None:
+    src = tmp_path / "imgs"
+    src.mkdir()
+    names = [f"{i}_{w}x{h}.{_EXT[fmt]}" for i, (w, h, fmt) in enumerate(_SHORTEST_CASES)]
+    for i, (w, h, fmt) in enumerate(_SHORTEST_CASES):
+        mode = "P" if fmt == "GIF" else "RGB"
+        (src / names[i]).write_bytes(image_bytes(w, h, fmt, seed=i, mode=mode))
+        (src / f"{i}_{w}x{h}.txt").write_text(f"image {i}")
+    out = tmp_path / "out"
+    cfg = _cfg(out, shortest_side=64, only_if_bigger=only_if_bigger)
+    stats = ingest([str(src)], cfg, progress=False)
+    assert stats["written"] == len(_SHORTEST_CASES) and stats["skipped"] == 0
+    by_name = {json.loads(s["json"])["source"].split("/")[-1]: s for s in _all_samples(out)}
+    for i, (w, h, fmt) in enumerate(_SHORTEST_CASES):
+        name = names[i]
+        sample = by_name[name]
+        ext = next(e for e in ("jpg", "png") if e in sample)
+        got = Image.open(io.BytesIO(sample[ext])).size
+        want = (w, h) if only_if_bigger and min(w, h) <= 64 else _smallest_max_size(w, h, 64)
+        assert got == want, name
+        meta = json.loads(sample["json"])
+        assert [meta[k] for k in ("width", "height", "original_width", "original_height")] == [*want, w, h]
+        if want != (w, h):
+            assert ext == "jpg"  # resized: re-encoded as JPEG
+        elif fmt != "GIF":
+            assert sample[ext] == (src / name).read_bytes()  # untouched: original bytes kept
+    assert _smallest_max_size(201, 128, 64) == (100, 64)  # the case above is a tie: 100.5 rounds to even
+
+
+def test_shortest_side_plan_filters_and_limits(tmp_path: Path, monkeypatch) -> None:
+    from clipforge.data.decode import SkipSample
+    from clipforge.data.ingest import prepare_image
+    from clipforge.data.resize import plan_resize
+
+    down, up = plan_resize(300, 200, shortest_side=64), plan_resize(50, 30, shortest_side=64)
+    assert (down.size, down.resample, down.shrinks) == ((96, 64), Image.Resampling.BOX, True)  # INTER_AREA
+    assert (up.size, up.resample, up.shrinks) == ((107, 64), Image.Resampling.LANCZOS, False)
+    assert plan_resize(50, 30, shortest_side=64, only_if_bigger=True).size is None
+    assert plan_resize(64, 90, shortest_side=64).size is None  # shortest side already S
+    assert plan_resize(300, 200, max_side=100).size == (100, 67)  # the old rule unchanged
+    with pytest.raises(ValueError, match="not both"):
+        plan_resize(300, 200, max_side=100, shortest_side=64)
+    with pytest.raises(ValueError, match="not both"):
+        ingest([str(tmp_path)], _cfg(tmp_path / "o", max_side=100, shortest_side=64), progress=False)
+    assert not (tmp_path / "o").exists()  # refused before the output directory is touched
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(SkipSample) as e:  # a 2x400 strip upsampled to 64x12800: over the pixel limit
+        prepare_image(image_bytes(2, 400, "PNG"), None, 95, shortest_side=64)
+    assert e.value.reason == "resize_too_large"
+
+
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl"])
 def test_ingest_table_formats(tmp_path: Path, fmt: str) -> None:
     (tmp_path / "img").mkdir()

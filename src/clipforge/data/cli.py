@@ -60,6 +60,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ing.add_argument("--maxcount", type=int, default=10_000, help="max samples per shard")
     ing.add_argument("--maxsize-mb", type=float, default=1000.0, help="max shard size in MB")
     ing.add_argument("--max-side", type=int, default=None, help="resize so the longer side <= this (JPEG)")
+    ing.add_argument(
+        "--shortest-side",
+        type=int,
+        default=None,
+        metavar="S",
+        help="resize so the shortest side is S, no crop (img2dataset resize_mode=keep_ratio: area filter "
+        "when shrinking, Lanczos when enlarging; re-encodes as JPEG); not with --max-side",
+    )
+    ing.add_argument(
+        "--resize-only-if-bigger",
+        action="store_true",
+        help="with --shortest-side: never upsample an image whose shortest side is below S "
+        "(img2dataset resize_only_if_bigger)",
+    )
     ing.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     ing.add_argument("--workers", type=int, default=16, help="download/decode threads")
     ing.add_argument("--timeout", type=float, default=10.0, help="HTTP connect/read timeout (s)")
@@ -118,6 +132,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         maxcount=args.maxcount,
         maxsize=args.maxsize_mb * 1e6,
         max_side=args.max_side,
+        shortest_side=args.shortest_side,
+        only_if_bigger=args.resize_only_if_bigger,
         quality=args.quality,
         workers=args.workers,
         image_column=args.image_column,

@@ -4,8 +4,9 @@ Inputs: (a) a folder of images with same-name ``.txt`` captions, (b) a CSV/TSV/P
 an image path-or-URL column and a caption column, (c) existing shards (re-shard), or (d) the retry list
 of an earlier run (``retry.jsonl``: the URLs that failed for transient reasons, with their keys).
 
-Every image is fully decoded once on ingest, so bad bytes never reach a shard; optional resize (max
-side) re-encodes as JPEG. Output in ``OUTPUT/``: ``PREFIX-000000.tar`` + ``.parquet`` ...,
+Every image is fully decoded once on ingest, so bad bytes never reach a shard; optional resize (longer
+side <= N, or shortest side to S as img2dataset's ``keep_ratio``: :mod:`clipforge.data.resize`)
+re-encodes as JPEG. Output in ``OUTPUT/``: ``PREFIX-000000.tar`` + ``.parquet`` ...,
 ``bad_samples.json`` (key + reason of every skipped sample), ``retry.jsonl`` (transient URL failures;
 feed it back with ``--retry-from``) and ``ingest_stats.json``. A retry run appends new shards after the
 existing ones and keeps the original keys, writing ``bad_samples.retryN.json``/``ingest_stats.retryN.json``.
@@ -52,6 +53,7 @@ from clipforge.data.keys import printable
 from clipforge.data.parallel import ordered_map
 from clipforge.data.reader import ReadLimits, iter_tar_samples
 from clipforge.data.report import BadSampleReport
+from clipforge.data.resize import plan_resize
 from clipforge.data.shards import expand_shards
 from clipforge.data.tables import TABLE_EXTS, BadRow, read_table_rows
 from clipforge.data.writer import ShardWriter
@@ -70,6 +72,8 @@ class IngestConfig:
     maxcount: int = 10_000
     maxsize: float = 1e9
     max_side: int | None = None  # resize so the longer side is at most this (re-encodes as JPEG)
+    shortest_side: int | None = None  # or: shortest side to this, no crop (img2dataset keep_ratio)
+    only_if_bigger: bool = False  # shortest_side: never upsample (img2dataset resize_only_if_bigger)
     quality: int = 95  # JPEG quality when re-encoding
     workers: int = 16  # threads: downloads and Pillow decode both release the GIL
     image_column: str = "url"
@@ -189,34 +193,52 @@ def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def prepare_image(data: bytes, max_side: int | None, quality: int) -> tuple[str, bytes, dict[str, int]]:
-    """Validate (full decode) and optionally shrink: -> (ext, stored bytes, size info).
+def prepare_image(
+    data: bytes,
+    max_side: int | None,
+    quality: int,
+    shortest_side: int | None = None,
+    only_if_bigger: bool = False,
+) -> tuple[str, bytes, dict[str, int]]:
+    """Validate (full decode) and optionally resize: -> (ext, stored bytes, size info).
 
-    Raises SkipSample (empty_image, corrupt_image, decompression_bomb) for unusable bytes. The pixels
-    really decoded (after JPEG draft) are held in :data:`DECODE_BUDGET` over decode, resize and
-    re-encode, so concurrent large images cannot add up (issue 11.15).
+    Resize rules (:mod:`clipforge.data.resize`): ``max_side`` shrinks so the longer side fits;
+    ``shortest_side`` scales the shortest side to S like img2dataset's ``keep_ratio`` (upsampling small
+    images unless ``only_if_bigger``). A resized image is re-encoded as JPEG. Raises SkipSample
+    (empty_image, corrupt_image, decompression_bomb; resize_too_large when an upsampled output would
+    exceed Pillow's pixel limit, e.g. a 1-pixel-high strip) for unusable bytes. The pixels really
+    decoded (after JPEG draft) or produced, whichever is more, are held in :data:`DECODE_BUDGET` over
+    decode, resize and re-encode, so concurrent large images cannot add up (issue 11.15).
     """
     if not data:
         raise SkipSample("empty_image")
     try:
         with Image.open(io.BytesIO(data)) as probe:  # header only: format and size
             fmt, (ow, oh) = probe.format, probe.size
-            scale = max_side / max(ow, oh) if max_side and max(ow, oh) > max_side else 1.0
-            target = (max(1, round(ow * scale)), max(1, round(oh * scale)))
-            if scale < 1 and fmt == "JPEG":
-                probe.draft("RGB", (min(target), min(target)))  # what decode_image will decode
+            plan = plan_resize(ow, oh, max_side, shortest_side, only_if_bigger)
+            draft = min(plan.size) if plan.size is not None and plan.shrinks else None
+            if draft and fmt == "JPEG":
+                probe.draft("RGB", (draft, draft))  # what decode_image will decode
             pixels = probe.width * probe.height
     except Image.DecompressionBombError as e:
         raise SkipSample("decompression_bomb", str(e)[:200]) from None
     except Exception as e:
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {str(e)[:200]}") from None
+    if plan.size is not None:
+        out_pixels = plan.size[0] * plan.size[1]
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and out_pixels > limit:
+            raise SkipSample(
+                "resize_too_large", f"{ow}x{oh} -> {plan.size[0]}x{plan.size[1]} > {limit} pixels"
+            )
+        pixels = max(pixels, out_pixels)
     with DECODE_BUDGET.hold(pixels):
-        img = decode_image(data, draft_size=min(target) if scale < 1 else None)  # full decode validates
-        if scale < 1:
-            img = img.resize(target, Image.LANCZOS)
+        img = decode_image(data, draft_size=draft)  # full decode validates
+        if plan.size is not None:
+            img = img.resize(plan.size, plan.resample)
             ext, out = "jpg", _encode_jpeg(img, quality)
         elif fmt in _FORMAT_EXT:
-            ext, out = _FORMAT_EXT[fmt], data  # valid and small enough: keep the original bytes
+            ext, out = _FORMAT_EXT[fmt], data  # valid and needs no resize: keep the original bytes
         else:  # GIF/BMP/TIFF...: store as JPEG so every reader downstream handles it
             ext, out = "jpg", _encode_jpeg(img, quality)
         size = {"width": img.width, "height": img.height, "original_width": ow, "original_height": oh}
@@ -261,9 +283,15 @@ class Processor:
     """Turns a Record into a shard sample (dict for ShardWriter) or raises SkipSample."""
 
     def __init__(self, cfg: IngestConfig, root: str | Path | None = None) -> None:
+        if cfg.max_side and cfg.shortest_side:
+            raise ValueError("give --max-side or --shortest-side, not both")
         self.cfg = cfg
         self.fetcher = Fetcher(cfg.fetch, pool_size=max(cfg.workers, 4))
         self.root = os.path.realpath(root) if root is not None and cfg.confine else None
+
+    def _prepare(self, data: bytes) -> tuple[str, bytes, dict[str, int]]:
+        c = self.cfg
+        return prepare_image(data, c.max_side, c.quality, c.shortest_side, c.only_if_bigger)
 
     def load_bytes(self, rec: Record) -> bytes:
         if _is_url(rec.source):
@@ -288,7 +316,7 @@ class Processor:
             raw_caption = None if rec.caption is None else rec.caption.encode("utf-8", "surrogateescape")
         caption = decode_text(raw_caption, self.cfg.max_caption_chars)  # cheap checks before any download
         data = self.load_bytes(rec)
-        ext, stored, size = prepare_image(data, self.cfg.max_side, self.cfg.quality)
+        ext, stored, size = self._prepare(data)
         meta = {"key": rec.key, "caption": caption, "source": rec.source, **size, **_jsonable(rec.extra)}
         return {
             "__key__": rec.key,
@@ -305,7 +333,7 @@ class Processor:
         assert raw is not None
         decoded = decode_sample(raw, DecodeConfig(max_caption_chars=self.cfg.max_caption_chars))
         img_ext = next(e for e in IMAGE_EXTS if e in raw)
-        ext, stored, size = prepare_image(raw[img_ext], self.cfg.max_side, self.cfg.quality)
+        ext, stored, size = self._prepare(raw[img_ext])
         out = {k: v for k, v in raw.items() if not k.startswith("__") and k not in IMAGE_EXTS}
         out.update(
             {
@@ -371,6 +399,8 @@ def ingest(
     """Run an ingest; returns the stats dict (also saved as ``ingest_stats.json``)."""
     from tqdm import tqdm
 
+    if cfg.max_side and cfg.shortest_side:  # before the output directory is touched
+        raise ValueError("give --max-side or --shortest-side, not both")
     out = Path(cfg.output)
     report = BadSampleReport()
     root: str | Path | None = cfg.root
