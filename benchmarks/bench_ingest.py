@@ -7,10 +7,13 @@ A local HTTP server (127.0.0.1 only, a thread of this process; it stops after ``
 side 500-1500 px, 4:3 / 3:4 / 1:1, light grain so the bytes per pixel look like a photo, quality 90)
 and a share of failures: 404s, a slow path that answers after the tools' timeout, corrupt bytes
 (random data and a JPEG cut in half) and 302 redirects to a good image. Both tools get the same CSV
-(url, caption), the same threads, no retries, the same timeout, resize to longer side <= 256 without
-crop (clipforge ``--max-side``; img2dataset ``resize_mode=keep_ratio_largest`` + ``resize_only_if_bigger``
--- clipforge has no shortest-side resize), JPEG quality 95, webdataset output. img2dataset runs in a
-side venv (``--i2d-python``; ``python3 -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset``).
+(url, caption), the same threads, no retries, the same timeout, the same resize, JPEG quality 95,
+webdataset output. ``--resize shortest`` (default): shortest side to 256, no crop (clipforge
+``--shortest-side 256``; img2dataset ``resize_mode=keep_ratio``, the same sizes by the same rounding:
+area filter when shrinking), ``resize_only_if_bigger`` on both; ``--resize longest``: longer side <= 256
+(``--max-side`` / ``keep_ratio_largest``), the earlier comparison. The output sizes are checked to agree
+URL by URL. img2dataset runs in a side venv (``--i2d-python``; ``python3 -m venv /tmp/i2d &&
+/tmp/i2d/bin/pip install img2dataset``).
 
 Reported per tool: wall seconds, samples/s over all URLs, CPU seconds (user+sys of the tool's whole
 process tree) per URL, successes by URL category and output bytes. The machine may be shared with
@@ -45,7 +48,7 @@ cfg = json.loads(sys.argv[1])
 download(
     url_list=cfg["csv"], input_format="csv", url_col="url", caption_col="caption",
     output_folder=cfg["out"], output_format="webdataset", processes_count=1,
-    thread_count=cfg["threads"], image_size=256, resize_mode="keep_ratio_largest",
+    thread_count=cfg["threads"], image_size=cfg["size"], resize_mode=cfg["mode"],
     resize_only_if_bigger=True, encode_quality=95, encode_format="jpg", timeout=cfg["timeout"],
     retries=0, number_sample_per_shard=10000, enable_wandb=False, distributor="multiprocessing",
     disallowed_header_directives=[],
@@ -181,9 +184,11 @@ def timed(cmd: list[str], log: Path) -> dict:
     return {"wall_s": wall, "cpu_s": cpu}
 
 
-def successes(out: Path, url_field: str) -> tuple[dict[str, int], int, int]:
-    """Per-category successes from the written shards (the URL in each sample's json), samples, bytes."""
+def successes(out: Path, url_field: str) -> tuple[dict[str, int], int, int, dict[str, tuple[int, int]]]:
+    """Per-category successes from the written shards (the URL in each sample's json), samples, bytes,
+    and the stored (width, height) per URL."""
     by_cat = dict.fromkeys(CATEGORIES, 0)
+    sizes: dict[str, tuple[int, int]] = {}
     n = 0
     for tar in sorted(out.glob("*.tar")):
         with tarfile.open(tar) as tf:
@@ -191,11 +196,13 @@ def successes(out: Path, url_field: str) -> tuple[dict[str, int], int, int]:
                 if m.name.endswith(".json"):
                     f = tf.extractfile(m)
                     assert f is not None
-                    url = json.loads(f.read())[url_field]
+                    meta = json.loads(f.read())
+                    url = meta[url_field]
+                    sizes[url] = (meta.get("width"), meta.get("height"))
                     by_cat[url.split("/")[3]] += 1
                     n += 1
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return by_cat, n, size
+    return by_cat, n, size, sizes
 
 
 def run_clipforge(csv_path: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -208,7 +215,11 @@ def run_clipforge(csv_path: Path, out: Path, args: argparse.Namespace) -> dict:
         str(out),
         "--overwrite",
     ]
-    cmd += ["--max-side", "256", "--quality", "95", "--workers", str(args.threads), "--retries", "0"]
+    if args.resize == "shortest":
+        cmd += ["--shortest-side", str(args.size), "--resize-only-if-bigger"]
+    else:
+        cmd += ["--max-side", str(args.size)]
+    cmd += ["--quality", "95", "--workers", str(args.threads), "--retries", "0"]
     cmd += ["--timeout", str(args.timeout), "--total-timeout", str(args.timeout)]
     cmd += ["--per-host", str(args.threads), "--allow-private-urls", "--maxcount", "10000", "--json"]
     res = timed(cmd, out.parent / "clipforge.log")
@@ -219,7 +230,9 @@ def run_clipforge(csv_path: Path, out: Path, args: argparse.Namespace) -> dict:
 
 def run_i2d(csv_path: Path, out: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    mode = "keep_ratio" if args.resize == "shortest" else "keep_ratio_largest"
     cfg = {"csv": str(csv_path), "out": str(out), "threads": args.threads, "timeout": args.timeout}
+    cfg |= {"size": args.size, "mode": mode}
     res = timed([args.i2d_python, "-c", I2D_HARNESS, json.dumps(cfg)], out.parent / "img2dataset.log")
     fails: dict[str, int] = {}
     res["shard_seconds"] = 0.0  # img2dataset's own timing of its shard work (no start-up, no imports)
@@ -238,6 +251,13 @@ def main() -> None:
     p.add_argument("--n", type=int, default=300, help="URLs (a few hundred keeps it bounded)")
     p.add_argument("--threads", type=int, default=16, help="download threads, both tools")
     p.add_argument("--timeout", type=float, default=2.0, help="HTTP timeout (s), both tools")
+    p.add_argument(
+        "--resize",
+        choices=["shortest", "longest"],
+        default="shortest",
+        help="shortest side to --size (img2dataset keep_ratio) or longer side <= --size (keep_ratio_largest)",
+    )
+    p.add_argument("--size", type=int, default=256, help="resize target (px), both tools")
     p.add_argument("--i2d-python", default="/tmp/i2d/bin/python", help="python of the img2dataset venv")
     p.add_argument("--work", default="/tmp/bench_ingest", help="scratch dir (images cache, outputs)")
     p.add_argument("--server-seconds", type=float, default=600.0, help="the server stops after this")
@@ -266,9 +286,10 @@ def main() -> None:
             "img2dataset": run_i2d(csv_path, work / "out_i2d", args),
             "clipforge": run_clipforge(csv_path, work / "out_clipforge", args),
         }
+    sizes = {}
     for tool, out, field in (("img2dataset", "out_i2d", "url"), ("clipforge", "out_clipforge", "source")):
         r = res[tool]
-        r["by_category"], r["written"], r["output_bytes"] = successes(work / out, field)
+        r["by_category"], r["written"], r["output_bytes"], sizes[tool] = successes(work / out, field)
         r["samples_per_s"] = args.n / r["wall_s"]
         r["cpu_s_per_sample"] = r["cpu_s"] / args.n
     cf, i2 = res["clipforge"], res["img2dataset"]
@@ -281,6 +302,9 @@ def main() -> None:
         "ratio_samples_per_s": cf["samples_per_s"] / i2["samples_per_s"],
         "ratio_cpu_per_sample": cf["cpu_s_per_sample"] / i2["cpu_s_per_sample"],
         "success_counts_agree": cf["by_category"] == i2["by_category"],
+        "resize": f"{args.resize} side {args.size}",
+        "sizes_agree": sizes["clipforge"] == sizes["img2dataset"],
+        "sizes_differ": sum(sizes["clipforge"].get(u) != s for u, s in sizes["img2dataset"].items()),
         "loadavg_before": load0,
         "loadavg_after": os.getloadavg(),
         "cpus": os.cpu_count(),
@@ -288,7 +312,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"{args.n} URLs {expected}, {args.threads} threads, timeout {args.timeout}s, load {load0}")
+    print(
+        f"{args.n} URLs {expected}, {args.threads} threads, timeout {args.timeout}s, resize {out['resize']}, "
+        f"load {load0}"
+    )
     print(
         f"{'tool':12s} {'wall_s':>7s} {'samples/s':>9s} {'cpu_s/url':>9s} {'written':>7s} {'MB':>6s}  by category"
     )
@@ -303,7 +330,8 @@ def main() -> None:
             print(f"{'':12s} its own shard timing (no start-up): {r['shard_seconds']:.2f} s")
     print(f"ratio clipforge/img2dataset samples/s: {out['ratio_samples_per_s']:.2f}x (target >= 1.5x)")
     print(
-        f"ratio CPU s per sample: {out['ratio_cpu_per_sample']:.2f}; counts agree: {out['success_counts_agree']}"
+        f"ratio CPU s per sample: {out['ratio_cpu_per_sample']:.2f}; counts agree: {out['success_counts_agree']}; "
+        f"output sizes agree: {out['sizes_agree']} ({out['sizes_differ']} differ)"
     )
 
 
