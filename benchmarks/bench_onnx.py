@@ -16,6 +16,9 @@ Measured 2026-11-30 (2 threads, batch 32, 224 px, load average 6-8 from other ag
 CPUs; ``--int8 --retrieval 100``): images/s torch 14.5, onnxruntime 33.8 (2.34x; an earlier run
 without --int8: 19.2 vs 39.2, 2.04x); int8 image graph 4.9 images/s (dynamic ConvInteger is slower,
 min cosine to fp32 0.81: not offered), int8 text graph 233 vs 129 texts/s fp32 (1.8x, min cosine 0.92).
+Those runs had onnxruntime's intra-op spinning on; the sessions now sleep when idle (export/onnx.py
+``sessions(spin=False)``), which made the served onnx model ~2x torch on a loaded CPU (bench_serve.py).
+
 ``--accuracy`` (issue 15's table, one run): flickr8k test retrieval R@1 (1,000 images x 5 captions) and
 CIFAR-10 zero-shot top-1 under torch fp32, onnx fp32, onnx int8 (text graph only; the fp32 image graph)
 and onnx int8 (both graphs), plus each one's images/s and texts/s (random pixels / 64 captions, batch
@@ -33,9 +36,6 @@ int8 text passes the 0.01 bar narrowly (t2i -0.0084) for 1.9x text throughput; i
 
     python benchmarks/bench_onnx.py --accuracy --model /tmp/qs/train/model --cifar-shards 1 --rounds 3 \
         --threads 2 --budget-s 1500 --out runs/bench/onnx_accuracy.json
-
-Those runs had onnxruntime's intra-op spinning on; the sessions now sleep when idle (export/onnx.py
-``sessions(spin=False)``), which made the served onnx model ~2x torch on a loaded CPU (bench_serve.py).
 """
 
 from __future__ import annotations
