@@ -34,7 +34,7 @@ and onnx int8 (both graphs), plus each one's images/s and texts/s (random pixels
 int8 text passes the 0.01 bar narrowly (t2i -0.0084) for 1.9x text throughput; int8 images fail it
 (-0.10 top-1) and are 5.7x slower than the fp32 graph (dynamic ConvInteger): never offered.
 
-    python benchmarks/bench_onnx.py --accuracy --model /tmp/qs/train/model --cifar-shards 1 --rounds 3 \
+    python benchmarks/bench_onnx.py --accuracy --model /tmp/qs/train/model --cifar-shards 1 --rounds 3 \\
         --threads 2 --budget-s 1500 --out runs/bench/onnx_accuracy.json
 """
 

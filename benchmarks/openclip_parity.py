@@ -30,7 +30,7 @@ clipforge (``openclip:ViT-B-32=FILE``), torch eager vs clipforge's onnx runtime 
 pixels, same batch, ``--threads`` each, in alternating rounds (one driver here; open_clip answers from a
 worker process in the side venv, idle while the others run):
 
-    python benchmarks/openclip_parity.py bench --out /tmp/vitb32 --side-python /tmp/oc/bin/python \
+    python benchmarks/openclip_parity.py bench --out /tmp/vitb32 --side-python /tmp/oc/bin/python \\
         --threads 2 --batch-size 32 --rounds 5
 
 The text tower is not timed: clipforge's copy gets a stand-in tokenizer (no CLIP BPE files are local).
