@@ -394,13 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"injected: {injected}")
     if "clip_threshold" in res:
         ct = res["clip_threshold"]
-        rate = injected["shuffled"] / max(
-            1, sum(injected[k] for k in ("clean", "exact_dup", "near_dup", "blank"))
-        )
+        rows = sum(injected[k] for k in ("clean", "exact_dup", "near_dup", "blank"))
+        rate = (injected["shuffled"] + injected.get("shuffled_copies", 0)) / max(1, rows)
         print(
             f"clip-score mixture cut (no labels): est. noise rate {ct['noise_rate']:.3f}, below cut "
             f"{ct['below_cut']:.3f}; injected shuffled share {rate:.3f} of all rows"
         )
+    sc = (res.get("faults_by_column") or {}).get("shuffled_caption")
+    if isinstance(sc, dict):
+        print(f"shuffled captions in the bottom {sc['bottom_pct']}% by score: P=R {sc['recall']:.3f}")
     if "fix" in res:
         print(f"fix actions: {res['fix']['actions']}; vs ground truth: {res['fix_vs_faults']}")
     print("\nquickstart recipe: flickr8k test retrieval R@1/5/10, CIFAR-10 zero-shot top-1")
