@@ -144,6 +144,163 @@ class Server:
                 self.proc.wait()
 
 
+CB_HARNESS = r"""
+import json, sys
+cfg = json.loads(sys.argv[1])
+from clipforge.runtime import setup_torch_threads
+setup_torch_threads(cfg["threads"])  # the same torch thread rule as clipforge serve --threads
+import all_clip.main as acm
+
+
+def load_clipforge(spec, use_jit, device, cache_path):  # the served model, through all_clip's registry
+    from clipforge import load_model
+    from clipforge.evaluate.embed import eval_transform
+    model = load_model(spec).eval().to(device)
+    return model, eval_transform(model), lambda texts: model.tokenize(texts)["input_ids"]
+
+
+acm._CLIP_REGISTRY = {"clipforge:": load_clipforge, **acm._CLIP_REGISTRY}
+import flask
+_run = flask.Flask.run
+flask.Flask.run = lambda self, host=None, port=None, **kw: _run(self, "127.0.0.1", port, **kw)  # loopback only
+from clip_retrieval.clip_back import clip_back
+clip_back(indices_paths=cfg["paths"], port=cfg["port"], clip_model="clipforge:" + cfg["model"], use_jit=False,
+          enable_mclip_option=False, provide_aesthetic_embeddings=False, columns_to_return=["url", "caption"])
+"""
+
+
+def clip_back_folder(index: Path, work: Path) -> Path:
+    """clip-back's index layout from our index: ``image.index`` (our faiss index file itself, so both
+    servers search the same vectors with the same index type; IVF gets the direct map clip-back's
+    ``search_and_reconstruct`` needs) and ``metadata/0.parquet`` (url = our uid, caption) in row
+    order; returns the ``indices_paths.json`` naming it ``bench``."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = work / "clip-back" / "bench"
+    (folder / "metadata").mkdir(parents=True, exist_ok=True)
+    ix = faiss.read_index(str(index / "index.faiss"))
+    try:
+        faiss.extract_index_ivf(ix).make_direct_map()
+    except RuntimeError:  # not an IVF index: reconstruct works as is
+        pass
+    faiss.write_index(ix, str(folder / "image.index"))
+    meta = pq.read_table(index / "meta.parquet", columns=["uid", "caption"])
+    pq.write_table(
+        pa.table({"url": meta.column("uid"), "caption": meta.column("caption")}),
+        folder / "metadata" / "0.parquet",
+    )
+    paths = work / "clip-back" / "indices_paths.json"
+    paths.write_text(json.dumps({"bench": str(folder)}))
+    return paths
+
+
+class ClipBack:
+    """``clip-retrieval back`` (clip_back(), its Flask server as shipped) in the side venv, serving our
+    index with our model (plugged into all_clip as a ``clipforge:`` loader), on 127.0.0.1."""
+
+    def __init__(self, args: argparse.Namespace, index: Path) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import torchvision_stub
+
+        work = Path(args.work)
+        stubs = torchvision_stub.write_package(
+            work / "stubs", (*torchvision_stub.TORCHVISION, "sentence_transformers", "wandb")
+        )
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = {"paths": str(clip_back_folder(index, work)), "port": self.port, "model": args.model}
+        cfg["threads"] = args.threads
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(stubs),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        env["NO_ALBUMENTATIONS_UPDATE"] = "1"
+        self.log = open(work / "clip-back.log", "w")
+        log(f"starting clip-back ({args.cr_python}), log {work / 'clip-back.log'}")
+        self.proc = subprocess.Popen(
+            [args.cr_python, "-c", CB_HARNESS, json.dumps(cfg)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"clip-back exited with code {self.proc.returncode}; see {work / 'clip-back.log'}"
+                )
+            try:
+                if httpx.get(self.url + "/indices-list", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("clip-back did not come up in 300 s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def clip_back_search(q: str, k: int = 10) -> tuple[str, dict, bytes]:
+    """The same text query to clip-back's /knn-service: k nearest images, no dedup/safety/aesthetic."""
+    body = {"text": q, "modality": "image", "num_images": k, "indice_name": "bench", "deduplicate": False}
+    return "/knn-service", body, b'"id"'
+
+
+def top_k_agreement(ours: str, theirs: str, queries: list[str], k: int = 10) -> dict:
+    """Same queries to both servers: mean top-k overlap of the returned image keys and top-1 equality
+    (both should be ~1: the same model and vectors; float noise may swap near-ties)."""
+    overlap, top1 = [], []
+    with httpx.Client(timeout=60) as c:
+        for q in queries:
+            a = [r["uid"] for r in c.post(ours + "/search", json={"text": q, "k": k}).json()["results"]]
+            path, body, _ = clip_back_search(q, k)
+            b = [r["url"] for r in c.post(theirs + path, json=body).json()]
+            overlap.append(len(set(a) & set(b)) / k)
+            top1.append(a[:1] == b[:1])
+    return {
+        "queries": len(queries),
+        f"top{k}_overlap": round(sum(overlap) / len(overlap), 4),
+        "top1_same": round(sum(top1) / len(top1), 4),
+    }
+
+
+def clip_back_phase(args: argparse.Namespace, index: Path, queries: list[str], ours_url: str | None) -> dict:
+    """Text search load on clip-back, same queries, k, concurrency and load generator as ours."""
+    srv = ClipBack(args, index)
+    try:
+        out: dict = {}
+        if ours_url:
+            out["agreement_vs_clipforge"] = top_k_agreement(ours_url, srv.url, queries[:20])
+            log(f"clip-back vs clipforge results: {out['agreement_vs_clipforge']}")
+        asyncio.run(run_raw_search(srv.url, queries, 64, 8, 30, clip_back_search))  # warm-up
+        out["search"] = measured(
+            srv,
+            lambda: asyncio.run(
+                run_raw_search(
+                    srv.url, queries, args.requests, args.concurrency, args.duration, clip_back_search
+                )
+            ),
+        )
+        log(f"search (clip-back): {out['search']}")
+        return out
+    finally:
+        srv.stop()
+
+
 def index_build_rates(args: argparse.Namespace) -> dict:
     """``index build`` of one shard per runtime: images/s of the embedding loop (model load and the
     one-time onnx export are outside the timing: the export is made into the cache first)."""
@@ -214,7 +371,9 @@ class RawConn:
         if length is None:
             raise RuntimeError("response without Content-Length")
         data = await self.reader.readexactly(length)
-        if any(h.lower() == "connection: close" for h in lines[1:]):
+        keep = [h.lower() for h in lines[1:] if h.lower().startswith("connection:")]
+        http10 = lines[0].startswith("HTTP/1.0") and "connection: keep-alive" not in keep
+        if http10 or "connection: close" in keep:  # clip-back (werkzeug) answers HTTP/1.0, no keep-alive
             self.writer.close()
             self.writer = None
         return status, data
@@ -224,8 +383,16 @@ class RawConn:
             self.writer.close()
 
 
-async def run_raw_search(url: str, queries: list[str], n: int, concurrency: int, duration: float) -> dict:
-    """Text search load with RawConn workers; same report as run_load."""
+def clipforge_search(q: str, k: int = 10) -> tuple[str, dict, bytes]:
+    """(path, JSON body, marker of a good answer) of one ``clipforge serve`` text search."""
+    return "/search", {"text": q, "k": k}, b'"results"'
+
+
+async def run_raw_search(
+    url: str, queries: list[str], n: int, concurrency: int, duration: float, request=clipforge_search
+) -> dict:
+    """Text search load with RawConn workers; same report as run_load. ``request(query)`` gives the
+    path, body and the bytes a good answer contains (so one load generator drives both servers)."""
     host, port = url.split("//", 1)[1].split(":")
     lat: list[float] = []
     codes: dict[int, int] = {}
@@ -242,9 +409,10 @@ async def run_raw_search(url: str, queries: list[str], n: int, concurrency: int,
                     return
                 t = time.perf_counter()
                 try:
-                    status, body = await conn.post_json("/search", {"text": queries[i], "k": 10})
+                    path, payload, good = request(queries[i])
+                    status, body = await conn.post_json(path, payload)
                     codes[status] = codes.get(status, 0) + 1
-                    if status != 200 or b'"results"' not in body:
+                    if status != 200 or good not in body:
                         errors.append(f"{status}: {body[:120]!r}")
                 except (OSError, RuntimeError, asyncio.IncompleteReadError) as e:
                     errors.append(f"{type(e).__name__}: {e}")
@@ -490,8 +658,15 @@ def main() -> int:
     p.add_argument("--caption-only", action="store_true", help="with --captioner: only the caption phases")
     p.add_argument("--caption-requests", type=int, default=64, help="requests per caption phase")
     p.add_argument("--caption-concurrency", type=int, default=16)
+    p.add_argument(
+        "--vs", choices=["clip-back"], default=None,
+        help="also: clip-retrieval's back end serving the same index and model, same text search load",
+    )  # fmt: skip
+    p.add_argument("--cr-python", default="/tmp/clip-retrieval/bin/python", help="clip-retrieval venv python")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.vs and not Path(args.cr_python).exists():
+        p.error(f"no clip-retrieval venv at {args.cr_python} (see bench_inference.py's docstring)")
 
     from clipforge.utils import emit_json, format_table, write_json
 
@@ -542,6 +717,10 @@ def main() -> int:
                 ),
             )
             log(f"search ({rt}): {results['search' + sfx]}")
+            if args.vs == "clip-back" and n_rt == 0:  # right after ours, our server idle but up
+                results["clip_back"] = clip_back_phase(args, index, queries, srv.url)
+                ours, theirs = results["search"]["qps"], results["clip_back"]["search"]["qps"]
+                results["clip_back"]["ratio_qps"] = round(ours / theirs, 2) if theirs else None
             if n_rt == 0:
                 results["malformed"] = asyncio.run(malformed(srv.url))
                 log(f"malformed: {results['malformed']}")
@@ -577,9 +756,9 @@ def main() -> int:
     else:
         rows = []
         phases = ("search", "search_onnx", "search_unbatched", "classify_batched", "classify_batched_onnx")
-        for k in (*phases, "classify_unbatched"):
+        for k in (*phases, "classify_unbatched", "clip_back"):
             if k in results:
-                r = results[k]
+                r = results[k] if k != "clip_back" else results[k]["search"]
                 rows.append(
                     [
                         k,
@@ -606,6 +785,10 @@ def main() -> int:
         ]
         print(format_table(rows, heads))
         m = results["malformed"]
+        if "clip_back" in results:
+            cb = results["clip_back"]
+            print(f"clipforge / clip-back search QPS: {cb['ratio_qps']}x (target >= 5x); "
+                  f"results agree: {cb.get('agreement_vs_clipforge')}")  # fmt: skip
         if "index_build" in results:
             print(f"index build: {results['index_build']}")
         if "precision_agreement" in results:

@@ -9,6 +9,8 @@ clipforge, peer, ratio, command) with the machine, threads, versions, load avera
 same table goes to stdout. A stage whose peer needs a side venv that is missing is skipped with a line
 saying which venv and how to make it; a stage that fails is listed with the last line of its error.
 Each stage runs under ``--stage-timeout`` seconds. The figures are as noisy as the machine is shared.
+``--only ... --merge`` re-runs some stages and keeps the other rows of the earlier table, each marked
+with the date and load of the run that measured it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -62,11 +65,21 @@ def _f(x: Any, fmt: str = "{:.1f}") -> str:
 def read_ingest(r: dict) -> tuple[str, str, str]:
     cf, i2 = _g(r, "results", "clipforge"), _g(r, "results", "img2dataset")
     agree = "counts agree" if r.get("success_counts_agree") else "COUNTS DIFFER"
+    if "sizes_agree" in r:  # a bench_ingest.py that checks the resize URL by URL
+        agree += ", sizes agree" if r["sizes_agree"] else f", {r.get('sizes_differ')} SIZES DIFFER"
+    mb = "{:.1f} MB"
     return (
-        f"{_f(_g(cf, 'samples_per_s'))} URLs/s, {_f(_g(cf, 'cpu_s_per_sample'), '{:.4f}')} CPU s/URL",
-        f"{_f(_g(i2, 'samples_per_s'))} URLs/s, {_f(_g(i2, 'cpu_s_per_sample'), '{:.4f}')} CPU s/URL",
-        f"{_f(r.get('ratio_samples_per_s'), '{:.2f}x')} ({agree}, {_g(cf, 'written')} of {r.get('n_urls')} ok)",
+        f"{_f(_g(cf, 'samples_per_s'))} URLs/s, {_f(_g(cf, 'cpu_s_per_sample'), '{:.4f}')} CPU s/URL, "
+        f"{_f(_mb(_g(cf, 'output_bytes')), mb)}",
+        f"{_f(_g(i2, 'samples_per_s'))} URLs/s, {_f(_g(i2, 'cpu_s_per_sample'), '{:.4f}')} CPU s/URL, "
+        f"{_f(_mb(_g(i2, 'output_bytes')), mb)}",
+        f"{_f(r.get('ratio_samples_per_s'), '{:.2f}x')} ({agree}, {_g(cf, 'written')} of {r.get('n_urls')} "
+        f"ok, {r.get('resize', 'longer side 256')})",
     )
+
+
+def _mb(x: Any) -> float | None:
+    return None if x is None else x / 1e6
 
 
 def read_eval(r: dict) -> tuple[str, str, str]:
@@ -91,16 +104,27 @@ def read_onnx(r: dict) -> tuple[str, str, str]:
     )
 
 
+def _serve_cell(s: dict) -> str:
+    return (
+        f"{_f(s.get('qps'))} QPS, p50 {_f(s.get('p50_ms'))} ms, p99 {_f(s.get('p99_ms'))} ms, "
+        f"{s.get('errors', '?')} errors, {_f(s.get('server_cpu_ms_per_req'))} server CPU ms/query"
+    )
+
+
 def read_serve(r: dict) -> tuple[str, str, str]:
     s = r.get("search") or {}
-    ours = f"{_f(s.get('qps'))} QPS, p50 {_f(s.get('p50_ms'))} ms, p99 {_f(s.get('p99_ms'))} ms"
-    peer = next((v for k, v in r.items() if "clip" in k.lower() and "back" in k.lower()), None)
-    if isinstance(peer, dict):
-        ps = peer.get("search", peer)
-        pq = ps.get("qps") if isinstance(ps, dict) else None
-        ratio = _f(s.get("qps") / pq, "{:.2f}x") if pq and s.get("qps") else "—"
-        return ours, f"{_f(pq)} QPS, p99 {_f(ps.get('p99_ms'))} ms", ratio
-    return ours, "not measured by this bench_serve.py (no clip-back run in its JSON)", "—"
+    peer = r.get("clip_back")
+    if not isinstance(peer, dict) or not isinstance(peer.get("search"), dict):
+        return _serve_cell(s), "not measured (run bench_serve.py with --vs clip-back)", "—"
+    ps = peer["search"]
+    ratio = _f(s["qps"] / ps["qps"], "{:.2f}x") if ps.get("qps") and s.get("qps") else "—"
+    cpu = s.get("server_cpu_ms_per_req"), ps.get("server_cpu_ms_per_req")
+    if all(cpu):
+        ratio += f" QPS, {cpu[1] / cpu[0]:.1f}x less server CPU per query"
+    agree = peer.get("agreement_vs_clipforge") or {}
+    if "top10_overlap" in agree:
+        ratio += f" (same top-10: {agree['top10_overlap']:.2f} overlap)"
+    return _serve_cell(s), _serve_cell(ps), ratio
 
 
 def read_inference(r: dict) -> tuple[str, str, str]:
@@ -115,7 +139,7 @@ def read_inference(r: dict) -> tuple[str, str, str]:
 
 def stages() -> list[Stage]:
     return [
-        Stage("ingest (URLs -> shards)", "bench_ingest.py", ["--n", "200", "--threads", "16"],
+        Stage("ingest (URLs -> shards, shortest side 256)", "bench_ingest.py", ["--n", "200", "--threads", "16"],
               ["--n", "1000", "--threads", "16"], read_ingest, "img2dataset",
               "--i2d-python", "/tmp/i2d/bin/python",
               "python3 -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset"),
@@ -130,9 +154,11 @@ def stages() -> list[Stage]:
               ["throughput", "--model", "scratch:vit-b-32", "--batch-size", "32", "--steps", "3"],
               read_train, "open_clip", "--open-clip-python", "/tmp/oc/bin/python",
               "python -m venv /tmp/oc && /tmp/oc/bin/pip install torch open_clip_torch (see bench_train.py)"),
-        Stage("serve (text search)", "bench_serve.py", ["--max-per-shard", "40", "--requests", "300",
-              "--duration", "15", "--classify-requests", "40", "--skip-no-batching",
-              "--work", "/tmp/run_all_bench_serve"], [], read_serve, "clip-back"),
+        Stage("serve (text search)", "bench_serve.py", ["--vs", "clip-back", "--max-per-shard", "40",
+              "--requests", "300", "--duration", "15", "--classify-requests", "40", "--skip-no-batching",
+              "--work", "/tmp/run_all_bench_serve"], ["--vs", "clip-back"], read_serve, "clip-back",
+              "--cr-python", "/tmp/clip-retrieval/bin/python",
+              "see the recipe in bench_inference.py's docstring"),
         Stage("image embedding (export)", "bench_onnx.py", ["--threads", "2", "--rounds", "3"], [],
               read_onnx, "torch eager (same model)"),
     ]  # fmt: skip
@@ -156,7 +182,8 @@ def parse_json(stdout: str) -> dict:
 def run_stage(st: Stage, args: argparse.Namespace) -> dict:
     """-> row dict: stage, clipforge, peer, ratio, command, note."""
     script = HERE / st.script
-    row = {"stage": st.name, "peer_tool": st.peer, "clipforge": "—", "peer": "—", "ratio": "—"}
+    row = {"stage": st.name, "script": st.script, "peer_tool": st.peer, "clipforge": "—", "peer": "—"}
+    row["ratio"] = "—"
     if not script.exists():
         return {**row, "command": "—", "note": f"skipped: {st.script} does not exist yet"}
     argv = st.quick if args.quick else st.full
@@ -230,10 +257,32 @@ def machine() -> dict:
     return info
 
 
+def merge_earlier(rows: list[dict], path: Path, order: list[Stage]) -> list[dict]:
+    """``rows`` plus the rows of the stages not re-run from an earlier run's JSON (``--merge``), each
+    marked with its own date and load; in the order of :func:`stages`."""
+    if not path.is_file():
+        return rows
+    earlier = json.loads(path.read_text())
+    when = earlier.get("machine", {})
+    done = {r["script"] for r in rows}
+    kept = []
+    for r in earlier.get("rows", []):
+        m = re.search(r"benchmarks/(\S+\.py)", r.get("command", ""))
+        script = r.get("script") or (m.group(1) if m else None)
+        if script and script not in done:
+            r.setdefault("script", script)
+            r.setdefault("earlier", f"{when.get('date_utc', '?')} UTC, load {when.get('loadavg', '?')}")
+            kept.append(r)
+    rank = {st.script: i for i, st in enumerate(order)}
+    return sorted([*rows, *kept], key=lambda r: rank.get(r["script"], len(rank)))
+
+
 def markdown(rows: list[dict], info: dict, threads: str) -> str:
     out = ["| stage | clipforge | peer | ratio | command |", "|---|---|---|---|---|"]
     for r in rows:
         ratio = r["ratio"] if not r.get("note") else f"{r['ratio']} — {r['note']}"
+        if r.get("earlier"):
+            ratio += f" (earlier run: {r['earlier']})"
         cmd = f"`{r['command']}`" if r["command"] != "—" else "—"
         out.append(f"| {r['stage']} | {r['clipforge']} | {r['peer_tool']}: {r['peer']} | {ratio} | {cmd} |")
     versions = ", ".join(
@@ -261,6 +310,11 @@ def main() -> None:
     p.add_argument("--cr-python", default=None, help="clip-retrieval venv python")
     p.add_argument("--cb-python", default=None, help="CLIP_benchmark venv python")
     p.add_argument("--open-clip-python", default=None, help="open_clip venv python")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of stages not run now from the earlier --out JSON (marked with their date)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout (table still written)")
     args = p.parse_args()
     chosen = stages()
@@ -275,8 +329,12 @@ def main() -> None:
         rows.append(row)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     threads = "ingest 16 download threads both tools; torch stages use each script's --threads"
-    table = markdown(rows, info, threads)
     out = Path(args.out)
+    for r in rows:
+        r["date_utc"] = info["date_utc"]
+    if args.merge:
+        rows = merge_earlier(rows, out.with_suffix(".json"), stages())
+    table = markdown(rows, info, threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     (out.with_suffix(".json")).write_text(json.dumps({"machine": info, "rows": rows}, indent=1, default=str))
