@@ -112,8 +112,8 @@ def _serve_cell(s: dict) -> str:
 
 
 def read_serve(r: dict) -> tuple[str, str, str]:
-    s = r.get("search") or {}
     peer = r.get("clip_back")
+    s = r.get("search") or r.get(f"search_{(peer or {}).get('vs_clipforge_runtime')}") or {}
     if not isinstance(peer, dict) or not isinstance(peer.get("search"), dict):
         return _serve_cell(s), "not measured (run bench_serve.py with --vs clip-back)", "—"
     ps = peer["search"]
