@@ -88,6 +88,11 @@ def test_fix_recaptions_below_the_cut_and_records_every_key(scored, tmp_path):
     assert s["where_skipped_no_column"] == ["not is_duplicate", "not is_eval_duplicate"]
     act = {r["key"]: r for r in pq.read_table(out / "actions.parquet").to_pylist()}
     assert len(act) == 40
+    assert s["dropped_by"] == {
+        "clip_score < 0.2; no synthetic caption": 1,
+        "clip_score < 0.2; synthetic caption scores no better than the original": 1,
+        "fails 'image_valid and not is_blank'": 1,
+    }
     assert act["k0_00"]["action"] == "dropped" and "no synthetic caption" in act["k0_00"]["reason"]
     assert act["k0_01"]["action"] == "dropped" and "no better" in act["k0_01"]["reason"]
     assert act["k1_19"]["action"] == "dropped" and "is_blank" in act["k1_19"]["reason"]

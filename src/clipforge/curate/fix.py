@@ -294,7 +294,8 @@ def fix_run(
     reasons: dict[str, int] = {}
     for a, why in zip(d["action"], d["reason"]):
         if a == "dropped":
-            reasons[why.split(" (score")[0]] = reasons.get(why.split(" (score")[0], 0) + 1
+            why = re.sub(r" \(score [^)]*\)", "", why)  # the per-row numbers stay in actions.parquet
+            reasons[why] = reasons.get(why, 0) + 1
     summary = {
         "scores": str(scores_dir),
         "output": str(out),
