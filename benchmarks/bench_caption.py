@@ -159,11 +159,13 @@ def main() -> None:
                    help="decoder-training wall minutes (shared machine): the schedule follows whichever budget "
                    "is spent first")  # fmt: skip
     p.add_argument("--curve-images", type=int, default=500, help="test images scored at each curve point")
+    p.add_argument("--eval-images", type=int, default=None, help="test images scored at the end (all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="bf16", help="decoder training: fp32 | bf16 | auto")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="warmup steps (short budgets: ~50)")
     p.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=False,
                    help="build the locked-tower feature cache (also ~30k MiniLM caption passes) instead of "
                    "encoding the images in memory")  # fmt: skip
@@ -201,7 +203,7 @@ def main() -> None:
         "decoder": {"prefix_len": a.prefix_len, "layers": layers, "width": width, "heads": heads,
                     "dropout": a.dropout},
         "min_count": a.min_count, "tokenizer": a.tokenizer, "epochs": a.epochs, "max_steps": a.max_steps,
-        "cpu_budget_minutes": a.cpu_budget, "wall_budget_minutes": a.wall_budget, "precision": a.precision, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": 200,
+        "cpu_budget_minutes": a.cpu_budget, "wall_budget_minutes": a.wall_budget, "precision": a.precision, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup,
         "label_smoothing": a.label_smoothing, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
         "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "feature_cache": a.feature_cache,
         "cache_dir": cache_dir,
@@ -233,7 +235,7 @@ def main() -> None:
         base = name == "greedy" and not a.no_baselines
         r = evaluate_captioning(cap_dir, test, scoring_model="none", decode=opts, baselines=base,
                                 train_data=None if base else [], workers=a.workers,  # baselines once
-                                prepared=prepared)  # fmt: skip
+                                prepared=prepared, limit=a.eval_images)  # fmt: skip
         results[f"eval_{name}"] = r
         if name == "greedy":
             caption_grid(test, r["samples"], out / "caption_grid.png")
