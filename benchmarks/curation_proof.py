@@ -179,13 +179,19 @@ def curate_filter(scores: Path, recipe: list[str], out: Path, extra: list[str] =
 
 
 def caption_run(
-    captioner: str, data: list[str], out: Path, a: argparse.Namespace, candidates: int = 3
+    captioner: str,
+    data: list[str],
+    out: Path,
+    a: argparse.Namespace,
+    candidates: int = 3,
+    scoring: str | None = None,
 ) -> Path:
     """``clipforge caption run`` (best of ``candidates`` beam hypotheses by the encoder's CLIP score)."""
     if not (out / "summary.json").exists():
         cmd = ["clipforge", "caption", "run", "--captioner", captioner, "--data", *data, "--output", str(out)]
         cmd += ["--decode.method", "beam", "--decode.beam-width", str(max(3, candidates))]
         cmd += ["--decode.num-candidates", str(candidates), "--threads", str(a.threads), "--json"]
+        cmd += ["--scoring-model", scoring] if scoring else []
         sh(cmd + (["--resume"] if out.exists() else []))
     return out
 
@@ -332,6 +338,26 @@ def main(argv: list[str] | None = None) -> int:
             timed("fix", lambda: sh(cmd + ["--output", str(fixed), *where, "--json"]))
         shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
         timed("d_fixed", lambda: quickstart(shards, runs / "d_fixed", a))
+    if "dstar" in steps and a.captioner and (scores / "scores.parquet").exists():
+        # (d*) the same fix with a strong captioner that saw these images' clean captions: it LEAKS (an
+        # upper bound on what fixing gives with a good captioner), never the proof row. Candidates are
+        # still chosen, and compared with the original, by the out-of-fold scorer of each fold.
+        syn = []
+        for i in range(a.folds):
+            below = [str(p) for p in sorted((w / f"below_fold{i}").glob("*.tar"))]
+            scorer = str(scores / "folds" / f"scorer{i}" / "model")
+            out_i = w / f"captions_upper_fold{i}"
+            syn.append(
+                str(timed(f"caption_run_upper{i}", lambda b=below, o=out_i, s=scorer: caption_run(
+                    a.captioner, b, o, a, a.candidates, s)))
+            )  # fmt: skip
+        fixed = w / "fixed_upper"
+        if not (fixed / "fix.json").exists():
+            where = [x for r in keep_rules for x in ("--where", r)]
+            cmd = ["clipforge", "curate", "fix", "--scores", str(scores), "--captions", *syn]
+            timed("fix_upper", lambda: sh(cmd + ["--output", str(fixed), *where, "--json"]))
+        shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
+        timed("dstar_fixed_leaky", lambda: quickstart(shards, runs / "dstar_fixed_leaky_captioner", a))
     if steps & {"e", "f"}:
         cap = a.captioner
         default = HERE.parents[1] / "coord" / "s4" / "artifacts" / "captioner_paired"
