@@ -18,6 +18,19 @@ URL by URL. img2dataset runs in a side venv (``--i2d-python``; ``python3 -m venv
 Reported per tool: wall seconds, samples/s over all URLs, CPU seconds (user+sys of the tool's whole
 process tree) per URL, successes by URL category and output bytes. The machine may be shared with
 other jobs: the load average before/after is reported with the figures.
+
+Measured 2026-11-30 14:47 UTC, ONE run, 2 shared cores at load average 28 (other agents' jobs):
+
+    python benchmarks/bench_ingest.py --n 1000 --threads 16 --json       # --resize shortest, 256
+
+    tool         wall_s  URLs/s  CPU s/URL  written  MB    (img2dataset 1.47.0, keep_ratio)
+    img2dataset  44.5    22.5    0.0133     855      33.5
+    clipforge    28.7    34.9    0.0056     855      32.0
+    1.55x URLs/s, 0.42x CPU per URL; same 855 written per category, same 855 output sizes.
+
+Most of clipforge's wall time here is head-of-line waiting: ``ordered_map`` keeps 4 x workers
+results in flight, so a URL that times out (2 s) stalls the writer and then the pool. With a window of
+32 x workers (an experiment, not committed) the same ingest took 8.5-10.3 s instead of 25.6-26.8 s.
 """
 
 from __future__ import annotations

@@ -45,6 +45,20 @@ Measured 2026-11-30, ONE run, towers model (saved), index of flickr8k test-00000
     /classify req/s       14.8        29.7        2.01x   (server CPU 36.1 -> 19.4 ms/request)
     index build images/s  10.7        26.0        2.43x   (embedding loop of the shard)
 
+``--vs clip-back``, measured 2026-11-30 14:49-14:54 UTC, ONE run each, index of 720 images (flickr8k +
+cifar10, ``--max-per-shard 40``), towers model, 1000 queries (k=10, 32 connections, 30 s cap), 2 shared
+cores at load average 25-30 from other agents (QPS here is mostly the scheduler's share; the server
+CPU per query is the capacity figure):
+
+    python benchmarks/bench_serve.py --vs clip-back [--runtime onnx] --max-per-shard 40 --requests 1000 \
+        --duration 30 --classify-requests 20 --skip-no-batching --work /tmp/run_all_bench_serve
+
+    server               QPS    p50 ms   p99 ms   errors  server CPU ms/query
+    clipforge (torch)    43.4   360      2679     0       8.6
+    clipforge (onnx)     68.3   509      671      0       5.5
+    clip-back 2.45.0     22.7   1169     3269     0       33.8   (36.9 in the onnx run)
+    same top-10 for 20 of 20 queries; torch: 1.91x QPS, 3.9x less CPU; onnx: 2.96x QPS, 6.7x less CPU
+
 An earlier run with onnxruntime's default intra-op spinning gave onnx 0.57x torch on search and
 1.02x on classify: busy-waiting threads starve the rest of a shared CPU, so the sessions sleep.
 
