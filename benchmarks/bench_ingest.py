@@ -343,7 +343,8 @@ def main() -> None:
             print(f"{'':12s} its own shard timing (no start-up): {r['shard_seconds']:.2f} s")
     print(f"ratio clipforge/img2dataset samples/s: {out['ratio_samples_per_s']:.2f}x (target >= 1.5x)")
     print(
-        f"ratio CPU s per sample: {out['ratio_cpu_per_sample']:.2f}; counts agree: {out['success_counts_agree']}; "
+        f"ratio CPU s per sample: {out['ratio_cpu_per_sample']:.2f}; "
+        f"counts agree: {out['success_counts_agree']}; "
         f"output sizes agree: {out['sizes_agree']} ({out['sizes_differ']} differ)"
     )
 

@@ -188,7 +188,7 @@ def load_clipforge(spec, use_jit, device, cache_path):  # the served model, thro
 acm._CLIP_REGISTRY = {"clipforge:": load_clipforge, **acm._CLIP_REGISTRY}
 import flask
 _run = flask.Flask.run
-flask.Flask.run = lambda self, host=None, port=None, **kw: _run(self, "127.0.0.1", port, **kw)  # loopback only
+flask.Flask.run = lambda self, host=None, port=None, **kw: _run(self, "127.0.0.1", port, **kw)  # loopback
 from clip_retrieval.clip_back import clip_back
 clip_back(indices_paths=cfg["paths"], port=cfg["port"], clip_model="clipforge:" + cfg["model"], use_jit=False,
           enable_mclip_option=False, provide_aesthetic_embeddings=False, columns_to_return=["url", "caption"])

@@ -139,7 +139,8 @@ def read_inference(r: dict) -> tuple[str, str, str]:
 
 def stages() -> list[Stage]:
     return [
-        Stage("ingest (URLs -> shards, shortest side 256)", "bench_ingest.py", ["--n", "200", "--threads", "16"],
+        Stage("ingest (URLs -> shards, shortest side 256)", "bench_ingest.py", ["--n", "200", "--threads",
+              "16"],
               ["--n", "1000", "--threads", "16"], read_ingest, "img2dataset",
               "--i2d-python", "/tmp/i2d/bin/python",
               "python3 -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset"),
