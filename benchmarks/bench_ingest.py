@@ -230,6 +230,8 @@ def run_clipforge(csv_path: Path, out: Path, args: argparse.Namespace) -> dict:
     ]
     if args.resize == "shortest":
         cmd += ["--shortest-side", str(args.size), "--resize-only-if-bigger"]
+    if args.no_draft:
+        cmd += ["--no-draft"]
     else:
         cmd += ["--max-side", str(args.size)]
     cmd += ["--quality", "95", "--workers", str(args.threads), "--retries", "0"]
@@ -271,6 +273,11 @@ def main() -> None:
         help="shortest side to --size (img2dataset keep_ratio) or longer side <= --size (keep_ratio_largest)",
     )
     p.add_argument("--size", type=int, default=256, help="resize target (px), both tools")
+    p.add_argument(
+        "--no-draft",
+        action="store_true",
+        help="clipforge decodes JPEGs at full size before shrinking, as img2dataset does (no libjpeg draft)",
+    )
     p.add_argument("--i2d-python", default="/tmp/i2d/bin/python", help="python of the img2dataset venv")
     p.add_argument("--work", default="/tmp/bench_ingest", help="scratch dir (images cache, outputs)")
     p.add_argument("--server-seconds", type=float, default=600.0, help="the server stops after this")
@@ -315,7 +322,7 @@ def main() -> None:
         "ratio_samples_per_s": cf["samples_per_s"] / i2["samples_per_s"],
         "ratio_cpu_per_sample": cf["cpu_s_per_sample"] / i2["cpu_s_per_sample"],
         "success_counts_agree": cf["by_category"] == i2["by_category"],
-        "resize": f"{args.resize} side {args.size}",
+        "resize": f"{args.resize} side {args.size}" + (", no draft" if args.no_draft else ""),
         "sizes_agree": sizes["clipforge"] == sizes["img2dataset"],
         "sizes_differ": sum(sizes["clipforge"].get(u) != s for u, s in sizes["img2dataset"].items()),
         "loadavg_before": load0,

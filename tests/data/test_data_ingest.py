@@ -109,6 +109,23 @@ def test_ingest_shortest_side_follows_img2dataset_keep_ratio(tmp_path: Path, onl
     assert _smallest_max_size(201, 128, 64) == (100, 64)  # the case above is a tie: 100.5 rounds to even
 
 
+def test_no_draft_decodes_at_full_size_before_shrinking() -> None:
+    from clipforge.data.decode import decode_image
+    from clipforge.data.ingest import prepare_image
+
+    data = image_bytes(1200, 900, seed=7)
+    full = decode_image(data).resize((85, 64), Image.Resampling.BOX)  # the rule without libjpeg's draft
+    drafted = decode_image(data, draft_size=64).resize((85, 64), Image.Resampling.BOX)
+    assert drafted.tobytes() != full.tobytes()  # the draft path really differs on this image
+    refs = {False: full, True: drafted}
+    for draft in (False, True):
+        _, out, size = prepare_image(data, None, 100, shortest_side=64, draft=draft)
+        got = Image.open(io.BytesIO(out))
+        assert (size["width"], size["height"]) == got.size == (85, 64)
+        err = {d: sum(abs(x - y) for x, y in zip(got.tobytes(), ref.tobytes())) for d, ref in refs.items()}
+        assert err[draft] < err[not draft], draft  # closest to its own decode path (q100 re-encode)
+
+
 def test_shortest_side_plan_filters_and_limits(tmp_path: Path, monkeypatch) -> None:
     from clipforge.data.decode import SkipSample
     from clipforge.data.ingest import prepare_image
