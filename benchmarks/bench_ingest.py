@@ -230,10 +230,10 @@ def run_clipforge(csv_path: Path, out: Path, args: argparse.Namespace) -> dict:
     ]
     if args.resize == "shortest":
         cmd += ["--shortest-side", str(args.size), "--resize-only-if-bigger"]
-    if args.no_draft:
-        cmd += ["--no-draft"]
     else:
         cmd += ["--max-side", str(args.size)]
+    if args.no_draft:
+        cmd += ["--no-draft"]
     cmd += ["--quality", "95", "--workers", str(args.threads), "--retries", "0"]
     cmd += ["--timeout", str(args.timeout), "--total-timeout", str(args.timeout)]
     cmd += ["--per-host", str(args.threads), "--allow-private-urls", "--maxcount", "10000", "--json"]
