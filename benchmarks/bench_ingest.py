@@ -19,18 +19,25 @@ Reported per tool: wall seconds, samples/s over all URLs, CPU seconds (user+sys 
 process tree) per URL, successes by URL category and output bytes. The machine may be shared with
 other jobs: the load average before/after is reported with the figures.
 
-Measured 2026-11-30 14:47 UTC, ONE run, 2 shared cores at load average 28 (other agents' jobs):
+Measured 2026-11-30, ONE run each, 2 shared cores loaded by other agents' jobs (load average given):
 
-    python benchmarks/bench_ingest.py --n 1000 --threads 16 --json       # --resize shortest, 256
+    python benchmarks/bench_ingest.py --n 1000 --threads 16 --json [--no-draft]    # shortest side 256
 
-    tool         wall_s  URLs/s  CPU s/URL  written  MB    (img2dataset 1.47.0, keep_ratio)
-    img2dataset  44.5    22.5    0.0133     855      33.5
-    clipforge    28.7    34.9    0.0056     855      32.0
-    1.55x URLs/s, 0.42x CPU per URL; same 855 written per category, same 855 output sizes.
+    run (load)              tool         wall_s  URLs/s  CPU s/URL  written  MB
+    14:47 (28)              img2dataset  44.5    22.5    0.0133     855      33.5
+                            clipforge    28.7    34.9    0.0056     855      32.0   1.55x, 0.42x CPU
+    15:00 (18) --no-draft   img2dataset  35.2    28.4    0.0128     855      33.5
+                            clipforge    29.2    34.3    0.0082     855      31.7   1.21x, 0.64x CPU
+    15:03 (16)              img2dataset  34.3    29.2    0.0125     855      33.5
+                            clipforge    27.5    36.4    0.0054     855      32.0   1.25x, 0.43x CPU
 
-Most of clipforge's wall time here is head-of-line waiting: ``ordered_map`` keeps 4 x workers
-results in flight, so a URL that times out (2 s) stalls the writer and then the pool. With a window of
-32 x workers (an experiment, not committed) the same ingest took 8.5-10.3 s instead of 25.6-26.8 s.
+Same 855 written per URL category and the same 855 output sizes in every run. Pixels (stored JPEGs vs
+img2dataset's): mean abs difference 2.8/255 with the draft decode, 1.5/255 with ``--no-draft``.
+clipforge's wall time stays at ~28 s while img2dataset's follows the load: it is head-of-line
+waiting, not CPU (0.2 cores used). ``ordered_map`` keeps 4 x workers results in flight, so a URL that
+times out (2 s) at the head stalls the writer and then the pool. With a window of 32 x workers (an
+experiment, not committed: data/parallel.py is not this benchmark's) the same ingest took 8.5-10.3 s
+instead of 25.6-26.8 s.
 """
 
 from __future__ import annotations
