@@ -394,6 +394,12 @@ def _check_not_inside(inputs: list[str], out: Path) -> None:
                 raise ValueError(f"input {i} is inside --output {out}: choose another output directory")
 
 
+def _window(cfg: IngestConfig) -> int:
+    """Items in flight: resized results are small, so keep 32 per worker queued behind a slow URL (one
+    timing out at the head no longer idles the pool); unresized ones carry whole files, so 4."""
+    return (32 if cfg.max_side or cfg.shortest_side else 4) * max(1, cfg.workers)
+
+
 def ingest(
     inputs: list[str],
     cfg: IngestConfig,
@@ -442,7 +448,7 @@ def ingest(
         maxsize=cfg.maxsize,
         start_shard=existing if retry_from else 0,
     ) as writer:
-        for rec, result in ordered_map(proc, records, cfg.workers):
+        for rec, result in ordered_map(proc, records, cfg.workers, window=_window(cfg)):
             bar.update(1)
             if isinstance(result, SkipSample):
                 report.add(rec.key, result.reason, printable(f"{rec.source}: {result.detail}", 300))

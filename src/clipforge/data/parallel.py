@@ -17,9 +17,15 @@ from clipforge.data.decode import SkipSample
 T = TypeVar("T")
 
 
-def ordered_map(fn: Callable[[T], Any], items: Iterable[T], workers: int) -> Iterator[tuple[T, Any]]:
+def ordered_map(
+    fn: Callable[[T], Any], items: Iterable[T], workers: int, window: int | None = None
+) -> Iterator[tuple[T, Any]]:
     """Yield ``(item, fn(item))`` in input order; a SkipSample (or any error, as ``ingest_error``) is
-    returned as the result instead of raised, so one bad item costs one item, not the run."""
+    returned as the result instead of raised, so one bad item costs one item, not the run.
+
+    At most ``window`` items (default ``4 * workers``) are in flight or done-but-unyielded: that bounds
+    memory, and a larger window keeps the workers busy behind one slow item (a URL timing out at the head).
+    """
 
     def call(item: T) -> Any:
         try:
@@ -34,13 +40,14 @@ def ordered_map(fn: Callable[[T], Any], items: Iterable[T], workers: int) -> Ite
         for item in items:
             yield item, call(item)
         return
-    window: deque[tuple[T, Future]] = deque()
+    limit = max(workers, window or 4 * workers)
+    pending: deque[tuple[T, Future]] = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for item in items:
-            window.append((item, pool.submit(call, item)))
-            if len(window) >= 4 * workers:
-                head, fut = window.popleft()
+            pending.append((item, pool.submit(call, item)))
+            if len(pending) >= limit:
+                head, fut = pending.popleft()
                 yield head, fut.result()
-        while window:
-            head, fut = window.popleft()
+        while pending:
+            head, fut = pending.popleft()
             yield head, fut.result()
