@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,8 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.config import ConfigError, check_run_config, diff_configs, from_dict, write_run_config
-from clipforge.curate.clipscore import check_runtime_stages, stage_model
+from clipforge.curate.clipscore import check_runtime_stages
 from clipforge.curate.config import BalanceConfig, CurateConfig, DedupConfig
+from clipforge.curate.context import EngineContext
 from clipforge.curate.outputs import prepare_output
 from clipforge.curate.plan import resolve_stages
 from clipforge.curate.registry import Context, Stage
@@ -51,28 +51,6 @@ log = logging.getLogger(__name__)
 
 
 # -- the local engine ----------------------------------------------------------------------------
-class EngineContext(Context):
-    """Context whose lazy caches are built once even when worker threads ask at the same time, and
-    whose model runs under ``config.runtime`` (torch, or its onnx export: curate.clipscore.stage_model)."""
-
-    def __init__(self, config: CurateConfig, model: Any = None) -> None:
-        super().__init__(config, model)
-        self._lock = threading.RLock()
-        self._model_ready = False
-
-    @property
-    def model(self) -> Any:
-        with self._lock:
-            if not self._model_ready:
-                self._model = stage_model(self.config, self._model)
-                self._model_ready = True
-            return self._model
-
-    def cached(self, name: str, build: Any) -> Any:
-        with self._lock:
-            return super().cached(name, build)
-
-
 def run_local(
     urls: list[str], stages: list[Stage], ctx: Context, out_dir: Path, workers: int = 1, progress: bool = True
 ) -> list[dict[str, Any]]:

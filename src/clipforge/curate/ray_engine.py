@@ -33,7 +33,7 @@ class ShardScorer:
         model: Any = None,
         threads: int = 1,
     ) -> None:
-        from clipforge.curate.engine import EngineContext
+        from clipforge.curate.context import EngineContext
         from clipforge.curate.plan import resolve_stages
         from clipforge.runtime import setup_process
 
