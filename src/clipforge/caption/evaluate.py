@@ -99,7 +99,8 @@ def evaluate_captioning(
     data = [data] if isinstance(data, str) else list(data)
     cap = Captioner.load(captioner)
     enc_model = (prepared and prepared.encoder) or cap.load_encoder(encoder)
-    test = (prepared and prepared.eval) or shard_conditions(enc_model, data, cap.condition, workers=workers)
+    test = (prepared and prepared.eval) or cap.shard_conditions(enc_model, data, workers=workers)
+    base_kind = "embedding" if cap.condition == "spatial" else cap.condition  # baselines read vectors
     n = min(limit or len(test), len(test))
     keys, cond, refs = test.keys[:n], test.cond[:n], test.captions[:n]
     texts, _ = cap.caption(cond, decode, decap_temperature)
@@ -118,9 +119,7 @@ def evaluate_captioning(
     if train_data and train is None:
         root = Path(cache_dir) if cache_dir else Path(captioner).resolve().parent.parent / ".feature_cache"
         root = root if root.is_dir() else None  # no cache yet: encode in memory, build none here
-        train = training_set(
-            enc_model, train_data, cap.condition, text=False, cache_root=root, workers=workers
-        )
+        train = training_set(enc_model, train_data, base_kind, text=False, cache_root=root, workers=workers)
 
     def score(captions: list[str]) -> dict[str, Any]:
         m = coco_scores(dict(zip(keys, captions)), dict(zip(keys, refs)))
@@ -140,7 +139,10 @@ def evaluate_captioning(
     if baselines and train is not None:
         from clipforge.caption.baselines import baseline_captions
 
-        for name, caps in baseline_captions(train.cond.cond, train.cond.captions, cond, knn_k).items():
+        base = cond
+        if base_kind != cap.condition:
+            base = shard_conditions(enc_model, data, base_kind, workers=workers).cond[:n]
+        for name, caps in baseline_captions(train.cond.cond, train.cond.captions, base, knn_k).items():
             results.append({"task": f"captioning/{name}", "dataset": dataset, "shards": shards,
                             "metrics": score(caps), **extra})  # fmt: skip
     return {

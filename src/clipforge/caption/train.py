@@ -266,6 +266,7 @@ def train_captioner(
 # what a resumed run may change: where things live, how long it runs, how fast, how often it evaluates
 RESUME_MAY_CHANGE = {
     "output", "cache_dir", "feature_cache", "max_steps", "wall_budget_minutes", "threads", "workers", "eval_every",
+    "decoder.cross_dim", "decoder.cross_tokens",  # added later (cross-attention CoCa); 0 = what older runs had
 }  # fmt: skip
 
 
