@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from clipforge.data.report import BadSampleReport
 from clipforge.data.transforms import PreprocessConfig
 from clipforge.models import encode as enc
-from clipforge.models.base import ClipModel, ModelConfig
+from fake_clip import TinyClip, tiny_config
 
 
 class _Tok:
@@ -32,31 +30,18 @@ class _Tok:
         return {"input_ids": x, "attention_mask": (x != 0).long()}
 
 
-class Tiny(ClipModel):
+class Tiny(TinyClip):
+    """The shared fake (tests/fake_clip.py) in its features split, counting text batches."""
+
     def __init__(self, dim: int = 8) -> None:
-        super().__init__(
-            ModelConfig("scratch", "test:tiny", dim, preprocess=PreprocessConfig(size=8).to_dict())
-        )
         torch.manual_seed(0)
-        self.img = nn.Linear(12, dim)
-        self.emb = nn.Embedding(64, dim)
-        self.txt = nn.Linear(dim, dim)
-        self.tokenizer = _Tok()
+        cfg = tiny_config(dim, 8, backend="scratch", preprocess=PreprocessConfig(size=8).to_dict())
+        super().__init__(cfg, grid=2, vocab=64, split="features", seed=None, tokenizer=_Tok())
         self.batches: list[int] = []
-
-    def image_features(self, pixels):
-        return {"x": F.adaptive_avg_pool2d(pixels, 2).flatten(1)}
-
-    def image_head(self, feats):
-        return self.img(feats["x"])
 
     def text_features(self, tokens):
         self.batches.append(tokens["input_ids"].shape[0])
-        m = tokens["attention_mask"].unsqueeze(-1).float()
-        return {"x": (self.emb(tokens["input_ids"]) * m).sum(1) / m.sum(1)}
-
-    def text_head(self, feats):
-        return self.txt(feats["x"])
+        return super().text_features(tokens)
 
 
 def _shard(path: Path, n: int, bad: int = 0, bad_at: tuple[int, ...] = ()) -> Path:
