@@ -104,3 +104,18 @@ def test_count_samples_real_shard(flickr_test_shard: Path) -> None:
     n, nbytes = count_samples(str(flickr_test_shard))
     assert n == 1000
     assert nbytes > 1_000_000
+
+
+def test_corrupt_image_detail_is_the_same_in_every_run() -> None:
+    """PIL names the BytesIO it could not read with its address: reports must not differ run to run."""
+    from clipforge.data.decode import decode_image
+    from clipforge.data.skip import SkipSample
+
+    details = set()
+    for _ in range(3):
+        try:
+            decode_image(b"not an image at all")
+        except SkipSample as e:
+            assert e.reason == "corrupt_image"
+            details.add(e.detail)
+    assert len(details) == 1 and "0x" not in details.pop()

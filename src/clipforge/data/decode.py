@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -133,6 +134,15 @@ def _trim() -> None:
 DECODE_BUDGET = PixelBudget(int(float(os.environ.get("CLIPFORGE_DECODE_BUDGET_MP", "100")) * 1_000_000))
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable(msg: str) -> str:
+    """Drop object addresses (``<_io.BytesIO object at 0x7f...>``) so the same bad sample gives the
+    same report in every run and on every engine (reports are compared across resumes and Ray)."""
+    return _ADDRESS.sub("", msg)
+
+
 def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Image:
     """Decode image bytes to an RGB PIL image; raise :class:`SkipSample` with a reason on failure.
 
@@ -166,7 +176,7 @@ def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Ima
     except Image.DecompressionBombError as e:
         raise SkipSample("decompression_bomb", str(e)[:200]) from None
     except Exception as e:  # PIL raises many types for broken data: OSError, SyntaxError, ValueError...
-        raise SkipSample("corrupt_image", f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {_stable(str(e))[:200]}") from None
     rgb.info["original_size"] = original_size  # (w, h) before draft: what inspect/side tables report
     rgb.info["decoded_size"] = rgb.size  # != original_size only when draft mode shrank it
     return rgb
