@@ -215,24 +215,12 @@ def fix_run(
     ``where`` (keep-rules, default: the recipe's non-clip rules whose columns exist) and ``fix`` are
     ``curate filter`` expressions. Rerunning into the same ``output`` with the same settings resumes
     (finished shards are skipped); other settings are refused unless ``overwrite``."""
-    from tqdm import tqdm
-
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", prefix):
         raise ValueError(
             f"--prefix must be a plain file-name part (letters, digits, _ . -), got {prefix[:100]!r}"
         )
     table, manifest = load_run(scores_dir)
-    skipped_where: list[str] = []
-    if where is None:
-        where = []
-        for e in DEFAULT_WHERE:
-            (where if columns_of(parse(e)) <= set(table.column_names) else skipped_where).append(e)
-    for e in [*where, fix]:
-        missing = columns_of(parse(e)) - set(table.column_names)
-        if missing:
-            raise FilterError(
-                f"{e!r} needs column(s) {sorted(missing)} that {scores_dir}/scores.parquet lacks"
-            )
+    where, skipped_where = _rules(table, where, fix, scores_dir)
     caption_paths = [str(Path(p)) for p in captions]
     settings = {
         "scores": str(Path(scores_dir).resolve()),
@@ -242,66 +230,25 @@ def fix_run(
         "require_better": require_better,
         "prefix": prefix,
     }
-    out = Path(output)
-    resume = (out / CONFIG).is_file() and not overwrite
-    if resume:
-        saved = json.loads((out / CONFIG).read_text())
-        if saved != settings:
-            diff = [k for k in settings if saved.get(k) != settings[k]]
-            raise ValueError(
-                f"{out} holds a fix run with other settings ({', '.join(diff)}): use --overwrite"
-            )
     urls = manifest["urls"]
     if not urls:
         raise FileNotFoundError(f"{scores_dir}/manifest.json lists no input shards")
     inputs = [Path(scores_dir) / "scores.parquet", *urls, *caption_paths]
-    out = prepare_output(out, overwrite=overwrite, resume=resume, inputs=inputs)
-    write_json(out / CONFIG, settings)
+    out = _prepare(Path(output), settings, overwrite, inputs)
     cap = load_captions(caption_paths)
     d = decide(table, cap, where, fix, require_better)
     shards = table.column("shard").to_pylist() if "shard" in table.column_names else [""] * table.num_rows
     d = {"key": d["key"], "shard": shards, **{k: v for k, v in d.items() if k != "key"}}
-    actions = pa.table(
-        {
-            **{k: d[k] for k in ("key", "shard", "action", "reason", "caption", "caption_new", "source")},
-            "clip_score": pa.array(d["clip_score"], pa.float32()),
-            "clip_score_new": pa.array(d["clip_score_new"], pa.float32()),
-        }
-    )
-    with atomic_path(out / "actions.parquet") as tmp:
-        pq.write_table(actions, tmp)
+    _write_actions(out, d)
     by_key = {k: {"action": a, "caption_new": c} for k, a, c in zip(d["key"], d["action"], d["caption_new"])}
-    (out / "shards").mkdir(exist_ok=True)
-    written: list[str] = []
-    report = BadSampleReport()
-    resumed = 0
-    counts_written = {"kept": 0, "recaptioned": 0}
-    for url in tqdm(urls, desc="curate fix", unit="shard", disable=not progress):
-        stem = shard_name(url).removesuffix(".tar")
-        done = out / "shards" / f"{prefix}-{stem}.json"
-        if done.is_file():
-            r = json.loads(done.read_text())
-            resumed += 1
-        else:
-            r = write_fixed_shard(url, by_key, out, prefix)
-            write_json(done, r)
-        report.merge(r["bad"])
-        for a in counts_written:
-            counts_written[a] += r[a]
-        if r["shard"]:
-            written.append(r["shard"])
+    written, resumed, counts_written, report = _write_shards(urls, by_key, out, prefix, progress)
     counts = {a: int(sum(x == a for x in d["action"])) for a in ACTIONS}
-    reasons: dict[str, int] = {}
-    for a, why in zip(d["action"], d["reason"]):
-        if a == "dropped":
-            why = re.sub(r" \(score [^)]*\)", "", why)  # the per-row numbers stay in actions.parquet
-            reasons[why] = reasons.get(why, 0) + 1
     summary = {
         "scores": str(scores_dir),
         "output": str(out),
         "rows": table.num_rows,
         "actions": counts,
-        "dropped_by": reasons,
+        "dropped_by": _dropped_by(d),
         "where": where,
         "where_skipped_no_column": skipped_where,
         "fix": fix,
@@ -315,3 +262,87 @@ def fix_run(
         log.warning("decided %s but wrote %s (see bad_samples)", counts, counts_written)
     write_json(out / "fix.json", summary)
     return summary
+
+
+def _rules(
+    table: pa.Table, where: list[str] | None, fix: str, scores_dir: str | Path
+) -> tuple[list[str], list[str]]:
+    """The keep-rules (default: the recipe's rules whose columns exist) and those skipped; every rule
+    and ``fix`` must name columns the scores table has."""
+    skipped: list[str] = []
+    if where is None:
+        where = []
+        for e in DEFAULT_WHERE:
+            (where if columns_of(parse(e)) <= set(table.column_names) else skipped).append(e)
+    for e in [*where, fix]:
+        missing = columns_of(parse(e)) - set(table.column_names)
+        if missing:
+            raise FilterError(
+                f"{e!r} needs column(s) {sorted(missing)} that {scores_dir}/scores.parquet lacks"
+            )
+    return where, skipped
+
+
+def _prepare(out: Path, settings: dict[str, Any], overwrite: bool, inputs: list[Any]) -> Path:
+    """Resume only with the same settings; write them first (the record a resume is checked against)."""
+    resume = (out / CONFIG).is_file() and not overwrite
+    if resume:
+        saved = json.loads((out / CONFIG).read_text())
+        if saved != settings:
+            diff = [k for k in settings if saved.get(k) != settings[k]]
+            raise ValueError(
+                f"{out} holds a fix run with other settings ({', '.join(diff)}): use --overwrite"
+            )
+    out = prepare_output(out, overwrite=overwrite, resume=resume, inputs=inputs)
+    write_json(out / CONFIG, settings)
+    return out
+
+
+def _write_actions(out: Path, d: dict[str, list[Any]]) -> None:
+    actions = pa.table(
+        {
+            **{k: d[k] for k in ("key", "shard", "action", "reason", "caption", "caption_new", "source")},
+            "clip_score": pa.array(d["clip_score"], pa.float32()),
+            "clip_score_new": pa.array(d["clip_score_new"], pa.float32()),
+        }
+    )
+    with atomic_path(out / "actions.parquet") as tmp:
+        pq.write_table(actions, tmp)
+
+
+def _write_shards(
+    urls: list[str], by_key: dict[str, dict[str, Any]], out: Path, prefix: str, progress: bool
+) -> tuple[list[str], int, dict[str, int], BadSampleReport]:
+    """One fixed shard per input shard; a shard whose record exists is done (resume skips it)."""
+    from tqdm import tqdm
+
+    (out / "shards").mkdir(exist_ok=True)
+    written: list[str] = []
+    report = BadSampleReport()
+    resumed = 0
+    counts = {"kept": 0, "recaptioned": 0}
+    for url in tqdm(urls, desc="curate fix", unit="shard", disable=not progress):
+        stem = shard_name(url).removesuffix(".tar")
+        done = out / "shards" / f"{prefix}-{stem}.json"
+        if done.is_file():
+            r = json.loads(done.read_text())
+            resumed += 1
+        else:
+            r = write_fixed_shard(url, by_key, out, prefix)
+            write_json(done, r)
+        report.merge(r["bad"])
+        for a in counts:
+            counts[a] += r[a]
+        if r["shard"]:
+            written.append(r["shard"])
+    return written, resumed, counts, report
+
+
+def _dropped_by(d: dict[str, list[Any]]) -> dict[str, int]:
+    """Why pairs were dropped, counted (the per-row numbers stay in actions.parquet)."""
+    reasons: dict[str, int] = {}
+    for a, why in zip(d["action"], d["reason"]):
+        if a == "dropped":
+            why = re.sub(r" \(score [^)]*\)", "", why)
+            reasons[why] = reasons.get(why, 0) + 1
+    return reasons
