@@ -24,8 +24,11 @@ ENC = "py:caption_testutils:tiny_clip"
 def ray_local():
     import caption_testutils
 
+    import fake_clip
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.cloudpickle.register_pickle_by_value(caption_testutils)  # the test encoder travels by value
+    for m in (fake_clip, caption_testutils):  # test model classes (and their shared base) travel by value
+        ray.cloudpickle.register_pickle_by_value(m)
     yield
     ray.shutdown()
 

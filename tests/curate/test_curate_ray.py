@@ -16,8 +16,11 @@ ray = pytest.importorskip("ray")
 def ray_local():
     import curate_testutils
 
+    import fake_clip
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.cloudpickle.register_pickle_by_value(curate_testutils)  # test model class travels by value
+    for m in (fake_clip, curate_testutils):  # test model classes (and their shared base) travel by value
+        ray.cloudpickle.register_pickle_by_value(m)
     yield
     ray.shutdown()
 
