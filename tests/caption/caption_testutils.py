@@ -64,3 +64,22 @@ def slice_shard(src: Path, dst: Path, n: int, corrupt: str | None = None) -> Pat
                 info.size = len(data)
                 o.addfile(info, io.BytesIO(data))
     return dst
+
+
+def memorize(model, cond, captions: list[str], vocab, steps: int):
+    """Train ``model`` full-batch on (cond, captions) for ``steps`` AdamW steps; return it and the
+    special ids decoding needs. Shared by the decoding tests of every decoder kind."""
+    import torch
+
+    from clipforge.caption.decoding import SpecialIds
+    from clipforge.caption.train import caption_loss, pad_tokens
+
+    tokens = pad_tokens(vocab.encode(captions), vocab.pad_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = caption_loss(model, cond, tokens, vocab.pad_id, 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), SpecialIds(vocab.bos_id, vocab.eos_id, vocab.pad_id, vocab.unk_id)

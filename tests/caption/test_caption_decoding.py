@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from caption_testutils import memorize
 
 from clipforge.caption.decoder import CaptionDecoder, DecoderConfig, load_decoder, save_decoder
 from clipforge.caption.decoding import DecodeOptions, SpecialIds, generate, ngram_repeats
-from clipforge.caption.train import caption_loss, pad_tokens
 from clipforge.caption.vocab import build_vocab
 
 CORPUS = [
@@ -30,16 +30,8 @@ def memorized():
     vocab = build_vocab(CORPUS, min_count=1)
     model = tiny(len(vocab))
     cond = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
-    tokens = pad_tokens(vocab.encode(CORPUS), vocab.pad_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(80):
-        loss = caption_loss(model, cond, tokens, vocab.pad_id, 0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    ids = SpecialIds(vocab.bos_id, vocab.eos_id, vocab.pad_id, vocab.unk_id)
-    return model.eval(), vocab, cond, ids
+    model, ids = memorize(model, cond, CORPUS, vocab, steps=80)
+    return model, vocab, cond, ids
 
 
 def test_kv_cache_matches_teacher_forcing():

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from caption_testutils import TinyCaptionClip, slice_shard
+from caption_testutils import TinyCaptionClip, memorize, slice_shard
 from PIL import Image
 from torch import nn
 
 from clipforge.caption import spatial
 from clipforge.caption.captioner import Captioner
 from clipforge.caption.decoder import CaptionDecoder, DecoderConfig, load_decoder, save_decoder
-from clipforge.caption.decoding import DecodeOptions, SpecialIds, generate, generate_candidates
-from clipforge.caption.train import caption_loss, pad_tokens
+from clipforge.caption.decoding import DecodeOptions, generate, generate_candidates
 from clipforge.caption.vocab import build_vocab
 from clipforge.config import ConfigError
 from clipforge.models.base import ModelConfig
@@ -40,16 +39,8 @@ def memorized():
     model = cross(len(vocab))
     cond = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1))
     cond = cond - cond.mean(1, keepdim=True)  # the prefix (mean token) is the same for all four
-    tokens = pad_tokens(vocab.encode(CORPUS), vocab.pad_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(120):
-        loss = caption_loss(model, cond, tokens, vocab.pad_id, 0.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    ids = SpecialIds(vocab.bos_id, vocab.eos_id, vocab.pad_id, vocab.unk_id)
-    return model.eval(), vocab, cond, ids
+    model, ids = memorize(model, cond, CORPUS, vocab, steps=120)
+    return model, vocab, cond, ids
 
 
 def test_cross_kv_cache_matches_teacher_forcing():
