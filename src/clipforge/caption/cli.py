@@ -134,24 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from clipforge.caption.run import run_captions
-    from clipforge.utils import emit_json
 
-    try:
-        summary = run_captions(
-            _config(CaptionRunConfig, args),
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.json,
-        )
-    except ERRORS as e:
-        return _fail(args, str(e))
-    if args.json:
-        emit_json(summary)
-    else:
-        _print(summary, ["output", "scoring_model", "decoding", "shards", "shards_done", "shards_skipped_resume",
-                         "captions", "seconds"])  # fmt: skip
-        print(f"bad samples: {summary['bad_samples']['total']}")
-    return 0
+    return _resumable_command(args, CaptionRunConfig, run_captions, ["output", "scoring_model", "decoding",
+                              "shards", "shards_done", "shards_skipped_resume", "captions", "seconds"])  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -183,7 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _llm_command(args: argparse.Namespace, cls: type, run: Any, keys: list[str]) -> int:
+def _resumable_command(args: argparse.Namespace, cls: type, run: Any, keys: list[str]) -> int:
+    """``caption run | rewrite | fuse``: config from flags, a per-shard resumable run, a summary table."""
     from clipforge.utils import emit_json
 
     try:
@@ -203,7 +189,7 @@ def _llm_command(args: argparse.Namespace, cls: type, run: Any, keys: list[str])
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from clipforge.caption.rewrite import run_rewrites
 
-    return _llm_command(args, RewriteConfig, run_rewrites, ["output", "llm", "shards", "shards_done",
+    return _resumable_command(args, RewriteConfig, run_rewrites, ["output", "llm", "shards", "shards_done",
                         "shards_skipped_resume", "captions", "rewrites_drawn", "rewrites_kept", "rejects",
                         "rewrites_per_s", "seconds"])  # fmt: skip
 
@@ -211,5 +197,5 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
 def cmd_fuse(args: argparse.Namespace) -> int:
     from clipforge.caption.fuse import run_fuse
 
-    return _llm_command(args, FuseConfig, run_fuse, ["output", "llm", "shards", "shards_done", "shards_skipped_resume",
+    return _resumable_command(args, FuseConfig, run_fuse, ["output", "llm", "shards", "shards_done", "shards_skipped_resume",
                         "captions", "actions", "fused_per_s", "seconds"])  # fmt: skip
