@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,12 +126,14 @@ class _CachePrepare(encode.Prepare):
 
 def _shard_file(root: Path, url: str) -> Path:
     """Cache file of one shard: keyed by its URL and, for a local file, its size and mtime, so a shard
-    rewritten at the same path gets new features instead of stale ones."""
+    rewritten at the same path gets new features instead of stale ones. A local path is made absolute
+    (and ``file://`` dropped) before hashing: ``shards/a.tar`` run from ``/x`` and ``/x/shards/a.tar``
+    are the same file and share one cache entry (an absolute path keys as it always did)."""
     ident = url
     local = Path(url.removeprefix("file://"))
     if "://" not in url.replace("file://", "") and not url.startswith("pipe:") and local.is_file():
         st = local.stat()
-        ident = f"{url}|{st.st_size}|{st.st_mtime_ns}"
+        ident = f"{os.path.abspath(local)}|{st.st_size}|{st.st_mtime_ns}"
     return root / f"{shard_name(url)}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}.safetensors"
 
 
