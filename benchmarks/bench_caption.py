@@ -30,7 +30,7 @@ import torch
 from clipforge.caption.captioner import Captioner
 from clipforge.caption.decoding import DecodeOptions
 from clipforge.caption.evaluate import evaluate_captioning
-from clipforge.caption.features import shard_conditions, training_set
+from clipforge.caption.features import conditions_of_kind, training_set
 from clipforge.caption.train import Prepared, train_captioner
 from clipforge.models import load_model
 from clipforge.utils import emit_json, format_table, write_json
@@ -66,8 +66,9 @@ def test_conditions(encoder, test: str, kind: str, workers: int, path: str | Non
             meta = f.metadata() or {}
             if all(meta.get(k) == v for k, v in want.items()):
                 keys, caps = json.loads(meta["keys"]), json.loads(meta["captions"])
-                return Conditions(keys, f.get_tensor("cond").float(), caps)
-    c = shard_conditions(encoder, test, kind, workers=workers)
+                cond = f.get_tensor("cond")  # spatial tokens stay float16
+                return Conditions(keys, cond if kind == "spatial" else cond.float(), caps)
+    c = conditions_of_kind(encoder, test, kind, workers=workers)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         meta = {**want, "keys": json.dumps(c.keys), "captions": json.dumps(c.captions)}
@@ -137,6 +138,9 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--mode", default="paired", choices=("paired", "text-only"))
+    p.add_argument("--condition", default="auto", choices=("auto", "features", "embedding", "spatial"),
+                   help="auto: features of the locked tower (paired), embedding (text-only); spatial: "
+                   "cross-attention to its 7x7 tokens (no baseline rows: they read vectors)")  # fmt: skip
     p.add_argument("--noise-std", type=float, default=0.126, help="text-only: CapDec sigma")
     p.add_argument("--cross-caption", action=argparse.BooleanOptionalAction, default=True,
                    help="text-only: CLOSE cross-caption targets")  # fmt: skip
@@ -174,8 +178,11 @@ def main() -> None:
                    "when the frozen towers match)")  # fmt: skip
     p.add_argument("--test-cache", default=None,
                    help="safetensors file caching the test conditions (written on first use)")  # fmt: skip
+    p.add_argument("--val", default=None, help="also score this split at the end (e.g. DATA/val-000000.tar)")
+    p.add_argument("--val-cache", default=None, help="safetensors file caching the --val conditions")
     p.add_argument("--beam-width", type=int, default=3)
     p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--no-baselines", action="store_true", help="skip the baseline rows")
     p.add_argument("--no-throughput", action="store_true", help="skip the decoding-throughput check")
     p.add_argument("--overwrite", action="store_true")
@@ -204,7 +211,7 @@ def main() -> None:
                     "dropout": a.dropout},
         "min_count": a.min_count, "tokenizer": a.tokenizer, "epochs": a.epochs, "max_steps": a.max_steps,
         "cpu_budget_minutes": a.cpu_budget, "wall_budget_minutes": a.wall_budget, "precision": a.precision, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup,
-        "label_smoothing": a.label_smoothing, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
+        "label_smoothing": a.label_smoothing, "weight_decay": a.weight_decay, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
         "ckpt_every": 500, "threads": a.threads, "workers": a.workers, "feature_cache": a.feature_cache,
         "cache_dir": cache_dir,
     }  # fmt: skip
@@ -212,8 +219,17 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     encoder = load_model(a.model, allow_code=True, **model_opts)
     kind = "features" if encoder.image_locked and a.mode == "paired" else "embedding"
+    kind = kind if a.condition == "auto" else a.condition
+    cfg["condition"] = kind
     root = cache_dir if a.feature_cache else None
-    ts = training_set(encoder, train, kind, text=a.mode == "text-only", cache_root=root, workers=a.workers)
+    if kind == "spatial":
+        from clipforge.caption.spatial import spatial_training_set
+
+        ts = spatial_training_set(encoder, train, cache_root=root, workers=a.workers)
+    else:
+        ts = training_set(
+            encoder, train, kind, text=a.mode == "text-only", cache_root=root, workers=a.workers
+        )
     prepared = Prepared(encoder, ts, test_conditions(encoder, test, kind, a.workers, a.test_cache, a.model))
     encode = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
               "images": len(prepared.train.cond) + len(prepared.eval)}  # fmt: skip
@@ -231,14 +247,23 @@ def main() -> None:
         "curve": [json.loads(x) for x in (out / "train" / "eval.jsonl").read_text().splitlines()],
     }
     beam = DecodeOptions(method="beam", beam_width=a.beam_width, length_penalty=a.length_penalty)
-    for name, opts in (("greedy", DecodeOptions(method="greedy")), ("beam3", beam)):
-        base = name == "greedy" and not a.no_baselines
+    decodings = (("greedy", DecodeOptions(method="greedy")), ("beam3", beam))
+    for name, opts in decodings:
+        # baselines once (greedy row); spatial: none (they read vectors), novelty from the training captions
+        base = name == "greedy" and not a.no_baselines and kind != "spatial"
         r = evaluate_captioning(cap_dir, test, scoring_model="none", decode=opts, baselines=base,
-                                train_data=None if base else [], workers=a.workers,  # baselines once
+                                train_data=None if base or kind == "spatial" else [], workers=a.workers,
                                 prepared=prepared, limit=a.eval_images)  # fmt: skip
         results[f"eval_{name}"] = r
         if name == "greedy":
             caption_grid(test, r["samples"], out / "caption_grid.png")
+    if a.val:  # the split settings are chosen on (test stays held out)
+        val = Prepared(encoder, ts, test_conditions(encoder, a.val, kind, a.workers, a.val_cache, a.model))
+        for name, opts in decodings:
+            results[f"val_{name}"] = evaluate_captioning(
+                cap_dir, a.val, scoring_model="none", decode=opts, baselines=False,
+                train_data=None, workers=a.workers, prepared=val,  # novelty: the training captions
+            )  # fmt: skip
     if not a.no_throughput:
         cap = Captioner.load(cap_dir)
         cond = prepared.eval.cond[:256]
@@ -253,9 +278,10 @@ def main() -> None:
         return
     cols = ["bleu1", "bleu4", "meteor", "rouge_l", "cider_d", "distinct", "mean_length", "novel_share"]
     rows = []
-    for name in ("eval_greedy", "eval_beam3"):
-        for r in results[name]["results"]:
-            rows.append([f"{r['task']} ({name[5:]})", *(r["metrics"].get(c, float("nan")) for c in cols)])
+    for name in ("eval_greedy", "eval_beam3", "val_greedy", "val_beam3"):
+        for r in results.get(name, {}).get("results", []):
+            split = name.replace("eval_", "test ").replace("_", " ")
+            rows.append([f"{r['task']} ({split})", *(r["metrics"].get(c, float("nan")) for c in cols)])
     print(format_table(rows, ["row", *cols]))
     print(
         f"encode: {encode['images']} images, {encode['cpu_s'] / 60:.1f} CPU min, {encode['wall_s'] / 60:.1f} wall min"

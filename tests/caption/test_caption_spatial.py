@@ -237,3 +237,48 @@ def test_a_spatial_captioner_captions_images_and_shards(flickr_test_shard, tmp_p
     engine.probe()
     torch.testing.assert_close(engine.conditions([model.preprocess(im) for im in imgs]), c.cond.float(),
                                atol=2e-2, rtol=1e-2)  # fmt: skip
+
+
+# -- caption train --condition spatial -----------------------------------------------------------------
+def test_caption_train_spatial_reads_cached_tokens_resumes_exactly_and_evaluates(
+    shared_data, tmp_path, monkeypatch
+):
+    """``caption train --condition spatial``: a cross-attention decoder over the token cache (built
+    once, next to the feature cache), bit-exact resume, a captioner that ``caption eval`` scores."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from clipforge.caption import metrics
+    from clipforge.caption.evaluate import evaluate_captioning
+    from clipforge.caption.train import CaptionTrainConfig, train_captioner
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    fl = shared_data / "flickr8k"
+    train = [str(slice_shard(fl / "train-000000.tar", tmp_path / "t.tar", 10))]
+    test = str(slice_shard(fl / "test-000000.tar", tmp_path / "e.tar", 4))
+    spec = "py:test_caption_spatial:map_clip"
+    cfg = {"data": train, "output": str(tmp_path / "a"), "model": spec, "condition": "spatial", "threads": 1,
+           "workers": 0, "min_count": 1, "max_steps": 6, "batch_size": 8, "warmup": 2, "log_every": 2,
+           "ckpt_every": 3, "keep": 5, "cache_dir": str(tmp_path / "c"), "eval_data": [test],
+           "decoder": {"layers": 1, "width": 16, "heads": 2, "prefix_len": 2},
+           "decode": {"method": "greedy", "min_len": 1}}  # fmt: skip
+    s = train_captioner(cfg, progress=False)
+    assert s["condition"] == "spatial" and s["steps"] == 6 and s["train_images"] == 10
+    assert s["eval"]["n"] == 4 and list((tmp_path / "c").glob("spatial-*/*.safetensors"))
+    cap = Captioner.load(tmp_path / "a" / "captioner")
+    assert cap.condition == "spatial" and (cap.decoder.cfg.cross_tokens, cap.decoder.cfg.cross_dim) == (16, 3)
+    # cut back to step 3 and resumed: the same weights (the tokens come back from the cache)
+    b = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", b)
+    shutil.rmtree(b / "checkpoints" / "step-0000006")
+    (b / "checkpoints" / "latest").write_text("step-0000003\n")
+    train_captioner({**cfg, "output": str(b)}, resume=True, progress=False)
+    wa, wb = (load_file(str(d / "captioner" / "model.safetensors")) for d in (tmp_path / "a", b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    r = evaluate_captioning(tmp_path / "a" / "captioner", test, encoder=spec, scoring_model="none",
+                            decode=DecodeOptions(method="greedy", min_len=1), knn_k=3)  # fmt: skip
+    assert [x["task"] for x in r["results"]][:2] == ["captioning", "captioning/constant"]
+    assert r["results"][0]["metrics"]["n"] == 4
+    with pytest.raises(ConfigError, match="text-only"):
+        CaptionTrainConfig(mode="text-only", condition="spatial").validate()

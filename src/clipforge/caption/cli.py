@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
         description="Flags come from CaptionTrainConfig (caption/train.py); e.g. --data SHARDS "
         "--output runs/cap --mode paired --model-opt image_head=multiscale --decoder.layers 4.",
     )
-    # set by the data (vocab, condition width); cross-attention decoders come from `train --loss coca`
+    # set by the data (vocab, condition width; --condition spatial: the image tokens per image and width)
     skip = {"decoder.vocab_size", "decoder.cond_dim", "decoder.cross_dim", "decoder.cross_tokens"}
     add_arguments(t, CaptionTrainConfig, rename=RENAME, skip=skip)
     _common(t)

@@ -27,6 +27,7 @@ from clipforge.data.shards import expand_shards
 from clipforge.models.encode import embed_pil_images, embed_texts, encode_shards, eval_mode, model_device
 
 KINDS = ("features", "embedding")
+CONDITION_KINDS = (*KINDS, "spatial")  # spatial: image tokens [N, T, C] (caption/spatial.py)
 
 
 @dataclass
@@ -121,6 +122,15 @@ def shard_conditions(
         raise ValueError(f"no decodable images in {shards}: {report.summary()}")
     captions = extra.pop("captions", [[] for _ in keys])
     return Conditions(keys, torch.cat(rows).float(), captions, report, extra)
+
+
+def conditions_of_kind(model: Any, shards: str | list[str], kind: str, **kw: Any) -> Conditions:
+    """:func:`shard_conditions` for any condition kind (``spatial``: float16 image tokens)."""
+    if kind == "spatial":
+        from clipforge.caption.spatial import shard_spatial_conditions
+
+        return shard_spatial_conditions(model, shards, **kw)
+    return shard_conditions(model, shards, kind, **kw)
 
 
 @dataclass

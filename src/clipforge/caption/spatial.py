@@ -257,3 +257,30 @@ def token_shape(model: Any) -> tuple[int, int]:
     dev = encode.model_device(model)
     t = spatial_tokens(model, torch.zeros(1, 3, size, size, device=dev))
     return int(t.shape[1]), int(t.shape[2])
+
+
+# -- training sets (``caption train --condition spatial``) --------------------------------------------
+def spatial_training_set(
+    model: Any,
+    shards: str | list[str],
+    *,
+    cache_root: str | Path | None,
+    workers: int = 1,
+    progress: bool = True,
+) -> Any:
+    """:class:`~clipforge.caption.features.TrainingSet` whose ``cond.cond`` is float16 tokens [N, T, C].
+
+    With ``cache_root``: keys, captions and bad samples from the locked-tower feature cache, tokens from
+    the spatial token cache (both built on first use, then read); without: one pass in memory."""
+    from clipforge.caption.features import Conditions, TrainingSet, training_set
+
+    urls = expand_shards(shards)
+    if cache_root is None:
+        return TrainingSet(shard_spatial_conditions(model, urls, workers=workers, progress=progress))
+    base = training_set(model, urls, "features", text=False, cache_root=cache_root, workers=workers,
+                        progress=progress).cond  # fmt: skip
+    keys, tokens, root = load_or_build_spatial_cache(
+        model, urls, cache_root, workers=workers, progress=progress
+    )
+    cond = Conditions(base.keys, align(base.keys, keys, tokens), base.captions, base.bad, base.fields)
+    return TrainingSet(cond, cache_dir=str(root))

@@ -7,6 +7,10 @@
                       (flickr8k has 5); DeCap's projection onto the training text embeddings is stored
                       with the captioner (``memory.safetensors``) and applied at inference.
 
+    --condition spatial  (paired) Show-Attend-Tell / CoCa: every decoder block cross-attends to the
+                      locked tower's spatial tokens (EfficientNet-Lite0: 7x7x1280, float16 token cache
+                      of caption/spatial.py); the prefix reads their mean.
+
 Conditions come from the locked-tower feature cache, so a step costs only the decoder (a 4-layer,
 width-256 decoder over a ~2,500-word vocabulary runs at CPU speed). Batches are length-bucketed:
 each epoch's (image, caption) pairs are shuffled, cut into chunks of 50 batches, sorted by length in
@@ -42,6 +46,7 @@ from clipforge.utils import prepare_output_dir, write_json
 
 log = logging.getLogger(__name__)
 MODES = ("paired", "text-only")
+CONDITIONS = ("auto", "features", "embedding", "spatial")
 
 
 @dataclass
@@ -56,8 +61,10 @@ class CaptionTrainConfig:
     condition: str = field(
         default="auto",
         metadata={
-            "help": "features | embedding | auto (paired: features of a locked tower; text-only: embedding)",
-            "choices": ("auto", "features", "embedding"),
+            "help": "features | embedding | spatial | auto (paired: features of a locked tower; text-only: "
+            "embedding). spatial: a cross-attention decoder over the locked tower's spatial tokens "
+            "(EfficientNet-Lite0: 7x7x1280), cached as float16 like the features",
+            "choices": CONDITIONS,
         },
     )
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -130,11 +137,11 @@ class CaptionTrainConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r}: one of {', '.join(MODES)}")
-        if self.condition not in ("auto", "features", "embedding"):
-            raise ConfigError(f"condition {self.condition!r}: features | embedding | auto")
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"condition {self.condition!r}: one of {', '.join(CONDITIONS)}")
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"tokenizer {self.tokenizer!r}: one of {', '.join(TOKENIZERS)}")
-        if self.mode == "text-only" and self.condition == "features":
+        if self.mode == "text-only" and self.condition in ("features", "spatial"):
             raise ConfigError("text-only captioners read embeddings (a text has no image features)")
         for name in ("cpu_budget_minutes", "wall_budget_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
@@ -193,7 +200,7 @@ def batch_inputs(
     idx: torch.Tensor, pairs: Pairs, cond: torch.Tensor, text: torch.Tensor | None, cfg: CaptionTrainConfig,
     step: int, pad: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(condition [B, C], tokens [B, L]) of a batch of pair indices."""
+    """(condition [B, C] or image tokens [B, T, C], tokens [B, L]) of a batch of pair indices."""
     tokens = pad_tokens([pairs.tokens[int(i)] for i in idx], pad)
     if cfg.mode == "paired":
         return cond[pairs.image[idx]], tokens
@@ -339,10 +346,19 @@ class CaptionTrainer:
             if cfg.feature_cache
             else None
         )
-        ts = prepared.train or training_set(
-            encoder, cfg.data, kind, text=cfg.mode == "text-only", cache_root=cache_root, workers=cfg.workers,
-            progress=self.progress,
-        )  # fmt: skip
+        if prepared.train is not None:
+            return encoder, kind, prepared.train
+        if kind == "spatial":
+            from clipforge.caption.spatial import spatial_training_set
+
+            ts = spatial_training_set(
+                encoder, cfg.data, cache_root=cache_root, workers=cfg.workers, progress=self.progress
+            )
+        else:
+            ts = training_set(
+                encoder, cfg.data, kind, text=cfg.mode == "text-only", cache_root=cache_root,
+                workers=cfg.workers, progress=self.progress,
+            )  # fmt: skip
         return encoder, kind, ts
 
     def _load_vocab(self) -> CaptionVocab:
@@ -364,8 +380,13 @@ class CaptionTrainer:
         return vocab
 
     def _build_model(self) -> tuple[CaptionDecoder, Pairs]:
+        # set by the data: the vocabulary, the condition width and (spatial) the image tokens per image
+        cond = self.ts.cond.cond
+        spatial = self.kind == "spatial"
         dcfg = from_dict(DecoderConfig, {**to_dict(self.cfg.decoder), "vocab_size": len(self.vocab),
-                                         "cond_dim": int(self.ts.cond.cond.shape[1])})  # fmt: skip
+                                         "cond_dim": int(cond.shape[-1]),
+                                         "cross_dim": int(cond.shape[-1]) if spatial else 0,
+                                         "cross_tokens": int(cond.shape[1]) if spatial else 0})  # fmt: skip
         # the decoder's init and dropout depend on the seed only, not on the encoder
         torch.manual_seed(self.cfg.seed)
         model = CaptionDecoder(dcfg)
@@ -558,10 +579,12 @@ class _Evaluator:
     def __init__(
         self, cfg: CaptionTrainConfig, encoder: Any, kind: str, out: Path, resume_step: int, c: Any = None
     ) -> None:
-        from clipforge.caption.features import shard_conditions
+        from clipforge.caption.features import conditions_of_kind
 
         self.cfg, self.path = cfg, out / "eval.jsonl"
-        c = c or shard_conditions(encoder, cfg.eval_data, kind, workers=cfg.workers)
+        if c is None:  # the shard loop draws a seed from the global RNG: keep the run's (exact resume)
+            with torch.random.fork_rng(devices=[]):
+                c = conditions_of_kind(encoder, cfg.eval_data, kind, workers=cfg.workers)
         n = min(cfg.eval_limit, len(c))
         self.cond, self.keys, self.refs = c.cond[:n], c.keys[:n], c.captions[:n]
         if self.path.exists():  # a resumed run keeps the rows up to its checkpoint
