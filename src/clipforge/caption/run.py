@@ -2,9 +2,20 @@
 
     OUTPUT/captions/SHARD.parquet  key, shard, caption_original, caption_synthetic, decoder_score,
                                    clip_score_original, clip_score_synthetic (under ``scoring_model``),
-                                   decoding, captioner
+                                   clip_cosine_original, clip_cosine_synthetic (the same model's raw
+                                   cosines), decoding, scoring_model (+ caption_candidates and
+                                   clip_cosine_candidates with --decode.num-candidates > 1)
     OUTPUT/captions/SHARD.bad.json the shard's bad samples (a resumed run still reports them)
-    OUTPUT/shards/SHARD-000.tar    with --write-shards: KEY.txt = synthetic caption, original in KEY.json
+    OUTPUT/shards/SHARD-000.tar    with --write-shards: KEY.txt = the synthetic caption and KEY.json
+                                   ``captions`` = [synthetic caption] (trainers read every JSON caption);
+                                   the originals kept in KEY.json as ``caption_original`` (KEY.txt) and
+                                   ``captions_original`` (the JSON list), as ``curate fix`` writes them
+
+Two scores per caption: ``clip_score_*`` is CLIPScore (``2.5 * max(cos, 0)`` of the caption behind the
+"A photo depicts" prompt: the captioning metric, comparable across papers), ``clip_cosine_*`` the plain
+cosine of the image and the caption as written, signed and unscaled - the measure of curation's
+``clip-score`` stage, so it compares with a ``curate`` cut (``clipforge curate fix`` uses it: CLIPScore
+clamps every poor caption to 0 and cannot rank them).
     OUTPUT/config.yaml             the run's settings (checked on --resume)
     OUTPUT/summary.json            counts, bad samples by reason and key, timings
 
@@ -59,7 +70,10 @@ class CaptionRunConfig:
     decap_temperature: float | None = field(default=None, metadata={"help": "text-only: DeCap T (0: off)"})
     write_shards: bool = field(
         default=False,
-        metadata={"help": "also write OUTPUT/shards: KEY.txt = synthetic, original kept in KEY.json"},
+        metadata={
+            "help": "also write OUTPUT/shards: KEY.txt and KEY.json captions = the synthetic caption, "
+            "the originals kept in KEY.json (caption_original, captions_original)"
+        },
     )
     batch_size: int = 64
     workers: int = field(default=1, metadata={"help": "decode workers per shard (ray: also the actor count)"})
@@ -118,6 +132,21 @@ def _scores(model: Any, image_emb: np.ndarray, texts: list[str]) -> list[float |
     return out
 
 
+def _cosines(model: Any, image_emb: np.ndarray, texts: list[str]) -> list[float | None]:
+    """Plain cosine of each image and its text as written (no prompt): curation's clip-score measure."""
+    from clipforge.models.encode import embed_texts
+
+    idx = [i for i, t in enumerate(texts) if t]
+    out: list[float | None] = [None] * len(texts)
+    if idx:
+        img = image_emb[idx].astype(np.float32)
+        img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+        txt = embed_texts(model, [texts[i] for i in idx])
+        for i, v in zip(idx, (img * txt).sum(1)):
+            out[i] = float(v)
+    return out
+
+
 def recaption_shard(
     url: str, cap: Captioner, encoder: Any, scorer: Any, cfg: CaptionRunConfig, scorer_name: str
 ) -> tuple[dict[str, list[Any]], BadSampleReport]:
@@ -163,6 +192,14 @@ def recaption_shard(
     if img is not None:
         rows["clip_score_original"] = _scores(scorer, img, originals)
         rows["clip_score_synthetic"] = _scores(scorer, img, texts)
+        rows["clip_cosine_original"] = _cosines(scorer, img, originals)
+        rows["clip_cosine_synthetic"] = _cosines(scorer, img, texts)
+        if cfg.decode.num_candidates > 1:
+            flat = [t for row in cands for t in row]
+            rep = np.repeat(np.arange(len(c)), [len(row) for row in cands])
+            cos = _cosines(scorer, img[rep], flat)
+            offs = np.cumsum([0, *(len(row) for row in cands)])
+            rows["clip_cosine_candidates"] = [cos[offs[i] : offs[i + 1]] for i in range(len(c))]
     decoding = cfg.decode.describe()
     if cap.mode == "text-only":
         t = cap.meta.get("decap_temperature") if cfg.decap_temperature is None else cfg.decap_temperature
@@ -173,8 +210,11 @@ def recaption_shard(
 
 
 def write_recaptioned_shard(url: str, rows: dict[str, list[Any]], out_dir: Path) -> str:
-    """A copy of the shard's captioned samples with ``KEY.txt`` = the synthetic caption and the original
-    kept in ``KEY.json`` (``caption_original``, ``caption_synthetic``, ``decoding``)."""
+    """A copy of the shard's captioned samples with ``KEY.txt`` and KEY.json ``captions`` = the synthetic
+    caption (a trainer reads every JSON caption: the originals must not stay there), the originals kept
+    in ``KEY.json`` (``caption_original``, ``captions_original``) with ``caption_synthetic`` and
+    ``decoding`` - the layout ``curate fix`` writes (:func:`clipforge.curate.fix.replace_caption`)."""
+    from clipforge.curate.fix import replace_caption
     from clipforge.data.reader import iter_tar_samples
     from clipforge.data.writer import ShardWriter
 
@@ -185,18 +225,8 @@ def write_recaptioned_shard(url: str, rows: dict[str, list[Any]], out_dir: Path)
             i = by_key.get(s["__key__"])
             if i is None:  # a bad sample: counted in the summary, not copied
                 continue
-            try:
-                meta = json.loads(s["json"].decode("utf-8")) if "json" in s else {}
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                meta = {}
-            meta = meta if isinstance(meta, dict) else {}
-            meta.update(caption_original=rows["caption_original"][i], caption_synthetic=rows["caption_synthetic"][i],
-                        decoding=rows["decoding"][i])  # fmt: skip
-            sample = {k: v for k, v in s.items() if not k.startswith("__") and k not in TEXT_EXTS}
-            sample.update(
-                {"__key__": s["__key__"], "txt": rows["caption_synthetic"][i], "json": json.dumps(meta)}
-            )
-            w.write(sample)
+            new = rows["caption_synthetic"][i]
+            w.write(replace_caption(s, new, caption_synthetic=new, decoding=rows["decoding"][i]))
     return ",".join(Path(p).name for p in w.shards)
 
 

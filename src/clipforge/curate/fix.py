@@ -146,26 +146,33 @@ def decide(
     return {"key": keys, "caption": caps, "clip_score": score, **out}
 
 
-def _fixed_sample(s: dict[str, Any], new: str) -> dict[str, Any]:
-    """The sample with KEY.txt = ``new`` and KEY.json captions = [new]; the originals kept in KEY.json."""
+def replace_caption(s: dict[str, Any], new: str, **meta: Any) -> dict[str, Any]:
+    """The raw sample ``s`` with KEY.txt = ``new`` and KEY.json ``captions`` = [new] (a trainer reads every
+    JSON caption), its originals kept in KEY.json as ``caption_original`` (KEY.txt) and
+    ``captions_original`` (the JSON list), then ``meta``'s entries. Shared by ``curate fix`` and
+    ``caption run --write-shards``."""
     from clipforge.data.decode import TEXT_EXTS
 
     try:
-        meta = json.loads(s["json"].decode("utf-8")) if "json" in s else {}
+        info = json.loads(s["json"].decode("utf-8")) if "json" in s else {}
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        meta = {}
-    meta = meta if isinstance(meta, dict) else {"json_original": meta}
+        info = {}
+    info = info if isinstance(info, dict) else {"json_original": info}
     old = next((s[e] for e in TEXT_EXTS if e in s), None)
     if isinstance(old, bytes):
         old = old.decode("utf-8", "replace")
-    meta["caption_original"] = old
-    if "captions" in meta:
-        meta["captions_original"] = meta["captions"]
-    meta["captions"] = [new]
-    meta["caption_fixed"] = True
+    info["caption_original"] = old
+    if "captions" in info:
+        info["captions_original"] = info["captions"]
+    info["captions"] = [new]
+    info.update(meta)
     out = {k: v for k, v in s.items() if not k.startswith("__") and k not in TEXT_EXTS and k != "json"}
-    out.update({"__key__": s["__key__"], "txt": new, "json": json.dumps(meta)})
+    out.update({"__key__": s["__key__"], "txt": new, "json": json.dumps(info)})
     return out
+
+
+def _fixed_sample(s: dict[str, Any], new: str) -> dict[str, Any]:
+    return replace_caption(s, new, caption_fixed=True)
 
 
 def write_fixed_shard(url: str, rows: dict[str, dict[str, Any]], out: Path, prefix: str) -> dict[str, Any]:
