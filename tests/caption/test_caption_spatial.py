@@ -282,3 +282,21 @@ def test_caption_train_spatial_reads_cached_tokens_resumes_exactly_and_evaluates
     assert r["results"][0]["metrics"]["n"] == 4
     with pytest.raises(ConfigError, match="text-only"):
         CaptionTrainConfig(mode="text-only", condition="spatial").validate()
+
+
+def test_cross_grid_pools_the_token_map_before_cross_attention():
+    from clipforge.caption.decoder import pool_grid
+    from clipforge.caption.train import CaptionTrainConfig
+
+    x = torch.randn(2, 16, 3)  # a 4x4 map
+    pooled = pool_grid(x, 2)
+    want = x.view(2, 2, 2, 2, 2, 3).mean((2, 4)).reshape(2, 4, 3)  # [b, gy, y, gx, x, c]: 2x2 blocks
+    torch.testing.assert_close(pooled, want)
+    assert pool_grid(x, 0) is x and pool_grid(x, 4) is x
+    with pytest.raises(ValueError, match="square"):
+        pool_grid(torch.randn(1, 6, 3), 2)
+    m = cross(20, tokens=4, dim=3, cross_grid=2).eval()
+    logits, cache = m.start(torch.randn(2, 16, 3), 1)
+    assert cache.cross[0][0].shape[2] == 4 and logits.shape == (2, 20)
+    with pytest.raises(ConfigError, match="cross_grid"):
+        CaptionTrainConfig(decoder=DecoderConfig(cross_grid=2)).validate()

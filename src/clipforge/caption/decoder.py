@@ -55,6 +55,13 @@ class DecoderConfig:
     cross_tokens: int = field(
         default=0, metadata={"help": "image tokens per image (learned positions; 0: none)"}
     )
+    cross_grid: int = field(
+        default=0,
+        metadata={
+            "help": "average-pool a square token map (e.g. 7x7) to GRID x GRID before cross-attending: "
+            "fewer keys, cheaper steps (0: the tokens as they are)"
+        },
+    )
 
     @property
     def cross(self) -> bool:
@@ -63,8 +70,8 @@ class DecoderConfig:
     def validate(self) -> None:
         if self.width % self.heads:
             raise ConfigError(f"width {self.width} must be divisible by heads {self.heads}")
-        if self.cross_dim < 0 or self.cross_tokens < 0:
-            raise ConfigError("DecoderConfig.cross_dim and cross_tokens must be >= 0")
+        if self.cross_dim < 0 or self.cross_tokens < 0 or self.cross_grid < 0:
+            raise ConfigError("DecoderConfig.cross_dim, cross_tokens and cross_grid must be >= 0")
         if self.cross and self.cond_dim != self.cross_dim:
             raise ConfigError(
                 "a cross-attention decoder's prefix reads the mean token: cond_dim == cross_dim"
@@ -72,6 +79,21 @@ class DecoderConfig:
         for name in ("prefix_len", "width", "layers", "heads", "max_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"DecoderConfig.{name} must be >= 1")
+
+
+def pool_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """Image tokens [B, T, C] of a square map (T = s * s) -> [B, grid * grid, C] by adaptive average
+    pooling; ``grid`` 0 (or the map's own side): unchanged."""
+    b, t, c = tokens.shape
+    side = math.isqrt(t)
+    if not grid:
+        return tokens
+    if side * side != t:
+        raise ValueError(f"cross_grid {grid}: {t} image tokens are not a square map")
+    if grid == side:
+        return tokens
+    x = tokens.transpose(1, 2).reshape(b, c, side, side)
+    return F.adaptive_avg_pool2d(x, grid).flatten(2).transpose(1, 2)
 
 
 class KVCache:
@@ -222,7 +244,7 @@ class CaptionDecoder(nn.Module):
         """Image tokens [B, T, C] -> every block's cross-attention (keys, values); None without cross."""
         if not self.cfg.cross:
             return None
-        m = self.mem_proj(self.mem_norm(cond.float()))
+        m = self.mem_proj(self.mem_norm(pool_grid(cond.float(), self.cfg.cross_grid)))
         if self.mem_pos is not None:
             if m.shape[1] != self.mem_pos.shape[0]:
                 raise ValueError(

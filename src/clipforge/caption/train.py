@@ -141,6 +141,8 @@ class CaptionTrainConfig:
             raise ConfigError(f"condition {self.condition!r}: one of {', '.join(CONDITIONS)}")
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"tokenizer {self.tokenizer!r}: one of {', '.join(TOKENIZERS)}")
+        if self.decoder.cross_grid and self.condition != "spatial":
+            raise ConfigError("decoder.cross_grid pools spatial tokens: it needs condition=spatial")
         if self.mode == "text-only" and self.condition in ("features", "spatial"):
             raise ConfigError("text-only captioners read embeddings (a text has no image features)")
         for name in ("cpu_budget_minutes", "wall_budget_minutes"):
@@ -273,7 +275,7 @@ def train_captioner(
 # what a resumed run may change: where things live, how long it runs, how fast, how often it evaluates
 RESUME_MAY_CHANGE = {
     "output", "cache_dir", "feature_cache", "max_steps", "wall_budget_minutes", "threads", "workers", "eval_every",
-    "decoder.cross_dim", "decoder.cross_tokens",  # added later (cross-attention CoCa); 0 = what older runs had
+    "decoder.cross_dim", "decoder.cross_tokens", "decoder.cross_grid",  # added later; 0 = what older runs had
 }  # fmt: skip
 
 
@@ -386,11 +388,16 @@ class CaptionTrainer:
         dcfg = from_dict(DecoderConfig, {**to_dict(self.cfg.decoder), "vocab_size": len(self.vocab),
                                          "cond_dim": int(cond.shape[-1]),
                                          "cross_dim": int(cond.shape[-1]) if spatial else 0,
-                                         "cross_tokens": int(cond.shape[1]) if spatial else 0})  # fmt: skip
+                                         "cross_tokens": self._cross_tokens(cond) if spatial else 0})  # fmt: skip
         # the decoder's init and dropout depend on the seed only, not on the encoder
         torch.manual_seed(self.cfg.seed)
         model = CaptionDecoder(dcfg)
         return model, make_pairs(self.ts.cond.captions, self.vocab, dcfg.max_len)
+
+    def _cross_tokens(self, cond: torch.Tensor) -> int:
+        """Image tokens the decoder attends to: the cached ones, or ``cross_grid`` squared (pooled)."""
+        grid = self.cfg.decoder.cross_grid
+        return grid * grid if grid else int(cond.shape[1])
 
     def _resume(self) -> int:
         """The step of the checkpoint resumed from (model and optimizer loaded), else 0."""
