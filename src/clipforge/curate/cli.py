@@ -166,7 +166,8 @@ def config_from_args(args: argparse.Namespace) -> CurateConfig:
 def run_with_folds(args: argparse.Namespace, cfg: CurateConfig) -> dict[str, Any]:
     """``--folds K``: the clip-score column comes from K fold scorers (curate/folds.py), each scoring
     the fold it never trained on; the other stages run as usual (with ``--model``, its in-sample score
-    is kept as ``clip_score_model``). The run's config.yaml/manifest record K and the recipe."""
+    is kept as ``clip_score_model``), except that dedup keeps the member of a duplicate group with the
+    best out-of-fold score (read from ``OUT/folds/oof.parquet``). The run's config.yaml/manifest record K and the recipe."""
     import dataclasses
     from pathlib import Path
 
@@ -182,9 +183,13 @@ def run_with_folds(args: argparse.Namespace, cfg: CurateConfig) -> dict[str, Any
     open_run_dir(out, engine_cfg, args.overwrite, inputs=expand_shards(args.data))  # the dir rule first
     folds = run_folds(args.data, out / "folds", cfg.folds, threads=args.threads)
     if stages:
+        import pyarrow.parquet as pq
+
+        oof = pq.read_table(out / "folds" / "oof.parquet", columns=["key", "clip_score"])
+        keep = dict(zip(oof.column("key").to_pylist(), oof.column("clip_score").to_pylist()))
         summary = run_curation(
             args.data, out, engine_cfg, engine=args.engine, workers=args.workers, eval_data=args.eval_data,
-            ray_address=args.ray_address, progress=True,
+            ray_address=args.ray_address, progress=True, keep_scores=keep,
         )  # fmt: skip
     else:  # clip-score only: the table is the out-of-fold scores with the usual key/shard/caption columns
         summary = run_curation(args.data, out, dataclasses.replace(cfg, stages=["text"]), progress=True)

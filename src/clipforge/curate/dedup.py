@@ -15,7 +15,11 @@
   what lifts recall of planted duplicates from ~0.9 to >= 0.99 on random data). Below
   ``exact_search_max`` rows the search is exact (flat index).
 - Pairs are joined into groups (connected components); in each group ONE sample is kept: the best
-  ``clip_score`` (DataComp-style) or, with ``keep="centroid"``, the one nearest the group mean (SemDeDup).
+  clip score (DataComp-style) or, with ``keep="centroid"``, the one nearest the group mean (SemDeDup).
+  The clip score is the out-of-fold one when ``curate run --folds K`` made it (``ctx.keep_scores``,
+  read from ``OUT/folds/oof.parquet``: an in-sample scorer rates the pairs it memorized, shuffled or
+  not, as good ones), else the table's ``clip_score`` column; without either, the one nearest the group
+  mean when image embeddings exist, else the first row. ``dedup.stats.json`` says which (``keep_by``).
   Every other member gets ``*_dup_of = <kept key>``.
 - eval: a train sample is an eval duplicate when its image embedding has cosine >= ``eval_threshold``
   with any eval image, or its pHash is within ``phash_radius`` of one, or (copy stage) its copy
@@ -359,6 +363,19 @@ def eval_copies(
     return sim, of
 
 
+def keep_quality(table: Any, keep_scores: dict[str, float] | None) -> tuple[np.ndarray, str]:
+    """The per-row score a duplicate group keeps its best member by, and its name: the out-of-fold clip
+    score when given (keys it lacks rank last), else the table's ``clip_score``, else zeros (row order)."""
+    keys = table.column("key").to_pylist()
+    if keep_scores is not None:
+        oof = [keep_scores.get(k) for k in keys]
+        return np.array([np.nan if v is None else v for v in oof], dtype=np.float64), "clip_score (oof)"
+    if "clip_score" in table.column_names:
+        vals = table.column("clip_score").to_pylist()
+        return np.array([np.nan if v is None else v for v in vals], dtype=np.float64), "clip_score"
+    return np.zeros(len(keys)), "row order"
+
+
 @register_stage("dedup", kind="global")
 def dedup_stage(
     table: Any, emb: dict[str, np.ndarray], ctx: Any, evalset: dict[str, Any] | None = None
@@ -368,13 +385,8 @@ def dedup_stage(
     cols = table.column_names
     keys = table.column("key").to_pylist()
     n = len(keys)
-    quality = (
-        np.array(
-            [np.nan if v is None else v for v in table.column("clip_score").to_pylist()], dtype=np.float64
-        )
-        if "clip_score" in cols
-        else np.zeros(n)
-    )
+    quality, keep_by = keep_quality(table, getattr(ctx, "keep_scores", None))
+    scored = keep_by != "row order"
     out: dict[str, Any] = {"key": keys}
     stats: dict[str, Any] = {}
     edges: list[tuple[np.ndarray, np.ndarray]] = []
@@ -413,7 +425,7 @@ def dedup_stage(
     elif "descriptor" in near_edges:
         edges.append(near_edges["descriptor"])
     if "image" in emb:
-        sem = semantic_dedup(keys, emb["image"], quality if "clip_score" in cols else None, cfg)
+        sem = semantic_dedup(keys, emb["image"], quality if scored else None, cfg)
         out["semantic_dup_of"] = sem["semantic_dup_of"]
         out["semantic_max_sim"] = sem["semantic_max_sim"]
         edges.append((sem["i"], sem["j"]))
@@ -426,9 +438,10 @@ def dedup_stage(
     labels = groups_from_pairs(
         n, np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges])
     )
-    if "image" in emb and (cfg.keep == "centroid" or "clip_score" not in cols):
-        quality = centroid_quality(emb["image"], labels)
+    if "image" in emb and (cfg.keep == "centroid" or not scored):
+        quality, keep_by = centroid_quality(emb["image"], labels), "centroid"
     out["dup_of"] = dup_of_column(keys, keeper_of(labels, quality))
+    stats["keep_by"] = keep_by
     out["is_duplicate"] = [d is not None for d in out["dup_of"]]
     stats["duplicates"] = sum(out["is_duplicate"])
     if evalset is not None:

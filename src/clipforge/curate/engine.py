@@ -280,10 +280,13 @@ def run_curation(
     ray_address: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    keep_scores: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run a curation recipe end to end; returns the summary that ``--json`` prints.
 
     ``dedup``/``balance`` are kept for old callers: they replace ``config.dedup``/``config.balance``.
+    ``keep_scores`` (key -> out-of-fold clip score, from ``--folds``): the score dedup keeps the best
+    member of a duplicate group by, instead of the table's ``clip_score``.
     """
     out_dir = Path(out_dir)
     if dedup is not None:
@@ -302,6 +305,7 @@ def run_curation(
     global_stages = [s for s in stages if s.kind == "global"]
     open_run_dir(out_dir, config, overwrite, inputs=urls)
     ctx = EngineContext(config, model)
+    ctx.keep_scores = keep_scores
     t0 = time.perf_counter()
     results = score_shards(
         urls,

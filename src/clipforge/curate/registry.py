@@ -35,6 +35,9 @@ class Context:
         self._model = model
         self._cache: dict[str, Any] = {}
         self.timing: dict[str, float] = {}  # decode_s / model_s, for the throughput benchmark
+        # key -> out-of-fold clip score (``curate run --folds K``: folds/oof.parquet); dedup keeps the
+        # best of a duplicate group by it (an in-sample score rates a memorized pair as a good one)
+        self.keep_scores: dict[str, float] | None = None
 
     @property
     def model(self) -> Any:
