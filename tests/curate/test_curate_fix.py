@@ -148,3 +148,41 @@ def test_fix_cli_json_and_clear_errors(scored, tmp_path, capsys):
         == 2
     )
     assert "caption side table" in capsys.readouterr().err
+
+
+def test_compete_policy_keeps_only_synthetic_captions_that_clear_the_cut(scored, tmp_path):
+    """``--policy compete``: raw and synthetic candidates on the cut's scale (plain cosine); a synthetic
+    caption the scorer would itself have cut is no fix (dropped), the best candidate by cosine wins."""
+    scores, urls, noisy = scored
+    syn = {"k0_00": 0.35, "k0_01": 0.10, "k0_02": 0.0, "k0_04": 0.3, "k0_05": 0.3}
+    syn.update({k: 0.3 for k in noisy if k.startswith("k1_")})
+    rows = [
+        {"key": k, "caption_synthetic": f"syn {k}", "clip_score_synthetic": 0.9, "clip_score_original": 0.1,
+         "clip_cosine_synthetic": c, "caption_candidates": [f"syn {k}", f"alt {k}"],
+         "clip_cosine_candidates": [c, c - 0.05]}
+        for k, c in syn.items()
+    ]  # fmt: skip
+    rows[0]["clip_cosine_candidates"] = [0.2, 0.35]  # k0_00: the 2nd candidate is the best by cosine
+    rows[0]["clip_cosine_synthetic"] = 0.2
+    cols = {c: [r[c] for r in rows] for c in rows[0]}
+    pq.write_table(pa.table(cols), tmp_path / "t.parquet")
+    t = str(tmp_path / "t.parquet")
+    s = fix_run(scores, [t], tmp_path / "c", policy="compete", progress=False)
+    act = {r["key"]: r for r in pq.read_table(tmp_path / "c" / "actions.parquet").to_pylist()}
+    assert s["policy"] == "compete"
+    assert act["k0_00"]["action"] == "recaptioned" and act["k0_00"]["caption_new"] == "alt k0_00"
+    assert act["k0_00"]["clip_score_new"] == pytest.approx(0.35)
+    for k in ("k0_01", "k0_02"):  # a synthetic below the cut, or below the raw one: neither clears it
+        assert act[k]["action"] == "dropped" and "neither raw nor synthetic" in act[k]["reason"]
+    assert act["k0_03"]["action"] == "dropped" and "no synthetic caption" in act["k0_03"]["reason"]
+    assert act["k0_04"]["action"] == "recaptioned" and act["k0_10"]["action"] == "kept"
+    assert s["actions"]["recaptioned"] == 9  # k0_00, k0_04, k0_05 and k1_00..05
+    # the default policy on the same table replaces whatever its CLIPScore prefers (k0_01, k0_02 too)
+    r = fix_run(scores, [t], tmp_path / "r", progress=False)
+    assert r["actions"]["recaptioned"] == 11 and r["policy"] == "replace"
+    # compete needs the cosines and an auto cut
+    old = side_table(tmp_path / "old.parquet", [{"key": "k0_00", "caption_synthetic": "x"}])
+    with pytest.raises(ValueError, match="clip_cosine_synthetic"):
+        fix_run(scores, [old], tmp_path / "o", policy="compete", progress=False)
+    with pytest.raises(ValueError, match="auto"):
+        fix_run(scores, [t], tmp_path / "o2", fix="clip_score < 0.2", policy="compete", progress=False)

@@ -122,6 +122,13 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="recaption even when the side table's scoring model prefers the original caption",
     )
+    fx.add_argument(
+        "--policy",
+        choices=["replace", "compete"],
+        default="replace",
+        help="replace: the synthetic caption its CLIPScore prefers to the original; compete: raw and "
+        "synthetic candidates by plain cosine against the row's cut, dropped when none clears it",
+    )
     fx.add_argument("--prefix", default="fixed", help="output shard name prefix")
     fx.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
     fx.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -327,6 +334,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
             where=args.where,
             fix=args.fix,
             require_better=not args.any_caption,
+            policy=args.policy,
             prefix=args.prefix,
             overwrite=args.overwrite,
         )
