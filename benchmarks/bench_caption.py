@@ -135,6 +135,8 @@ def main() -> None:
     )
     p.add_argument("--decoder", default="4,256,4", help="layers,width,heads")
     p.add_argument("--prefix-len", type=int, default=4)
+    p.add_argument("--cross-grid", type=int, default=0,
+                   help="spatial: pool the token map to GRIDxGRID before cross-attending (0: all 7x7)")  # fmt: skip
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--mode", default="paired", choices=("paired", "text-only"))
@@ -208,7 +210,7 @@ def main() -> None:
         "cross_caption": a.cross_caption, "decap_temperature": a.decap_temperature,
         "model": a.model, "model_opts": model_opts,
         "decoder": {"prefix_len": a.prefix_len, "layers": layers, "width": width, "heads": heads,
-                    "dropout": a.dropout},
+                    "dropout": a.dropout, "cross_grid": a.cross_grid},
         "min_count": a.min_count, "tokenizer": a.tokenizer, "epochs": a.epochs, "max_steps": a.max_steps,
         "cpu_budget_minutes": a.cpu_budget, "wall_budget_minutes": a.wall_budget, "precision": a.precision, "eval_limit": a.curve_images, "batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup,
         "label_smoothing": a.label_smoothing, "weight_decay": a.weight_decay, "eval_data": [test], "eval_every": a.eval_every, "log_every": 50,
