@@ -18,6 +18,14 @@ whose output exists is skipped; ``--steps`` picks steps, so two processes can sh
    (``clipforge caption run``, best of N beam candidates by scorer i's CLIP score); ``clipforge curate
    fix`` recaptions them instead of dropping them (drops only blanks/duplicates and pairs without a
    better caption), then the quickstart recipe on the fixed shards.
+5b. (d2) fixed, stronger (``--steps d2``, issue 13 session 5): captioner i trains only on the pairs of
+   the other folds that the recipe keeps (their out-of-fold scores clear the cut: a captioner trained
+   on 30% shuffled pairs learns generic captions), for ``--captioner-steps`` steps with a warmup of a
+   tenth of them (the default 200-step warmup outlasted session 4's whole 134-step wall-budgeted run)
+   and no budget (a loaded machine no longer shortens it); ``caption run`` keeps
+   ``--candidates2`` beam candidates with their plain cosines, and ``curate fix --policy compete`` lets
+   the raw caption compete with them on the cut's scale and drops the pair when none clears the cut.
+   ``--d2-policies`` adds the same captions under other policies (e.g. ``replace``) as more rows.
 6. (e) clean + ``--text-source mix:0.5`` and (f) clean + ``--text-source multi``: synthetic captions of the
    clean set from a paired captioner (``--captioner DIR``, default H3a's artifact if present, else one
    trained here on the clean set with a wall budget) via ``clipforge caption run``.
@@ -197,12 +205,24 @@ def caption_run(
 
 
 def caption_train(
-    model: str, data: list[str], out: Path, a: argparse.Namespace, opts: list[str] | tuple = ()
+    model: str,
+    data: list[str],
+    out: Path,
+    a: argparse.Namespace,
+    opts: list[str] | tuple = (),
+    steps: int | None = None,
 ) -> str:
-    """``clipforge caption train --mode paired`` on ``model``'s frozen features (shared feature cache)."""
+    """``clipforge caption train --mode paired`` on ``model``'s frozen features (shared feature cache);
+    ``steps``: exactly that many steps with a warmup of a tenth of them and the step-based cosine (no
+    budget: a budgeted run's LR follows the budget share, and a wall budget shrinks the run on a loaded
+    machine), instead of ``--captioner-epochs`` under ``--captioner-minutes`` of wall time."""
     if not (out / "captioner").exists():
         cmd = ["clipforge", "caption", "train", "--mode", "paired", "--model", model, "--data", *data]
-        cmd += [x for o in opts for x in ("--model-opt", o)] + ["--epochs", str(a.captioner_epochs)]
+        cmd += [x for o in opts for x in ("--model-opt", o)]
+        if steps:
+            cmd += ["--max-steps", str(steps), "--warmup", str(max(1, steps // 10))]
+        else:
+            cmd += ["--epochs", str(a.captioner_epochs)]
         cmd += [
             "--output",
             str(out),
@@ -211,7 +231,8 @@ def caption_train(
             "--threads",
             str(a.threads),
         ]
-        cmd += ["--wall-budget-minutes", str(a.captioner_minutes), "--json"]
+        cmd += [] if steps else ["--wall-budget-minutes", str(a.captioner_minutes)]
+        cmd += ["--json"]
         sh(cmd + (["--overwrite"] if out.exists() else []))
     return str(out / "captioner")
 
@@ -240,8 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--candidates", type=int, default=3, help="beam candidates per recaptioned pair (best by CLIP)"
     )
+    ap.add_argument("--captioner-steps", type=int, default=600, help="(d2) steps of each fold captioner")
+    ap.add_argument("--candidates2", type=int, default=5, help="(d2) beam candidates kept per pair")
     ap.add_argument(
-        "--steps", default="a,b,oof,c,d,e,f", help="steps to run (comma list); the table shows all found"
+        "--d2-policies", default="compete", help="(d2) curate fix policies to train on (comma list)"
+    )
+    ap.add_argument(
+        "--steps",
+        default="a,b,oof,c,d,e,f",
+        help="steps to run (comma list; also d2, dstar); the table shows all found",
     )
     ap.add_argument(
         "--clip-cut",
@@ -338,6 +366,34 @@ def main(argv: list[str] | None = None) -> int:
             timed("fix", lambda: sh(cmd + ["--output", str(fixed), *where, "--json"]))
         shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
         timed("d_fixed", lambda: quickstart(shards, runs / "d_fixed", a))
+    if "d2" in steps and (scores / "scores.parquet").exists():
+        folds = json.loads((scores / "folds" / "split.json").read_text())
+        captions = []
+        for i in range(a.folds):
+            # the captioner of fold i learns from the other folds' pairs the recipe keeps (never fold i)
+            trusted = curate_filter(scores, [f"fold != {i}", *recipe], w / f"trusted_fold{i}")
+            scorer = str(scores / "folds" / f"scorer{i}" / "model")
+            cap = timed(
+                f"captioner2_{i}",
+                lambda s=scorer, t=trusted, i=i: caption_train(
+                    s, t, w / f"captioner2_fold{i}", a, steps=a.captioner_steps
+                ),
+            )
+            below = curate_filter(scores, [f"fold == {i}", "clip_score < auto"], w / f"below_fold{i}")
+            out_i = w / f"captions2_fold{i}"
+            captions.append(
+                str(timed(f"caption_run2_{i}", lambda c=cap, b=below, o=out_i: caption_run(c, b, o, a, a.candidates2)))
+            )  # fmt: skip
+        for policy in a.d2_policies.split(","):
+            fixed = w / f"fixed2_{policy}"
+            if not (fixed / "fix.json").exists():
+                where = [x for r in keep_rules for x in ("--where", r)]
+                cmd = ["clipforge", "curate", "fix", "--scores", str(scores), "--captions", *captions]
+                cmd += ["--policy", policy, "--output", str(fixed), *where, "--json"]
+                timed(f"fix2_{policy}", lambda c=cmd: sh(c))
+            shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
+            name = f"d2_fixed_{policy}"
+            timed(name, lambda sh_=shards, n=name: quickstart(sh_, runs / n, a))
     if "dstar" in steps and a.captioner and (scores / "scores.parquet").exists():
         # (d*) the same fix with a strong captioner that saw these images' clean captions: it LEAKS (an
         # upper bound on what fixing gives with a good captioner), never the proof row. Candidates are
@@ -387,6 +443,14 @@ def main(argv: list[str] | None = None) -> int:
         res["fix"] = json.loads((w / "fixed" / "fix.json").read_text())
         res["fix"].pop("shards", None)
         res["fix_vs_faults"] = fix_vs_faults(w / "fixed" / "actions.parquet", faults_json)
+    for d in sorted(w.glob("fixed2_*")):  # (d2): the same, per policy
+        if (d / "fix.json").exists():
+            f2 = json.loads((d / "fix.json").read_text())
+            res.setdefault("fix2", {})[d.name] = {
+                "actions": f2["actions"],
+                "dropped_by": f2["dropped_by"],
+                "vs_faults": fix_vs_faults(d / "actions.parquet", faults_json),
+            }
     injected = {
         k: (len(v) if not isinstance(v, int) else v)
         for k, v in json.loads(Path(faults_json).read_text()).items()
@@ -431,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shuffled captions in the bottom {sc['bottom_pct']}% by score: P=R {sc['recall']:.3f}")
     if "fix" in res:
         print(f"fix actions: {res['fix']['actions']}; vs ground truth: {res['fix_vs_faults']}")
+    for name, f2 in res.get("fix2", {}).items():
+        print(f"{name} actions: {f2['actions']}; vs ground truth: {f2['vs_faults']}")
     print("\nquickstart recipe: flickr8k test retrieval R@1/5/10, CIFAR-10 zero-shot top-1")
     cols = [f"flickr8k/retrieval/text_to_image_R@{k}" for k in (1, 5, 10)]
     cols += [f"flickr8k/retrieval/image_to_text_R@{k}" for k in (1, 5, 10)] + ["cifar10/zeroshot/top1"]
