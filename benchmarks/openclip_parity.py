@@ -7,7 +7,10 @@ torchvision import fails, so a stub that raises on use stands in, as in bench_tr
     /tmp/oc/bin/python benchmarks/openclip_parity.py write --out tests/export/data/openclip_parity
 
 It writes one hub-layout dir per config family (gelu, quickgelu, eos pooling, SigLIP-style logit_bias),
-each with ``reference.safetensors`` (pixels, input_ids, open_clip's image/text features, logit scale/bias).
+each with ``reference.safetensors`` (pixels, input_ids, open_clip's image/text features, logit scale/bias),
+and two CoCa families (``coca-gelu``; ``coca-ls-quickgelu-bias``: LayerScale, QuickGELU, logit_bias),
+whose references add the caption image tokens, the text decoder's logits on ``input_ids`` and the ids
+of a greedy argmax loop over open_clip's own forward (``--family NAME`` writes only that one).
 Step 2 runs here (clipforge's venv): ``openclip:DIR`` must give the same features to 1e-5:
 
     python benchmarks/openclip_parity.py check --out tests/export/data/openclip_parity
@@ -60,6 +63,39 @@ FAMILIES = {
     "vit-eos-pool": {"text_cfg": {**BASE["text_cfg"], "pool_type": "eos", "eos_id": 7}},
     "vit-logit-bias": {"init_logit_bias": -10.0},
 }
+# CoCa (open_clip's coca_ViT-*.json layout, tiny): the attentional pooler reads a vision width (8) other
+# than embed_dim (16), so its packed q/k/v come as separate q/k/v_proj_weight; a 64-word vocabulary keeps
+# the untied vocabulary projection small. SOT/EOT are the two highest ids, pad 0 (open_clip's pad_id).
+COCA_BASE = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 2, "width": 8, "head_width": 4, "patch_size": 4,
+                   "mlp_ratio": 2.0, "attentional_pool": True, "attn_pooler_queries": 5,
+                   "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 12, "vocab_size": 64, "width": 16, "heads": 2, "layers": 2,
+                 "mlp_ratio": 2.0, "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 12, "vocab_size": 64, "width": 16, "heads": 2, "layers": 2,
+                       "mlp_ratio": 2, "attn_pooler_heads": 2},
+    "custom_text": True,
+}  # fmt: skip
+COCA_FAMILIES = {
+    "coca-gelu": {},
+    "coca-ls-quickgelu-bias": {  # LayerScale in all three towers, QuickGELU, a logit_bias
+        "quick_gelu": True,
+        "init_logit_bias": -5.0,
+        "vision_cfg": {**COCA_BASE["vision_cfg"], "ls_init_value": 0.5},
+        "text_cfg": {**COCA_BASE["text_cfg"], "ls_init_value": 0.5},
+        "multimodal_cfg": {**COCA_BASE["multimodal_cfg"], "ls_init_value": 0.5},
+    },
+}
+COCA_SEEDS = {"coca-gelu": 1, "coca-ls-quickgelu-bias": 4}  # chosen so greedy ids differ per image
+COCA_SOT, COCA_EOT, COCA_PAD, COCA_STEPS = 62, 63, 0, 8
+PRE = {
+    "size": 32,
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
 
 
 def inputs(cfg: dict):
@@ -77,7 +113,104 @@ def inputs(cfg: dict):
     return pixels, ids
 
 
-def write(out: Path) -> None:
+def coca_inputs(cfg: dict):
+    """Fixed pixels and caption ids for a CoCa family: SOT, words, EOT, then pads (0) to the context
+    length; one row fills it. Words avoid the special ids (pad 0, SOT, EOT)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    size, t = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]
+    pixels = torch.randn(3, 3, size, size, generator=g) + torch.randn(3, 3, 1, 1, generator=g)
+    ids = torch.full((3, t["context_length"]), COCA_PAD, dtype=torch.long)
+    for i, n in enumerate((4, 7, t["context_length"])):
+        ids[i, 0] = COCA_SOT
+        ids[i, 1 : n - 1] = torch.randint(1, COCA_SOT, (n - 2,), generator=g)
+        ids[i, n - 1] = COCA_EOT
+    return pixels, ids
+
+
+def coca_greedy(model, pixels, steps: int):
+    """open_clip's own forward in an argmax loop (its ``generate`` needs transformers' beam scorer):
+    from SOT, ``steps`` tokens, SOT and pad never chosen (as clipforge's decoding bans them), a row
+    that produced EOT is padded after it. Returns [B, steps] ids."""
+    import torch
+
+    image_latent, image_embs = model._encode_image(pixels)
+    out = torch.full((pixels.shape[0], 1), COCA_SOT, dtype=torch.long)
+    done = torch.zeros(pixels.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        logits = model(pixels, out, image_latent=image_latent, image_embs=image_embs, output_labels=False)
+        logits = logits["logits"][:, -1].clone()
+        logits[:, [COCA_SOT, COCA_PAD]] = float("-inf")
+        nxt = torch.where(done, torch.full_like(done, COCA_PAD, dtype=torch.long), logits.argmax(1))
+        out = torch.cat([out, nxt[:, None]], 1)
+        done |= nxt == COCA_EOT
+    return out[:, 1:]
+
+
+def _perturb(model, seed: int) -> None:
+    """Fresh random values for every tensor but the logit scale/bias: open_clip leaves the decoder's
+    vocabulary projection uninitialised (``torch.empty``) and LayerNorm affines / LayerScale gammas at
+    constants (a swapped or misplaced norm or scale would go unseen), and the small-std init gives
+    the same greedy word at every step for every image (an empty check)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("logit_"):
+                continue
+            leaf = name.rsplit(".", 2)
+            is_norm = (".ln_" in f".{name}" and leaf[-1] == "weight") or leaf[-1] == "gamma"
+            p.copy_((1.0 if is_norm else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
+            if ".cross_attn." in name and name.endswith("out_proj.weight"):
+                p.mul_(6.0)  # the image must steer the words: greedy ids then differ per image
+
+
+def write_coca(out: Path, names: list[str] | None = None) -> None:
+    """The CoCa families: hub layout + reference.safetensors with pixels, input_ids, image/text
+    features, the caption image tokens, the decoder's logits on input_ids, greedy ids, logit scale/bias."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    for name, over in COCA_FAMILIES.items():
+        if names and name not in names:
+            continue
+        cfg = {**COCA_BASE, **over}
+        torch.manual_seed(0)
+        model = open_clip.CoCa(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
+        _perturb(model, COCA_SEEDS[name])
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        pre = {**PRE, "size": cfg["vision_cfg"]["image_size"]}
+        (d / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}, indent=2)
+        )
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors")
+        )
+        pixels, ids = coca_inputs(cfg)
+        with torch.no_grad():
+            _, image_tokens = model._encode_image(pixels, normalize=False)
+            ref = {
+                "pixels": pixels,
+                "input_ids": ids,
+                "image": model.encode_image(pixels, normalize=False),
+                "text": model.encode_text(ids, normalize=False),
+                "image_tokens": image_tokens,
+                "logits": model(pixels, ids, output_labels=False)["logits"],
+                "greedy": coca_greedy(model, pixels, COCA_STEPS),
+                "special_ids": torch.tensor([COCA_SOT, COCA_EOT, COCA_PAD]),
+                "logit_scale": model.logit_scale.detach().reshape(1),
+            }
+            if getattr(model, "logit_bias", None) is not None:
+                ref["logit_bias"] = model.logit_bias.detach().reshape(1)
+        save_file({k: v.contiguous() for k, v in ref.items()}, str(d / "reference.safetensors"))
+        print(f"wrote {d}: greedy {ref['greedy'].tolist()}")
+
+
+def write(out: Path, names: list[str] | None = None) -> None:
     try:
         import torchvision.transforms  # noqa: F401
     except Exception:
@@ -87,20 +220,15 @@ def write(out: Path) -> None:
     from safetensors.torch import save_file
 
     for name, over in FAMILIES.items():
+        if names and name not in names:
+            continue
         cfg = {**BASE, **over}
         torch.manual_seed(0)
         model = open_clip.CLIP(**cfg).eval()
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
-        pre = {
-            "size": 32,
-            "mean": [0.48145466, 0.4578275, 0.40821073],
-            "std": [0.26862954, 0.26130258, 0.27577711],
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-        }
         (d / "open_clip_config.json").write_text(
-            json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}, indent=2)
+            json.dumps({"model_cfg": cfg, "preprocess_cfg": PRE}, indent=2)
         )
         save_file(
             {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors")
@@ -118,6 +246,7 @@ def write(out: Path) -> None:
                 ref["logit_bias"] = model.logit_bias.detach().reshape(1)
         save_file(ref, str(d / "reference.safetensors"))
         print(f"wrote {d}")
+    write_coca(out, names)
 
 
 def check(out: Path) -> int:
@@ -129,25 +258,61 @@ def check(out: Path) -> int:
 
     worst = 0.0
     for d in sorted(p for p in out.iterdir() if (p / "reference.safetensors").is_file()):
-        ref = load_file(str(d / "reference.safetensors"))
-        config = build_config(f"openclip:{d}")
-        # the fixtures carry token ids, not text: any tokenizer object will do (it is never called)
-        model = build(config, tokenizer=Tokenizer.minilm(context_length=config.context_length)).eval()
-        ids = ref["input_ids"]
-        with torch.no_grad():
-            a = model.encode_image(ref["pixels"], normalize=False)
-            b = model.encode_text({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, normalize=False)
-        diffs = {
-            "image": float((a - ref["image"]).abs().max()),
-            "text": float((b - ref["text"]).abs().max()),
-            "logit_scale": float((model.logit_scale.detach() - ref["logit_scale"][0]).abs()),
-        }
-        if "logit_bias" in ref:
-            diffs["logit_bias"] = float((model.logit_bias.detach() - ref["logit_bias"][0]).abs())
-        worst = max(worst, *diffs.values())
+        if d.name.startswith("coca-"):
+            diffs = check_coca(d)
+        else:
+            ref = load_file(str(d / "reference.safetensors"))
+            config = build_config(f"openclip:{d}")
+            # the fixtures carry token ids, not text: any tokenizer object will do (it is never called)
+            model = build(config, tokenizer=Tokenizer.minilm(context_length=config.context_length)).eval()
+            ids = ref["input_ids"]
+            with torch.no_grad():
+                a = model.encode_image(ref["pixels"], normalize=False)
+                b = model.encode_text(
+                    {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, normalize=False
+                )
+            diffs = {
+                "image": float((a - ref["image"]).abs().max()),
+                "text": float((b - ref["text"]).abs().max()),
+                "logit_scale": float((model.logit_scale.detach() - ref["logit_scale"][0]).abs()),
+            }
+            if "logit_bias" in ref:
+                diffs["logit_bias"] = float((model.logit_bias.detach() - ref["logit_bias"][0]).abs())
+        worst = max(worst, *(v for k, v in diffs.items() if k != "greedy_equal"))
+        worst = worst if diffs.get("greedy_equal", True) else float("inf")
         print(d.name, json.dumps(diffs))
     print(f"max |diff| {worst:.2e} ({'ok' if worst < 1e-5 else 'FAIL'} at 1e-5)")
     return 0 if worst < 1e-5 else 1
+
+
+def check_coca(d: Path) -> dict:
+    """A CoCa family: features, caption tokens, decoder logits (max |diff|) and greedy ids through
+    clipforge's one decoding implementation (``greedy_equal``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clipforge.caption.decoding import DecodeOptions, SpecialIds, generate
+    from clipforge.models.openclip import build, build_config
+
+    ref = load_file(str(d / "reference.safetensors"))
+    model = build(build_config(f"openclip:{d}"), tokenizer=object()).eval()  # ids given: no tokenizer
+    with torch.no_grad():
+        got = {
+            "image": model.encode_image(ref["pixels"], normalize=False),
+            "text": model.encode_text({"input_ids": ref["input_ids"]}, normalize=False),
+            "image_tokens": model.caption_tokens(ref["pixels"]),
+            "logits": model.caption_logits(ref["pixels"], ref["input_ids"]),
+        }
+    diffs = {k: float((v - ref[k]).abs().max()) for k, v in got.items()}
+    diffs["logit_scale"] = float((model.logit_scale.detach() - ref["logit_scale"][0]).abs())
+    if "logit_bias" in ref:
+        diffs["logit_bias"] = float((model.logit_bias.detach() - ref["logit_bias"][0]).abs())
+    sot, eot, pad = ref["special_ids"].tolist()
+    opts = DecodeOptions(method="greedy", no_repeat_ngram=0, min_len=0, max_len=ref["greedy"].shape[1])
+    seqs, _ = generate(model.caption_decoder, got["image_tokens"], opts, SpecialIds(sot, eot, pad, pad))
+    want = [[t for t in row if t != pad] for row in ref["greedy"].tolist()]
+    diffs["greedy_equal"] = seqs == [r[: r.index(eot)] if eot in r else r for r in want]
+    return diffs
 
 
 def load_export(directory: Path, save: Path | None) -> int:
@@ -312,6 +477,7 @@ def main() -> int:
     p.add_argument(
         "--save", type=Path, default=None, help="load-export/check-export: open_clip's outputs file"
     )
+    p.add_argument("--family", action="append", default=None, help="write: only this family (repeatable)")
     p.add_argument("--side-python", default="/tmp/oc/bin/python", help="bench: the side venv's python")
     p.add_argument("--threads", type=int, default=2, help="bench: intra-op threads of every runtime")
     p.add_argument("--batch-size", type=int, default=32, help="bench: images per timed batch")
@@ -322,7 +488,7 @@ def main() -> int:
     if a.step == "bench-worker":
         return bench_worker(a.out, a.threads, a.batch_size)
     if a.step == "write":
-        write(a.out)
+        write(a.out, a.family)
         return 0
     if a.step == "check":
         return check(a.out)

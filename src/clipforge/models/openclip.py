@@ -12,8 +12,10 @@ Accepted: a hub-layout dir (``open_clip_config.json`` with ``model_cfg`` + ``pre
 ``torch.load(weights_only=True)``), or a bare state dict with a named config (:data:`NAMED`), e.g.
 ``openclip:ViT-B-32=/ckpt/model.safetensors``. Any width/depth/patch/size, GELU or QuickGELU, text
 pooled at argmax (CLIP BPE) or at ``eos_id``, ``init_logit_bias`` (SigLIP-style loss). Layouts that
-do not map (timm or HF text towers, attentional pooling, LayerScale, CoCa, avg pooling) are refused
+do not map (timm or HF text towers, attentional pooling, LayerScale, avg pooling) are refused
 with the option that does not map. Parity against open_clip itself: benchmarks/openclip_parity.py.
+A config with a ``multimodal_cfg`` is open_clip's CoCa: it is built by
+:mod:`clipforge.models.openclip_coca` (open_clip's own modules and names; it embeds and captions).
 
 Tokenizer: ``tokenizer.json`` in DIR (``clipforge export`` writes one), else the local dir named by
 ``text_cfg.hf_tokenizer_name``, else vocab.json + merges.txt in DIR (CLIP BPE, as HF ships it).
@@ -77,6 +79,23 @@ NAMED: dict[str, dict] = {
 }
 for _n in list(NAMED):
     NAMED[f"{_n}-quickgelu"] = {**NAMED[_n], "quick_gelu": True}
+
+
+def _coca(embed: int, vw: int, vl: int, patch: int, tw: int, th: int, pool_heads: int) -> dict:
+    text = {"context_length": 76, "vocab_size": 49408, "width": tw, "heads": th, "layers": 12}
+    return {
+        "embed_dim": embed,
+        "vision_cfg": {"image_size": 224, "layers": vl, "width": vw, "patch_size": patch,
+                       "attentional_pool": True, "attn_pooler_heads": 8, "output_tokens": True},
+        "text_cfg": {**text, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {**text, "attn_pooler_heads": pool_heads},
+        "custom_text": True,
+    }  # fmt: skip
+
+
+# open_clip's model_configs/coca_ViT-*.json (CoCa: clipforge.models.openclip_coca)
+NAMED["coca_ViT-B-32"] = _coca(512, 768, 12, 32, 512, 8, 8)
+NAMED["coca_ViT-L-14"] = _coca(768, 1024, 24, 14, 768, 12, 12)
 
 # options of model_cfg / vision_cfg / text_cfg whose value changes the architecture away from CLIPModel's
 _UNMAPPED = {
@@ -402,6 +421,12 @@ def build_config(spec: ModelSpec | str, **options: Any) -> ModelConfig:
     if spec.backend != "openclip":
         raise ValueError(f"not an openclip spec: {spec}")
     model_cfg, pre_cfg, weights, d = _resolve(spec.target)
+    if model_cfg.get("multimodal_cfg") is not None:  # open_clip's CoCa
+        from clipforge.models import openclip_coca
+
+        return openclip_coca.build_config(
+            f"openclip:{spec.target}", model_cfg, pre_cfg, weights, d, **options
+        )
     hf_cfg = hf_config_from_openclip(model_cfg)
     pre = preprocess_from_openclip(pre_cfg, int(hf_cfg.vision_config.image_size))
     bias = model_cfg.get("init_logit_bias")
@@ -445,6 +470,10 @@ def build(config: ModelConfig, tokenizer=None, pretrained: bool = True):
     from clipforge.models.tokenizer import Tokenizer
 
     o = config.options
+    if o.get("model_type") == "coca":
+        from clipforge.models import openclip_coca
+
+        return openclip_coca.build(config, tokenizer=tokenizer, pretrained=pretrained)
     if tokenizer is None:
         if not o.get("tokenizer_dir"):
             raise FileNotFoundError(
