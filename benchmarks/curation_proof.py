@@ -82,33 +82,63 @@ MEMO_DIR: list[Path] = []  # WORK/eval_memo once main() runs: the memo is shared
 
 
 def _memo_image_features(model) -> None:
-    """The image tower is locked and identical in every run (same pretrained weights, same fingerprint):
-    memoize its eval-set features by pixel-batch hash (in memory and under WORK/eval_memo, so parallel
-    or later processes reuse them too) so flickr8k test + CIFAR-10 go through the tower once for all
-    runs. Only the trained heads differ between the runs."""
+    """The towers are locked and identical in every run (same pretrained weights, same fingerprint):
+    memoize their eval-set features (image: by pixel-batch hash; text: by token-batch hash, the frozen
+    prefix ``text_features``) in memory and under WORK/eval_memo, so parallel or later processes reuse
+    them too: flickr8k + CIFAR-10 go through the towers once for all runs. Only the trained heads
+    differ between the runs; a memoized batch is the very tensor the tower gave for the same input."""
     import hashlib
     import os
 
     import torch
 
-    orig = model.image_features
+    def memo(orig, digest):
+        def feats(x):
+            h = digest(x)
+            if h not in _MEMO:
+                path = MEMO_DIR[0] / f"{h}.pt" if MEMO_DIR else None
+                if path is not None and path.exists():
+                    _MEMO[h] = torch.load(path)
+                else:
+                    _MEMO[h] = orig(x)
+                    if path is not None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                        torch.save(_MEMO[h], tmp)
+                        tmp.replace(path)
+            return _MEMO[h]
 
-    def feats(pixels):
-        h = hashlib.sha1(pixels.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
-        if h not in _MEMO:
-            path = MEMO_DIR[0] / f"{h}.pt" if MEMO_DIR else None
-            if path is not None and path.exists():
-                _MEMO[h] = torch.load(path)
-            else:
-                _MEMO[h] = orig(pixels)
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    torch.save(_MEMO[h], tmp)
-                    tmp.replace(path)
-        return _MEMO[h]
+        return feats
 
-    model.image_features = feats
+    def pixels_hash(pixels):
+        return hashlib.sha1(pixels.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+    def tokens_hash(tokens):
+        h = hashlib.sha1(b"text")
+        for k in sorted(tokens):
+            h.update(k.encode() + tokens[k].detach().contiguous().cpu().numpy().tobytes())
+        return "t" + h.hexdigest()
+
+    model.image_features = memo(model.image_features, pixels_hash)
+    model.text_features = memo(model.text_features, tokens_hash)
+
+
+def evaluate_val(run: Path) -> dict:
+    """flickr8k VAL retrieval (1,000 dev images x 5 captions) of a finished run's model (cached in
+    ``run/val.json``): the split nothing in the proof is chosen on, next to the test split's table."""
+    if (run / "val.json").exists():
+        return json.loads((run / "val.json").read_text())
+    from clipforge.evaluate import recipes, runner
+    from clipforge.models import load_model
+
+    model = load_model(str(run / "train" / "model")).eval()
+    _memo_image_features(model)
+    spec = recipes.DatasetSpec(
+        name="flickr8k_val", shards=[str(FLICKR / "val-000000.tar")], tasks=("retrieval",)
+    )
+    res = runner.evaluate(model, [spec], data_root=str(FLICKR.parent))
+    (run / "val.json").write_text(json.dumps(res, indent=1))
+    return res
 
 
 def quickstart(
@@ -269,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--steps",
         default="a,b,oof,c,d,e,f",
-        help="steps to run (comma list; also d2, dstar); the table shows all found",
+        help="steps to run (comma list; also d2, dstar, val); the table shows all found",
     )
     ap.add_argument(
         "--clip-cut",
@@ -433,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
                 extra = {"text_source": source, "text_tables": [str(syn)]}
                 timed(name, lambda n=name, x=extra: quickstart(clean_data, runs / n, a, x))
     reports = {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("*/report.json"))}
+    val: dict = {}
+    if "val" in steps:  # every finished run on flickr8k val too (its own step: it loads each model once)
+        for name in reports:
+            r = timed(f"val_{name}", lambda n=name: evaluate_val(runs / n))
+            val[name] = r.get("metrics") or r
     res: dict = {}
     if (scores / "scores.parquet").exists():
         res["clip_threshold"] = mixture_cut(scores)
@@ -462,6 +497,16 @@ def main(argv: list[str] | None = None) -> int:
         res["t2i_loss_recovered"] = {
             k: (v - m["b_corrupted"]) / loss
             for k, v in m.items()
+            if v is not None and k[0] in "cd" and loss > 0
+        }
+    v1 = "flickr8k_val/retrieval/text_to_image_R@1"
+    mv = {k: _flat_metrics(r).get(v1) for k, r in val.items()}
+    if mv.get("a_clean") is not None and mv.get("b_corrupted") is not None:
+        loss = mv["a_clean"] - mv["b_corrupted"]
+        res["val_t2i_R@1"] = mv
+        res["val_t2i_loss_recovered"] = {
+            k: (v - mv["b_corrupted"]) / loss
+            for k, v in mv.items()
             if v is not None and k[0] in "cd" and loss > 0
         }
     out = {
@@ -515,8 +560,27 @@ def main(argv: list[str] | None = None) -> int:
             "t2i R@1 loss (a - b) recovered: "
             + ", ".join(f"{k} {v:.2f}" for k, v in res["t2i_loss_recovered"].items())
         )
+    if "val_t2i_R@1" in res:
+        print(
+            "flickr8k VAL t2i R@1: " + ", ".join(f"{k} {v:.4f}" for k, v in res["val_t2i_R@1"].items() if v)
+        )
+        print(
+            "VAL t2i R@1 loss (a - b) recovered: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in res["val_t2i_loss_recovered"].items())
+        )
     print(f"\nwall {out['wall_s']} s; steps {times}")
     return 0
+
+
+def _flat_metrics(r: dict) -> dict:
+    """``{"dataset/task/metric": value}`` of an evaluate() result (its ``metrics``, or flattened)."""
+    if isinstance(r.get("metrics"), dict):
+        return r["metrics"]
+    out = {}
+    for d in r.get("results", []):
+        for k, v in (d.get("metrics") or {}).items():
+            out[f"{d.get('dataset')}/{d.get('task')}/{k}"] = v
+    return out
 
 
 def fix_vs_faults(actions: Path, faults_json: str) -> dict:
