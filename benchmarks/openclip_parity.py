@@ -129,22 +129,22 @@ def coca_inputs(cfg: dict):
     return pixels, ids
 
 
-def coca_greedy(model, pixels, steps: int):
+def coca_greedy(model, pixels, steps: int, sot: int = COCA_SOT, eot: int = COCA_EOT, pad: int = COCA_PAD):
     """open_clip's own forward in an argmax loop (its ``generate`` needs transformers' beam scorer):
     from SOT, ``steps`` tokens, SOT and pad never chosen (as clipforge's decoding bans them), a row
     that produced EOT is padded after it. Returns [B, steps] ids."""
     import torch
 
     image_latent, image_embs = model._encode_image(pixels)
-    out = torch.full((pixels.shape[0], 1), COCA_SOT, dtype=torch.long)
+    out = torch.full((pixels.shape[0], 1), sot, dtype=torch.long)
     done = torch.zeros(pixels.shape[0], dtype=torch.bool)
     for _ in range(steps):
         logits = model(pixels, out, image_latent=image_latent, image_embs=image_embs, output_labels=False)
         logits = logits["logits"][:, -1].clone()
-        logits[:, [COCA_SOT, COCA_PAD]] = float("-inf")
-        nxt = torch.where(done, torch.full_like(done, COCA_PAD, dtype=torch.long), logits.argmax(1))
+        logits[:, [sot, pad]] = float("-inf")
+        nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(1))
         out = torch.cat([out, nxt[:, None]], 1)
-        done |= nxt == COCA_EOT
+        done |= nxt == eot
     return out[:, 1:]
 
 
@@ -315,6 +315,99 @@ def check_coca(d: Path) -> dict:
     return diffs
 
 
+COCA_B32_TEXTS = ["a dog running on the beach", "Two cats sleeping on a red sofa.", "a  man riding a bike!"]
+
+
+def coca_b32_write(out: Path, steps: int = 10) -> int:
+    """Side venv: a random open_clip ``coca_ViT-B-32`` (its real shapes: 256 pooler queries, 49,408
+    words, context 76) as a hub-layout dir with open_clip's own BPE file beside it, and references:
+    open_clip's token ids of :data:`COCA_B32_TEXTS`, image/text features, decoder logits, greedy ids."""
+    try:
+        import torchvision.transforms  # noqa: F401
+    except Exception:
+        torchvision_stub.install()
+    import shutil
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("coca_ViT-B-32").eval()
+    with torch.no_grad():  # open_clip leaves it torch.empty (its init_parameters is never called)
+        w = model.text_decoder.text_projection
+        w.copy_(torch.randn(w.shape) * w.shape[0] ** -0.5)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((Path(open_clip.__file__).parent / "model_configs" / "coca_ViT-B-32.json").read_text())
+    pre = {**PRE, "size": 224}
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}, indent=2)
+    )
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors")
+    )
+    shutil.copy(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz", out)
+    ids = open_clip.get_tokenizer("coca_ViT-B-32")(COCA_B32_TEXTS)
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    pixels = pixels + torch.randn(2, 3, 1, 1, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, tokens = model._encode_image(pixels, normalize=False)
+        ref = {
+            "pixels": pixels,
+            "input_ids": ids,
+            "image": model.encode_image(pixels, normalize=False),
+            "text": model.encode_text(ids, normalize=False),
+            "image_tokens": tokens,
+            "logits": model(pixels[[0, 1, 0]], ids, output_labels=False)["logits"],
+            "greedy": coca_greedy(model, pixels, steps, sot=49406, eot=49407, pad=0),
+            "logit_scale": model.logit_scale.detach().reshape(1),
+        }
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(out / "reference.safetensors"))
+    print(json.dumps({"ids": ids[:, :12].tolist(), "greedy": ref["greedy"].tolist()}))
+    return 0
+
+
+def coca_b32_check(out: Path) -> int:
+    """clipforge's ``openclip:DIR`` of :func:`coca_b32_write`'s dir (tokenizer from the BPE file):
+    token ids equal, features / tokens / logits max |diff|, greedy ids through caption decoding."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from clipforge.caption.decoding import DecodeOptions, generate
+    from clipforge.models import load_model
+
+    ref = load_file(str(out / "reference.safetensors"))
+    t0 = time.perf_counter()
+    model = load_model(f"openclip:{out}")
+    load_s = time.perf_counter() - t0
+    ids = model.tokenize(COCA_B32_TEXTS)["input_ids"]
+    with torch.no_grad():
+        got = {
+            "image": model.encode_image(ref["pixels"], normalize=False),
+            "text": model.encode_text({"input_ids": ids}, normalize=False),
+            "image_tokens": model.caption_tokens(ref["pixels"]),
+            "logits": model.caption_logits(ref["pixels"][[0, 1, 0]], ids),
+        }
+    res = {k: float((v - ref[k]).abs().max()) for k, v in got.items()}
+    res["input_ids_equal"] = bool(torch.equal(ids, ref["input_ids"]))
+    cap = model.captioner
+    steps = ref["greedy"].shape[1]
+    opts = DecodeOptions(method="greedy", no_repeat_ngram=0, min_len=0, max_len=steps)
+    t0 = time.perf_counter()
+    seqs, _ = generate(model.caption_decoder, got["image_tokens"], opts, cap.ids)
+    res["greedy_s"] = time.perf_counter() - t0
+    want = [[t for t in row if t != 0] for row in ref["greedy"].tolist()]
+    res["greedy_equal"] = seqs == [r[: r.index(49407)] if 49407 in r else r for r in want]
+    res["greedy_text"] = [cap.decode_words(s) for s in seqs]
+    res["load_s"] = load_s
+    print(json.dumps(res, indent=1))
+    worst = max(res[k] for k in ("image", "text", "image_tokens", "logits"))
+    ok = worst < 1e-4 and res["input_ids_equal"] and res["greedy_equal"]
+    return 0 if ok else 1
+
+
 def load_export(directory: Path, save: Path | None) -> int:
     try:
         import torchvision.transforms  # noqa: F401
@@ -472,7 +565,11 @@ def bench(out: Path, side_python: str, threads: int, batch: int, rounds: int) ->
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["write", "check", "load-export", "check-export", "bench", "bench-worker"])
+    p.add_argument(
+        "step",
+        choices=["write", "check", "load-export", "check-export", "bench", "bench-worker", "coca-b32-write",
+                 "coca-b32-check"],
+    )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="fixtures dir (write/check) or an export dir")
     p.add_argument(
         "--save", type=Path, default=None, help="load-export/check-export: open_clip's outputs file"
@@ -487,6 +584,10 @@ def main() -> int:
         return bench(a.out, a.side_python, a.threads, a.batch_size, a.rounds)
     if a.step == "bench-worker":
         return bench_worker(a.out, a.threads, a.batch_size)
+    if a.step == "coca-b32-write":
+        return coca_b32_write(a.out)
+    if a.step == "coca-b32-check":
+        return coca_b32_check(a.out)
     if a.step == "write":
         write(a.out, a.family)
         return 0

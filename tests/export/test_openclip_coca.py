@@ -241,3 +241,38 @@ def test_named_coca_configs_are_open_clips():
         assert (
             NAMED[name]["text_cfg"]["context_length"] == 76 and NAMED[name]["vision_cfg"]["attentional_pool"]
         )
+
+
+def test_clip_bpe_file_becomes_the_tokenizer(tmp_path):
+    """open_clip's bpe_simple_vocab_16e6.txt.gz (here a 3-merge one) -> CLIP's vocab.json/merges.txt:
+    ids in open_clip's order (256 bytes, 256 bytes + </w>, merges, SOT, EOT), lowercased, pad 0."""
+    import gzip
+
+    from clipforge.models.openclip_coca import _tokenizer, write_clip_bpe_tokenizer
+
+    bpe = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    bpe.write_bytes(gzip.compress(b"#version: 0.2\nh e\nl l</w>\nhe ll</w>\n"))
+    out = write_clip_bpe_tokenizer(bpe, tmp_path / "tok")
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256 and vocab["hell</w>"] == 514
+    assert vocab["<|startoftext|>"] == 515 and vocab["<|endoftext|>"] == 516
+    tok = _tokenizer({"bpe_file": str(bpe), "path": str(tmp_path)}, 6, 0)
+    assert tok(["Hell"])["input_ids"].tolist() == [[515, 514, 516, 0, 0, 0]]
+    assert tok.backend.decode([514], skip_special_tokens=True).strip() == "hell"
+    with pytest.raises(FileNotFoundError, match="bpe_simple_vocab_16e6"):
+        _tokenizer({"path": str(tmp_path)}, 6, 0)
+
+
+def test_named_config_with_a_weights_file(tmp_path, monkeypatch):
+    """``openclip:NAME=FILE`` with a CoCa named config; the tokenizer is looked for beside FILE."""
+    import clipforge.models.openclip as oc
+    from clipforge.models import load_model
+
+    cfg = json.loads((FIXTURES / "coca-gelu" / "open_clip_config.json").read_text())
+    monkeypatch.setitem(oc.NAMED, "coca-tiny-test", cfg["model_cfg"])
+    shutil.copy(FIXTURES / "coca-gelu" / "open_clip_model.safetensors", tmp_path / "w.safetensors")
+    _word_tokenizer(tmp_path / "tokenizer.json")
+    ref = load_file(str(FIXTURES / "coca-gelu" / "reference.safetensors"))
+    model = load_model(f"openclip:coca-tiny-test={tmp_path / 'w.safetensors'}")
+    with torch.no_grad():
+        assert (model.encode_image(ref["pixels"], normalize=False) - ref["image"]).abs().max() < 1e-5

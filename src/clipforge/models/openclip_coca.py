@@ -528,6 +528,75 @@ class OpenClipCocaModel(ClipModel):
         return self.text_decoder(self.caption_tokens(pixels), self.text(ids)[1])
 
 
+# -- CLIP's BPE from the file open_clip ships (bpe_simple_vocab_16e6.txt.gz) -----------------------
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable character table (the BPE's base alphabet, in id order)."""
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), 256),
+    ]
+    cs = list(bs)
+    extra = [b for b in range(256) if b not in bs]  # control bytes etc.: mapped past 255, in order
+    bs += extra
+    cs += [256 + i for i in range(len(extra))]
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_bpe_tokenizer(bpe_gz: str | Path, out_dir: str | Path) -> Path:
+    """open_clip's ``bpe_simple_vocab_16e6.txt.gz`` -> CLIP's ``vocab.json`` + ``merges.txt`` (+ a
+    ``tokenizer_config.json``) as transformers ships them: the 49,408 ids open_clip's own tokenizer
+    gives (256 bytes, 256 bytes + ``</w>``, 48,894 merges, SOT 49406, EOT 49407)."""
+    import gzip
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in lines if m.strip()]
+    base = list(_bytes_to_unicode().values())
+    vocab = [
+        *base,
+        *(b + "</w>" for b in base),
+        *("".join(m) for m in merges),
+        "<|startoftext|>",
+        "<|endoftext|>",
+    ]
+    (out / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    cfg = {
+        "tokenizer_class": "CLIPTokenizer",
+        **special,
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 77,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def _tokenizer(o: dict, context_length: int, pad: int) -> Any:
+    """The model's tokenizer: a tokenizer dir (openclip.py's rule), else CLIP's BPE file beside the
+    weights; padded to the context length with ``pad`` as open_clip does (the CLS position depends on it)."""
+    import tempfile
+
+    from clipforge.models.tokenizer import Tokenizer
+
+    kw = {"context_length": context_length, "pad_to_max": True, "pad_token_id": pad}
+    if o.get("tokenizer_dir"):
+        return Tokenizer.from_dir(o["tokenizer_dir"], **kw)
+    if o.get("bpe_file"):
+        with tempfile.TemporaryDirectory() as tmp:
+            return Tokenizer.from_dir(write_clip_bpe_tokenizer(o["bpe_file"], tmp), **kw)
+    raise FileNotFoundError(
+        f"no tokenizer for {o['path']}: put tokenizer.json (or CLIP's vocab.json + merges.txt, or open_clip's "
+        f"{CLIP_BPE_FILE}) there, or set text_cfg.hf_tokenizer_name to a local dir"
+    )
+
+
 # -- backend glue (called by clipforge.models.openclip for configs with a multimodal_cfg) -----------
 def build_config(spec: str, model_cfg: dict, pre_cfg: dict, weights: Path, d: Path | None, **options: Any):
     from clipforge.models.openclip import _tokenizer_dir, preprocess_from_openclip
@@ -549,7 +618,8 @@ def build_config(spec: str, model_cfg: dict, pre_cfg: dict, weights: Path, d: Pa
         "path": str(d or weights.parent),
         "weights": str(weights),
         "model_type": "coca",
-        "tokenizer_dir": str(_tokenizer_dir(model_cfg, d) or ""),
+        "tokenizer_dir": str(_tokenizer_dir(model_cfg, d or weights.parent) or ""),
+        "bpe_file": str(bpe) if (bpe := (d or weights.parent) / CLIP_BPE_FILE).is_file() else "",
         "open_clip_cfg": model_cfg,
     }
     return ModelConfig(
@@ -567,21 +637,12 @@ def build_config(spec: str, model_cfg: dict, pre_cfg: dict, weights: Path, d: Pa
 def build(config: ModelConfig, tokenizer: Any = None, pretrained: bool = True) -> OpenClipCocaModel:
     """The CoCa model; ``pretrained``: the checkpoint's tensors, every one, by open_clip's names."""
     from clipforge.models.openclip import read_state_dict
-    from clipforge.models.tokenizer import Tokenizer
 
     o = config.options
     check_coca(o["open_clip_cfg"])
     if tokenizer is None:
-        if not o.get("tokenizer_dir"):
-            raise FileNotFoundError(
-                f"{config.spec}: no tokenizer: put tokenizer.json (or CLIP's vocab.json + merges.txt) in "
-                f"{o['path']}, or set text_cfg.hf_tokenizer_name to a local dir"
-            )
         pad = int({**_TEXT, **o["open_clip_cfg"].get("text_cfg", {})}["pad_id"])
-        # open_clip pads to the context length with pad_id: the CLS token's position depends on it
-        tokenizer = Tokenizer.from_dir(
-            o["tokenizer_dir"], context_length=config.context_length, pad_to_max=True, pad_token_id=pad
-        )
+        tokenizer = _tokenizer(o, config.context_length, pad)
     model = OpenClipCocaModel(config, tokenizer)
     if pretrained:
         load_openclip_weights(model, read_state_dict(o["weights"]), config.spec)
