@@ -179,3 +179,58 @@ def test_curate_run_folds_cli_writes_the_usual_table(tmp_path, capsys):
     assert (
         main(["curate", "run", "--data", *data, "--output", str(out), "--folds", "1"]) == 2
     )  # K=1 is an error
+
+
+def caption_shards(tmp: Path, n_shards: int = 2, per_shard: int = 12) -> list[str]:
+    """Samples with 3 captions each in KEY.json (KEY.txt = the first), like flickr8k's five."""
+    import io
+    import tarfile
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        path = tmp / f"caps-{s:06d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in range(per_shard):
+                key = f"c{s}_{i:03d}"
+                caps = [CAPTIONS[(s + i + j) % len(CAPTIONS)] for j in (0, 2, 3)]
+                members = {"jpg": image_bytes(s * 100 + i), "txt": caps[0].encode(),
+                           "json": json.dumps({"captions": caps}).encode()}  # fmt: skip
+                for ext, data in members.items():
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        paths.append(str(path))
+    return paths
+
+
+def test_all_captions_score_is_the_mean_over_the_samples_captions(tmp_path):
+    from safetensors.torch import load_file
+    from tiny_model import make_tiny
+
+    from clipforge.caption.features import head_embeddings
+    from clipforge.models.encode import embed_texts
+    from clipforge.train.cache import load_or_build_cache
+
+    data = caption_shards(tmp_path)
+    cfg = FoldsConfig(k=2, epochs=1, batch_size=8, captions="all", **TINY)
+    res = run_folds(data, tmp_path / "folds", cfg, threads=1)
+    assert res["captions"] == "all" and (tmp_path / "folds" / "scores" / "fold0-all.parquet").is_file()
+    oof = {r["key"]: r["clip_score"] for r in pq.read_table(tmp_path / "folds" / "oof.parquet").to_pylist()}
+    assert len(oof) == 24
+    differ = 0.0
+    for i in range(2):  # by hand: scorer i's image head on the cached features, every caption's text path
+        m = make_tiny(lock_image=1, lock_text=1)
+        m.load_state_dict(load_file(str(Path(res["scorers"][i]) / "model.safetensors")))
+        m.eval()
+        fold = [str(p) for p in sorted((tmp_path / "folds" / "data").glob(f"fold{i}-*.tar"))]
+        cache = tmp_path / "folds" / "feature_cache"
+        d, _ = load_or_build_cache(m, fold, cache, workers=0, progress=False)
+        img = head_embeddings(m, d.image, "image").numpy()
+        for n, k in enumerate(d.keys):
+            assert len(d.captions[n]) == 3
+            want = float((embed_texts(m, d.captions[n]) @ img[n]).mean())
+            assert oof[k] == pytest.approx(want, abs=0.02)
+        first = score_fold(res["scorers"][i], fold, cache, model=m)  # the KEY.txt rule: another score
+        differ = max(differ, max(abs(first[k] - oof[k]) for k in first))
+    assert differ > 1e-3

@@ -123,6 +123,7 @@ class BalanceConfig:
 
 
 FOLD_RECIPES = ("quickstart", "frozen-linear")
+FOLD_CAPTIONS = ("first", "all")
 
 
 @dataclass
@@ -153,9 +154,21 @@ class FoldsConfig:
     model_opts: dict[str, Any] = field(
         default_factory=dict, metadata=_h("options of --folds.model (the recipe's when no model is given)")
     )
+    captions: str = field(
+        default="first",
+        metadata=_h(
+            "score a pair by its KEY.txt caption (first) or by the mean cosine over all its captions (all: "
+            "KEY.txt + KEY.json, what the trainer reads; locked towers only)",
+            choices=list(FOLD_CAPTIONS),
+        ),
+    )
 
     def validate(self) -> None:
         _check_numbers(self, "folds.")
+        if self.captions not in FOLD_CAPTIONS:
+            raise ConfigError(
+                f"folds.captions must be one of {', '.join(FOLD_CAPTIONS)}, got {self.captions!r}"
+            )
         if self.k == 1 or self.k < 0:
             raise ConfigError(f"folds.k must be 0 (off) or >= 2, got {self.k}")
         if self.recipe not in FOLD_RECIPES:

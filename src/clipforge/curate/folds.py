@@ -151,13 +151,22 @@ def train_scorer(
 
 
 def score_fold(
-    model_dir: str, shards: list[str], cache_dir: Path, batch_size: int = 128, model: Any = None
+    model_dir: str,
+    shards: list[str],
+    cache_dir: Path,
+    batch_size: int = 128,
+    model: Any = None,
+    captions: str = "first",
 ) -> dict[str, float]:
     """key -> clip score (cosine of the image and its KEY.txt caption) of ``shards`` under ``model_dir``
     (``model``: the same model already in memory).
 
     A locked image tower reads the feature cache (frozen features -> the scorer's heads); otherwise
-    the images go through the model (the curate clip-score stage's encode layer)."""
+    the images go through the model (the curate clip-score stage's encode layer). ``captions="all"``
+    (locked towers): the mean cosine over every caption of the sample (KEY.txt + KEY.json captions,
+    all of which the trainer reads) - a shuffled pair has all of them wrong, a clean one all right, so
+    the mean separates them better than one caption (corrupted flickr8k, 2 folds: AUC of shuffled vs
+    rest 0.862 -> 0.894)."""
     import torch
 
     from clipforge.models import load_model
@@ -172,6 +181,16 @@ def score_fold(
             model, shards, cache_dir, batch_size=batch_size, workers=1, progress=False
         )
         img = head_embeddings(model, data.image, "image")
+        if captions == "all":
+            if data.text is None:
+                raise ValueError("folds.captions=all needs a locked text tower (cached caption features)")
+            txt = head_embeddings(model, data.text, "text")
+            off = data.text_offsets.long().tolist()
+            mean = {}
+            for n, k in enumerate(data.keys):
+                if off[n + 1] > off[n] and data.captions[n] and data.captions[n][0]:
+                    mean[k] = float((txt[off[n] : off[n + 1]] @ img[n]).mean())
+            return mean
         if data.text is not None:
             # row 0 of each sample's captions is its KEY.txt caption (samples without one are left out)
             first = data.text_offsets[:-1].long().clamp(max=max(0, int(data.text_offsets[-1]) - 1))
@@ -182,6 +201,8 @@ def score_fold(
             txt = torch.from_numpy(np.array(embed_texts(model, [c[0] if c else "" for c in data.captions])))
         score = (img * txt).sum(1).tolist()
         return {k: float(s) for k, s, caps in zip(data.keys, score, data.captions) if caps and caps[0]}
+    if captions != "first":
+        raise ValueError("folds.captions=all needs locked towers (the recipe's); this scorer is not locked")
     from clipforge.curate.config import CurateConfig
     from clipforge.curate.engine import run_curation
 
@@ -220,9 +241,10 @@ def run_folds(
         scorers.append(model_dir)
         times[f"train{i}_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        path = out / "scores" / f"fold{i}.parquet"
+        suffix = "" if cfg.captions == "first" else f"-{cfg.captions}"  # one file per scoring rule
+        path = out / "scores" / f"fold{i}{suffix}.parquet"
         if not path.is_file():
-            s = score_fold(model_dir, shards[i], cache_dir, model=model)
+            s = score_fold(model_dir, shards[i], cache_dir, model=model, captions=cfg.captions)
             path.parent.mkdir(parents=True, exist_ok=True)
             table = pa.table(
                 {
@@ -249,6 +271,7 @@ def run_folds(
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
+        "captions": cfg.captions,
         "rows": split["rows"],
         "scored": len(keys),
         "scorers": scorers,
