@@ -104,10 +104,6 @@ _UNMAPPED = {
 }
 
 
-def is_coca(model_cfg: dict) -> bool:
-    return model_cfg.get("multimodal_cfg") is not None
-
-
 def check_coca(model_cfg: dict) -> None:
     """Raise naming every option of a CoCa ``model_cfg`` this module does not build."""
     bad = []
