@@ -59,6 +59,18 @@ CPU per query is the capacity figure):
     clip-back 2.45.0     22.7   1169     3269     0       33.8   (36.9 in the onnx run)
     same top-10 for 20 of 20 queries; torch: 1.91x QPS, 3.9x less CPU; onnx: 2.96x QPS, 6.7x less CPU
 
+Re-measured on the IDLE machine (load average 0.4-2.9: nothing else running), 2026-11-30 16:09-16:11 UTC,
+same index and model, 2000 queries, one run, clip-back measured between our two servers:
+
+    python benchmarks/bench_serve.py --vs clip-back --runtime torch onnx --max-per-shard 40 --requests 2000 \
+        --duration 30 --classify-requests 20 --skip-no-batching --work /tmp/run_all_bench_serve --json
+
+    server               QPS    p50 ms   p99 ms   errors  server CPU ms/query
+    clipforge (torch)    197.4  156      201      0       7.7
+    clipforge (onnx)     265.2  120      149      0       6.0
+    clip-back 2.45.0     30.5   1050     1285     0       46.9
+    same top-10 for 20 of 20 queries; torch: 6.47x QPS, 6.1x less CPU; onnx: 8.7x QPS, 7.8x less CPU
+
 An earlier run with onnxruntime's default intra-op spinning gave onnx 0.57x torch on search and
 1.02x on classify: busy-waiting threads starve the rest of a shared CPU, so the sessions sleep.
 
