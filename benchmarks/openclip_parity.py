@@ -86,8 +86,15 @@ COCA_FAMILIES = {
         "text_cfg": {**COCA_BASE["text_cfg"], "ls_init_value": 0.5},
         "multimodal_cfg": {**COCA_BASE["multimodal_cfg"], "ls_init_value": 0.5},
     },
+    "coca-nopool": {  # coca_base.json's layout: no attentional pooler, ln_post then class / patch tokens
+        "embed_dim": 12,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 4,
+                       "mlp_ratio": 2.0, "output_tokens": True},
+        "text_cfg": {**COCA_BASE["text_cfg"], "layers": 1},
+        "multimodal_cfg": {**COCA_BASE["multimodal_cfg"], "layers": 1},
+    },  # fmt: skip
 }
-COCA_SEEDS = {"coca-gelu": 1, "coca-ls-quickgelu-bias": 4}  # chosen so greedy ids differ per image
+COCA_SEEDS = {"coca-gelu": 1, "coca-ls-quickgelu-bias": 4, "coca-nopool": 1}  # greedy ids differ per image
 COCA_SOT, COCA_EOT, COCA_PAD, COCA_STEPS = 62, 63, 0, 8
 PRE = {
     "size": 32,

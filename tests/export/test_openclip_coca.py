@@ -26,7 +26,7 @@ GREEDY = {"method": "greedy", "no_repeat_ngram": 0, "min_len": 0}  # the referen
 
 
 def test_coca_families_are_there():
-    assert FAMILIES == ["coca-gelu", "coca-ls-quickgelu-bias"]
+    assert FAMILIES == ["coca-gelu", "coca-ls-quickgelu-bias", "coca-nopool"]
 
 
 def _load(family: str):
