@@ -28,6 +28,13 @@ and ``PYTHONPATH=/tmp/ocpkg python benchmarks/openclip_parity.py write|load-expo
 
 The fixtures are ~100 KB each (widths 16, 2 layers): commit them if the total stays < 1 MB.
 
+Full-size CoCa (issue 15): a random ``coca_ViT-B-32`` (open_clip's real shapes) written by open_clip with
+its BPE file beside it, loaded by clipforge as ``openclip:DIR`` (tokenizer from that BPE file): token ids,
+features, decoder logits and greedy ids through clipforge's caption decoding against open_clip's:
+
+    OMP_NUM_THREADS=1 /tmp/oc/bin/python benchmarks/openclip_parity.py coca-b32-write --out /tmp/coca_b32
+    OMP_NUM_THREADS=1 python benchmarks/openclip_parity.py coca-b32-check --out /tmp/coca_b32
+
 Throughput (issue 15): ViT-B-32 image embedding, the same random weights in open_clip (side venv) and in
 clipforge (``openclip:ViT-B-32=FILE``), torch eager vs clipforge's onnx runtime vs open_clip, same
 pixels, same batch, ``--threads`` each, in alternating rounds (one driver here; open_clip answers from a
@@ -88,8 +95,15 @@ COCA_FAMILIES = {
     },
     "coca-nopool": {  # coca_base.json's layout: no attentional pooler, ln_post then class / patch tokens
         "embed_dim": 12,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 4,
-                       "mlp_ratio": 2.0, "output_tokens": True},
+        "vision_cfg": {
+            "image_size": 16,
+            "layers": 1,
+            "width": 16,
+            "head_width": 8,
+            "patch_size": 4,
+            "mlp_ratio": 2.0,
+            "output_tokens": True,
+        },
         "text_cfg": {**COCA_BASE["text_cfg"], "layers": 1},
         "multimodal_cfg": {**COCA_BASE["multimodal_cfg"], "layers": 1},
     },  # fmt: skip
