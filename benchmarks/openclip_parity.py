@@ -106,7 +106,7 @@ COCA_FAMILIES = {
         },
         "text_cfg": {**COCA_BASE["text_cfg"], "layers": 1},
         "multimodal_cfg": {**COCA_BASE["multimodal_cfg"], "layers": 1},
-    },  # fmt: skip
+    },
 }
 COCA_SEEDS = {"coca-gelu": 1, "coca-ls-quickgelu-bias": 4, "coca-nopool": 1}  # greedy ids differ per image
 COCA_SOT, COCA_EOT, COCA_PAD, COCA_STEPS = 62, 63, 0, 8
