@@ -346,7 +346,7 @@ COCA_B32_TEXTS = [
 ]
 
 
-def coca_b32_write(out: Path, steps: int = 10) -> int:
+def coca_b32_write(out: Path, steps: int = 10, name: str = "coca_ViT-B-32") -> int:
     """Side venv: a random open_clip ``coca_ViT-B-32`` (its real shapes: 256 pooler queries, 49,408
     words, context 76) as a hub-layout dir with open_clip's own BPE file beside it, and references:
     open_clip's token ids of :data:`COCA_B32_TEXTS`, image/text features, decoder logits, greedy ids."""
@@ -361,13 +361,13 @@ def coca_b32_write(out: Path, steps: int = 10) -> int:
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = open_clip.create_model("coca_ViT-B-32").eval()
+    model = open_clip.create_model(name).eval()
     with torch.no_grad():  # open_clip leaves it torch.empty (its init_parameters is never called)
         w = model.text_decoder.text_projection
         w.copy_(torch.randn(w.shape) * w.shape[0] ** -0.5)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((Path(open_clip.__file__).parent / "model_configs" / "coca_ViT-B-32.json").read_text())
-    pre = {**PRE, "size": 224}
+    cfg = open_clip.get_model_config(name)
+    pre = {**PRE, "size": cfg["vision_cfg"]["image_size"]}
     (out / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}, indent=2)
     )
@@ -375,8 +375,9 @@ def coca_b32_write(out: Path, steps: int = 10) -> int:
         {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors")
     )
     shutil.copy(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz", out)
-    ids = open_clip.get_tokenizer("coca_ViT-B-32")(COCA_B32_TEXTS)
-    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ids = open_clip.get_tokenizer(name)(COCA_B32_TEXTS)
+    size = cfg["vision_cfg"]["image_size"]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     pixels = pixels + torch.randn(2, 3, 1, 1, generator=torch.Generator().manual_seed(1))
     import time
 
