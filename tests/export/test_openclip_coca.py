@@ -169,6 +169,8 @@ def test_load_model_tokenizes_embeds_and_captions(coca_dir, tmp_path):
     words = [" ".join(f"w{t}" for t in row if t not in (0, 62, 63)) for row in ref["input_ids"].tolist()]
     tokens = model.tokenize(words)
     assert torch.equal(tokens["input_ids"], ref["input_ids"])  # padded to the context length with 0
+    cleaned = model.tokenize(["w5  &amp;#119;6"])["input_ids"]  # open_clip unescapes twice: "w5 w6"
+    assert torch.equal(cleaned, model.tokenize(["w5 w6"])["input_ids"])
     with torch.no_grad():
         assert (model.encode_text(tokens, normalize=False) - ref["text"]).abs().max() < 1e-5
     caps = model.caption(_images(2), DecodeOptions(method="greedy", max_len=6))

@@ -482,6 +482,14 @@ class OpenClipCocaModel(ClipModel):
     def pad_token_id(self) -> int:
         return self.text.pad_id
 
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """open_clip's cleaning before the BPE: HTML entities unescaped (twice, as its tokenizer does) and
+        whitespace collapsed; ftfy's mojibake repair is left out (not a dependency)."""
+        import html
+
+        texts = [texts] if isinstance(texts, str) else texts
+        return self.tokenizer([" ".join(html.unescape(html.unescape(t)).split()) for t in texts])
+
     @property
     def caption_decoder(self) -> CocaDecoder:
         """A fresh decoder view over this model's own text tower and multimodal decoder (no copies)."""
