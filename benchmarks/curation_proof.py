@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--steps",
         default="a,b,oof,c,d,e,f",
-        help="steps to run (comma list; also d2, dstar, val); the table shows all found",
+        help="steps to run (comma list; also d2, oof2, c3, d3, dstar, val); the table shows all found",
     )
     ap.add_argument(
         "--clip-cut",
@@ -424,6 +424,32 @@ def main(argv: list[str] | None = None) -> int:
             shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
             name = f"d2_fixed_{policy}"
             timed(name, lambda sh_=shards, n=name: quickstart(sh_, runs / n, a))
+    scores2 = w / "scores2"
+    if "oof2" in steps and (scores / "scores.parquet").exists() and not (scores2 / "scores.parquet").exists():
+        timed("oof2", lambda: second_round(w, scores, recipe, a))
+    if "c3" in steps and (scores2 / "scores.parquet").exists():
+        curated = curate_filter(scores2, recipe, w / "curated3")
+        timed("c3_filtered_r2", lambda: quickstart(curated, runs / "c3_filtered_r2", a))
+    if "d3" in steps and (scores2 / "scores.parquet").exists():
+        captions = []
+        for i in range(a.folds):  # d2's captioner i (never saw fold i), scored by round-2 scorer i
+            cap = str(w / f"captioner2_fold{i}" / "captioner")
+            below = curate_filter(scores2, [f"fold == {i}", "clip_score < auto"], w / f"below3_fold{i}")
+            scorer = str(scores2 / "folds" / f"scorer{i}" / "model")
+            out_i = w / f"captions3_fold{i}"
+            if below:
+                captions.append(
+                    str(timed(f"caption_run3_{i}", lambda b=below, o=out_i, s=scorer, c=cap: caption_run(
+                        c, b, o, a, a.candidates2, s)))
+                )  # fmt: skip
+        fixed = w / "fixed3_compete"
+        if not (fixed / "fix.json").exists():
+            where = [x for r in keep_rules for x in ("--where", r)]
+            cmd = ["clipforge", "curate", "fix", "--scores", str(scores2), "--captions", *captions]
+            cmd += ["--policy", "compete", "--output", str(fixed), *where, "--json"]
+            timed("fix3_compete", lambda: sh(cmd))
+        shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
+        timed("d3_fixed_r2_compete", lambda: quickstart(shards, runs / "d3_fixed_r2_compete", a))
     if "dstar" in steps and a.captioner and (scores / "scores.parquet").exists():
         # (d*) the same fix with a strong captioner that saw these images' clean captions: it LEAKS (an
         # upper bound on what fixing gives with a good captioner), never the proof row. Candidates are
@@ -434,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             scorer = str(scores / "folds" / f"scorer{i}" / "model")
             out_i = w / f"captions_upper_fold{i}"
             syn.append(
-                str(timed(f"caption_run_upper{i}", lambda b=below, o=out_i, s=scorer: caption_run(
+                str(timed(f"caption_run_upper{i}", lambda b=below, o=out_i, s=scorer, c=cap: caption_run(
                     a.captioner, b, o, a, a.candidates, s)))
             )  # fmt: skip
         fixed = w / "fixed_upper"
@@ -478,7 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         res["fix"] = json.loads((w / "fixed" / "fix.json").read_text())
         res["fix"].pop("shards", None)
         res["fix_vs_faults"] = fix_vs_faults(w / "fixed" / "actions.parquet", faults_json)
-    for d in sorted(w.glob("fixed2_*")):  # (d2): the same, per policy
+    if (scores2 / "scores.parquet").exists():
+        res["round2"] = {
+            "clip_threshold": mixture_cut(scores2),
+            "filters": recipe_table(str(scores2), faults_json, recipe),
+        }
+    for d in [*sorted(w.glob("fixed2_*")), w / "fixed3_compete"]:  # (d2)/(d3): the same, per policy
         if (d / "fix.json").exists():
             f2 = json.loads((d / "fix.json").read_text())
             res.setdefault("fix2", {})[d.name] = {
@@ -570,6 +601,44 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"\nwall {out['wall_s']} s; steps {times}")
     return 0
+
+
+def second_round(w: Path, scores: Path, recipe: list[str], a: argparse.Namespace) -> dict:
+    """A second out-of-fold round (``W/scores2``): scorer i retrains (the same recipe) on the pairs of the
+    other folds that round 1's recipe kept (``trusted_fold{i}``, shared with d2), then scores fold i by
+    the mean cosine over ALL captions of each pair (``--folds.captions all``). Round 1's scorers learned
+    from 30% shuffled pairs; never fold i, never a label. The table is round 1's with ``clip_score``
+    replaced (round 1's kept as ``clip_score_round1``)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipforge.curate.config import FoldsConfig
+    from clipforge.curate.folds import score_fold, train_scorer
+
+    out = w / "scores2"
+    split = json.loads((scores / "folds" / "split.json").read_text())
+    cfg = FoldsConfig(k=a.folds, recipe="quickstart", epochs=a.epochs, captions="all")
+    new: dict[str, float] = {}
+    for i in range(a.folds):
+        trusted = curate_filter(scores, [f"fold != {i}", *recipe], w / f"trusted_fold{i}")
+        model_dir, model = train_scorer(
+            trusted, out / "folds" / f"scorer{i}", cfg, w / "feature_cache", a.threads
+        )
+        new.update(
+            score_fold(model_dir, split["shards"][str(i)], w / "feature_cache", model=model, captions="all")
+        )
+    t = pq.read_table(scores / "scores.parquet")
+    names = t.column_names
+    t = t.rename_columns(["clip_score_round1" if c == "clip_score" else c for c in names])
+    t = t.append_column(
+        "clip_score", pa.array([new.get(k) for k in t.column("key").to_pylist()], pa.float32())
+    )
+    pq.write_table(t, out / "scores.tmp.parquet")
+    shutil.copy(scores / "manifest.json", out / "manifest.json")
+    (out / "scores.tmp.parquet").replace(out / "scores.parquet")
+    return {"scored": sum(v is not None for v in new.values()), "rows": t.num_rows}
 
 
 def _flat_metrics(r: dict) -> dict:
