@@ -189,6 +189,28 @@ def test_load_model_tokenizes_embeds_and_captions(coca_dir, tmp_path):
     assert back.caption(_images(2), DecodeOptions(method="greedy", max_len=6)) == caps
 
 
+def test_onnx_export_and_runtime_of_a_coca(coca_dir, tmp_path):
+    """CoCa's text tower ignores the pad mask (as open_clip's does), so the exporter drops that input:
+    the parity check, the recorded config and the onnx runtime must feed only what the graph takes."""
+    pytest.importorskip("onnxruntime")
+    from clipforge.export import export_model
+    from clipforge.export.runtime import OnnxClipModel
+    from clipforge.models import load_model
+
+    model = load_model(f"openclip:{coca_dir}").eval()
+    s = export_model(model, "onnx", tmp_path / "onnx")
+    assert max(s["max_abs_diff_vs_torch"].values()) < 1e-4
+    cfg = json.loads((tmp_path / "onnx" / "onnx_config.json").read_text())
+    assert list(cfg["text"]["inputs"]) == ["input_ids"]
+    ort_model = OnnxClipModel(tmp_path / "onnx", 1)
+    tokens = model.tokenize(["w5 w6 w7", "w9"])
+    px = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ort_model.encode_text(tokens) - model.encode_text(tokens)).abs().max() < 1e-4
+        assert (ort_model.encode_text(tokens["input_ids"]) - model.encode_text(tokens)).abs().max() < 1e-4
+        assert (ort_model.encode_image(px) - model.encode_image(px)).abs().max() < 1e-4
+
+
 def test_load_captioner_and_recaption_a_shard(coca_dir, tmp_path):
     from clipforge.caption.openclip_coca import OpenClipCocaCaptioner, load_captioner
     from clipforge.caption.run import CaptionRunConfig, recaption_shard
@@ -284,21 +306,12 @@ def test_named_config_with_a_weights_file(tmp_path, monkeypatch):
         assert (model.encode_image(ref["pixels"], normalize=False) - ref["image"]).abs().max() < 1e-5
 
 
-def test_caption_run_and_eval_with_the_captioner_hook(coca_dir, tmp_path, monkeypatch):
-    """``caption run`` / ``caption eval`` end to end on ``--captioner openclip:DIR``, with the one hook
-    requested for caption/captioner.py (``Captioner.load`` hands CoCa specs to ``load_captioner``)
-    applied here by monkeypatch until it lands there."""
-    from clipforge.caption import captioner as captioner_mod
+def test_caption_run_and_eval_with_the_captioner_hook(coca_dir, tmp_path):
+    """``caption run`` / ``caption eval`` end to end on ``--captioner openclip:DIR``: ``Captioner.load``
+    hands CoCa specs to ``load_captioner``."""
     from clipforge.caption.evaluate import evaluate_captioning
-    from clipforge.caption.openclip_coca import is_coca_spec, load_captioner
     from clipforge.caption.run import run_captions
 
-    original = captioner_mod.Captioner.load.__func__
-
-    def load(cls, directory):
-        return load_captioner(directory) if is_coca_spec(directory) else original(cls, directory)
-
-    monkeypatch.setattr(captioner_mod.Captioner, "load", classmethod(load))
     shard = _shard(tmp_path / "s-000000.tar", 3)
     spec = f"openclip:{coca_dir}"
     decode = {"method": "beam", "beam_width": 2, "max_len": 6}

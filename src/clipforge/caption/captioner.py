@@ -63,6 +63,10 @@ class Captioner:
 
     @classmethod
     def load(cls, directory: str | Path) -> Captioner:
+        from clipforge.caption.openclip_coca import is_coca_spec, load_captioner
+
+        if is_coca_spec(directory):  # an open_clip CoCa (openclip:DIR, or a saved dir of one) captions itself
+            return load_captioner(directory)
         directory = Path(directory)
         decoder, meta = load_decoder(directory)
         if "encoder" not in meta:

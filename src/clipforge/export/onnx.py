@@ -164,7 +164,7 @@ def export(
         },
         "text": {
             "file": TEXT_FILE,
-            "inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]},
+            "inputs": {k: ["batch", "seq"] for k in onnx_input_names(out / TEXT_FILE)},
             "outputs": {"text_embeds": ["batch", int(model.config.embed_dim)]},
         },
         "normalized": True,
@@ -201,6 +201,19 @@ def _source_fingerprint(model: nn.Module) -> str:
     from clipforge.models.encode import fingerprint
 
     return getattr(model, "source_fingerprint", None) or fingerprint(model)
+
+
+def onnx_input_names(path: Path) -> list[str]:
+    """Input names as the saved graph has them (not as they were passed to the exporter)."""
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+
+
+def graph_inputs(session: Any) -> set[str]:
+    """The inputs a graph really takes: the TorchScript exporter drops an unused one (a text tower that
+    ignores ``attention_mask``, as open_clip's CoCa does), and onnxruntime rejects a feed it does not name."""
+    return {i.name for i in session.get_inputs()}
 
 
 def sessions(directory: str | Path, threads: int | None = None, int8: bool | str = False, spin: bool = False):
@@ -258,7 +271,7 @@ def check_parity(
     with torch.no_grad():
         a, b = model.encode_image(pixels), model.encode_text(tokens)
     oa = img.run(None, {"pixels": pixels.numpy()})[0]
-    ob = txt.run(None, {k: v.numpy() for k, v in tokens.items()})[0]
+    ob = txt.run(None, {k: v.numpy() for k, v in tokens.items() if k in graph_inputs(txt)})[0]
     return {
         "image": float((a - torch.from_numpy(oa)).abs().max()),
         "text": float((b - torch.from_numpy(ob)).abs().max()),

@@ -34,6 +34,7 @@ from clipforge.export.onnx import (
     IMAGE_FILE,
     PREPROCESS_FILE,
     TEXT_FILE,
+    graph_inputs,
     graph_paths,
     int8_sides,
     sessions,
@@ -71,6 +72,7 @@ class OnnxClipModel(nn.Module):
         quantized = any(f.name.endswith(".int8.onnx") for f in graph_paths(d, int8))
         self.source_fingerprint: str | None = None if quantized else meta.get("source_fingerprint")
         self.image_session, self.text_session = sessions(d, threads, int8=int8, spin=spin)
+        self.text_inputs = graph_inputs(self.text_session)  # a model that ignores the mask has no such input
         self.tokenizer = Tokenizer.from_dir(d)
         self.config = ModelConfig(
             backend="onnx",
@@ -113,6 +115,7 @@ class OnnxClipModel(nn.Module):
         feed = {
             k: np.ascontiguousarray(tokens[k].detach().cpu().numpy().astype(np.int64))
             for k in ("input_ids", "attention_mask")
+            if k in self.text_inputs
         }
         return torch.from_numpy(self.text_session.run(None, feed)[0])
 
