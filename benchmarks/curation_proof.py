@@ -26,6 +26,10 @@ whose output exists is skipped; ``--steps`` picks steps, so two processes can sh
    ``--candidates2`` beam candidates with their plain cosines, and ``curate fix --policy compete`` lets
    the raw caption compete with them on the cut's scale and drops the pair when none clears the cut.
    ``--d2-policies`` adds the same captions under other policies (e.g. ``replace``) as more rows.
+5c. ``--steps oof2,c3,d3``: a second out-of-fold round (``W/scores2``: scorer i retrained on the other
+   folds' pairs round 1 kept, scoring by the mean cosine over all captions), then (c3) the recipe's
+   filter and (d3) d2's captioners + ``curate fix --policy compete`` on those scores.
+   ``--steps val``: every finished run on flickr8k val as well (nothing is chosen on test or val).
 6. (e) clean + ``--text-source mix:0.5`` and (f) clean + ``--text-source multi``: synthetic captions of the
    clean set from a paired captioner (``--captioner DIR``, default H3a's artifact if present, else one
    trained here on the clean set with a wall budget) via ``clipforge caption run``.
