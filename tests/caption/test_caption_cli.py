@@ -181,7 +181,8 @@ def test_run_write_shards_keeps_the_original_in_json(slices, trained, tmp_path, 
         meta = json.loads(x["json"])
         row = table[x["__key__"]]
         assert x["txt"].decode() == row["caption_synthetic"] == meta["caption_synthetic"]
-        assert meta["caption_original"] == row["caption_original"] and len(meta["captions"]) == 5
+        assert meta["caption_original"] == row["caption_original"]
+        assert meta["captions"] == [row["caption_synthetic"]] and len(meta["captions_original"]) == 5
         assert "jpg" in x
 
 
