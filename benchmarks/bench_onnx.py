@@ -31,6 +31,9 @@ and onnx int8 (both graphs), plus each one's images/s and texts/s (random pixels
     onnx_int8_text  0.1950   0.2460   0.3470         16.3      119.7    0.0084 (t2i)
     onnx_int8_all   0.1648   0.1990   0.2390         2.5       153.3    0.1040 (cifar10)
 
+All 10,000 CIFAR-10 test images, 2026-11-30 17:41-17:55 (load 3.6-3.8; ``--cifar-shards 10 --rounds 2
+--variants torch_fp32,onnx_fp32,onnx_int8_text``): top-1 torch 0.3489 = onnx fp32 0.3489, int8 text
+0.3456 (-0.0033); images/s 18.3 / 64.3 / 52.7, texts/s 61.2 / 255.4 / 582.8; retrieval as above.
 int8 text passes the 0.01 bar narrowly (t2i -0.0084) for 1.9x text throughput; int8 images fail it
 (-0.10 top-1) and are 5.7x slower than the fp32 graph (dynamic ConvInteger): never offered.
 

@@ -100,7 +100,13 @@ class CaptionTrainConfig:
     min_lr_ratio: float = 0.0
     label_smoothing: float = field(default=0.1, metadata={"help": "guards against collapse to 'a a a'"})
     grad_clip: float = 1.0
-    noise_std: float = field(default=0.126, metadata={"help": "text-only: CapDec noise sigma (var 0.016)"})
+    noise_std: float = field(
+        default=0.01,
+        metadata={
+            "help": "text-only: CapDec noise sigma. Measured on flickr8k (1.5 CPU min, beam-3 CIDEr-D): "
+            "0.005-0.02 reach ~0.29-0.31 test / ~0.28 val, the paper's 0.126 (var 0.016) 0.21 test"
+        },
+    )
     cross_caption: bool = field(default=True, metadata={"help": "text-only: CLOSE cross-caption targets"})
     decap_temperature: float = field(
         default=0.0, metadata={"help": "text-only: DeCap projection temperature stored as default (0: off)"}
