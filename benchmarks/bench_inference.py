@@ -18,6 +18,11 @@ model load excluded; its ``main()`` wall with the model load is given too); clip
 the end-to-end seconds from the command start to a searchable index (process start-up, imports, model
 load and index included), plus CPU seconds of each process tree.
 
+Measured 2026-11-30 18:18 UTC on the idle machine (load 0.5-1.3), towers model, 2 threads, 1 worker:
+``python benchmarks/bench_inference.py --limit 1000 --threads 2 --workers 1 --json``: clipforge 76.6
+images/s (model load included), 15.6 s to a searchable index, 25.2 CPU s; clip-retrieval 41.5 images/s
+(its loop), 38.5 s, 65.4 CPU s: 1.85x images/s, 2.47x end to end.
+
 The side venv needs no torch of its own (made so here, 2026-11-30):
 
     python3 -m venv /tmp/clip-retrieval
