@@ -120,31 +120,32 @@ def _table(rows: dict[str, list[Any]], path: Path) -> None:
         pq.write_table(pa.table(rows), str(tmp))
 
 
-def _scores(model: Any, image_emb: np.ndarray, texts: list[str]) -> list[float | None]:
-    from clipforge.caption.metrics import clip_scores
-
+def _over_nonempty(texts: list[str], score: Any) -> list[float | None]:
+    """``score(rows, texts)`` on the non-empty texts only; None where a text is empty."""
     idx = [i for i, t in enumerate(texts) if t]
     out: list[float | None] = [None] * len(texts)
     if idx:
-        s = clip_scores(model, image_emb[idx], [texts[i] for i in idx])["clip_score"]
-        for i, v in zip(idx, s):
+        for i, v in zip(idx, score(idx, [texts[i] for i in idx])):
             out[i] = float(v)
     return out
+
+
+def _scores(model: Any, image_emb: np.ndarray, texts: list[str]) -> list[float | None]:
+    from clipforge.caption.metrics import clip_scores
+
+    return _over_nonempty(texts, lambda idx, t: clip_scores(model, image_emb[idx], t)["clip_score"])
 
 
 def _cosines(model: Any, image_emb: np.ndarray, texts: list[str]) -> list[float | None]:
     """Plain cosine of each image and its text as written (no prompt): curation's clip-score measure."""
     from clipforge.models.encode import embed_texts
 
-    idx = [i for i, t in enumerate(texts) if t]
-    out: list[float | None] = [None] * len(texts)
-    if idx:
+    def cosine(idx: list[int], t: list[str]) -> Any:
         img = image_emb[idx].astype(np.float32)
         img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
-        txt = embed_texts(model, [texts[i] for i in idx])
-        for i, v in zip(idx, (img * txt).sum(1)):
-            out[i] = float(v)
-    return out
+        return (img * embed_texts(model, t)).sum(1)
+
+    return _over_nonempty(texts, cosine)
 
 
 def recaption_shard(

@@ -271,7 +271,8 @@ def check_parity(
     with torch.no_grad():
         a, b = model.encode_image(pixels), model.encode_text(tokens)
     oa = img.run(None, {"pixels": pixels.numpy()})[0]
-    ob = txt.run(None, {k: v.numpy() for k, v in tokens.items() if k in graph_inputs(txt)})[0]
+    names = graph_inputs(txt)
+    ob = txt.run(None, {k: v.numpy() for k, v in tokens.items() if k in names})[0]
     return {
         "image": float((a - torch.from_numpy(oa)).abs().max()),
         "text": float((b - torch.from_numpy(ob)).abs().max()),
