@@ -226,10 +226,6 @@ def replace_caption(s: dict[str, Any], new: str, **meta: Any) -> dict[str, Any]:
     return out
 
 
-def _fixed_sample(s: dict[str, Any], new: str) -> dict[str, Any]:
-    return replace_caption(s, new, caption_fixed=True)
-
-
 def write_fixed_shard(url: str, rows: dict[str, dict[str, Any]], out: Path, prefix: str) -> dict[str, Any]:
     """One input shard -> ``out/shards/PREFIX-STEM.tar`` (atomic); returns counts and bad samples."""
     from clipforge.data.reader import iter_tar_samples
@@ -249,7 +245,7 @@ def write_fixed_shard(url: str, rows: dict[str, dict[str, Any]], out: Path, pref
             if r is None or r["action"] == "dropped":
                 continue
             if r["action"] == "recaptioned":
-                w.write(_fixed_sample(s, r["caption_new"]))
+                w.write(replace_caption(s, r["caption_new"], caption_fixed=True))
             else:
                 w.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
             written[r["action"]] += 1
