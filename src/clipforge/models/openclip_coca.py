@@ -72,33 +72,25 @@ _TEXT = {
 }
 _MULTIMODAL = {"context_length": 77, "width": 512, "heads": 8, "layers": 12, "ls_init_value": None}
 # options that change the architecture away from what this module builds (value = the one accepted)
+_BLOCK_OPTIONS = {  # residual-block variants open_clip offers to both towers
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "norm_kwargs": None,
+    "act_kwargs": None,
+}
 _UNMAPPED = {
-    "vision": {
-        "timm_model_name": None,
-        "block_type": None,
-        "qk_norm": False,
-        "scaled_cosine_attn": False,
-        "scale_heads": False,
-        "scale_attn_inner": False,
-        "scale_attn": False,
-        "scale_fc": False,
-        "norm_kwargs": None,
-        "act_kwargs": None,
-    },
+    "vision": {"timm_model_name": None, **_BLOCK_OPTIONS},
     "text": {
         "hf_model_name": None,
         "no_causal_mask": False,
         "proj_bias": False,
         "proj_type": "linear",
-        "block_type": None,
-        "qk_norm": False,
-        "scaled_cosine_attn": False,
-        "scale_heads": False,
-        "scale_attn_inner": False,
-        "scale_attn": False,
-        "scale_fc": False,
-        "norm_kwargs": None,
-        "act_kwargs": None,
+        **_BLOCK_OPTIONS,
     },
     "multimodal": {"hf_model_name": None},
 }
