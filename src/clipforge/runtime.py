@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import sys
 from pathlib import Path
 
 # glibc mallopt parameters (malloc.h)
@@ -82,6 +83,23 @@ def available_cpus() -> int:
 def default_workers(reserve: int = 1, cap: int = 8) -> int:
     """Decode workers that fit beside the compute threads: available CPUs - ``reserve``, in [0, cap]."""
     return max(0, min(cap, available_cpus() - reserve))
+
+
+def worker_start_method() -> str | None:
+    """How DataLoader workers start: ``"forkserver"`` once this process has loaded Ray's core worker,
+    else None (the platform default, ``fork``).
+
+    Why: Ray's gRPC and event-engine threads outlive ``ray.shutdown()``, and a ``fork()`` of a process
+    with foreign native threads can copy a lock another thread holds; the worker then blocks forever
+    and the loader waits on it (a test run hung this way after the Ray tests). A fork server is forked
+    before any of those threads exist. ``CLIPFORGE_WORKER_START`` (fork | forkserver | spawn) overrides.
+    """
+    env = os.environ.get("CLIPFORGE_WORKER_START")
+    if env:
+        if env not in ("fork", "forkserver", "spawn"):
+            raise ValueError(f"CLIPFORGE_WORKER_START={env!r}: one of fork, forkserver, spawn")
+        return env
+    return "forkserver" if "ray._raylet" in sys.modules else None
 
 
 def tune_allocator(children: bool = True) -> bool:

@@ -4,6 +4,7 @@ resumable per shard across engines (local Ray, 2 CPUs, a small flickr8k slice)."
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -17,6 +18,10 @@ from clipforge.caption.vocab import build_vocab
 from clipforge.config import ConfigError
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CLIPFORGE_RAY_PROCESS") != "1",
+    reason="run in their own process by tests/test_ray_process.py (Ray's threads make later forks unsafe)",
+)
 ENC = "py:caption_testutils:tiny_clip"
 
 

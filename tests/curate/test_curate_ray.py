@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -10,6 +12,10 @@ from clipforge.curate.engine import run_curation
 from clipforge.curate.stages import CurateConfig
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CLIPFORGE_RAY_PROCESS") != "1",
+    reason="run in their own process by tests/test_ray_process.py (Ray's threads make later forks unsafe)",
+)
 
 
 @pytest.fixture(scope="module")

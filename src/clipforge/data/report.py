@@ -26,6 +26,15 @@ class BadSampleReport:
             if len(lst) < self.max_keys_per_reason:
                 lst.append(f"{key}: {detail}" if detail else key)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a DataLoader worker started by forkserver or spawn gets a copy): no lock inside."""
+        with self._lock:
+            return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

@@ -27,6 +27,7 @@ from clipforge.data.dataset import ShardDataset, collate
 from clipforge.data.decode import DecodeConfig, SkipSample
 from clipforge.data.report import BadSampleReport
 from clipforge.data.transforms import ImageTransform
+from clipforge.runtime import worker_start_method
 
 FINGERPRINT_VERSION = 1
 Device = str | torch.device | nn.Module
@@ -366,6 +367,7 @@ def encode_shards(
         collate_fn=collate,
         persistent_workers=False,
         prefetch_factor=prefetch if workers > 0 else None,
+        multiprocessing_context=worker_start_method() if workers else None,
     )
     dev = model_device(model)
     left = limit

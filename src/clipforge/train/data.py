@@ -32,6 +32,7 @@ from clipforge.data.reader import split_member_name
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import is_remote, open_shard, shard_name
 from clipforge.data.transforms import ImageTransform, PreprocessConfig
+from clipforge.runtime import worker_start_method
 from clipforge.train.textsource import TextChooser
 
 
@@ -193,6 +194,7 @@ class StreamingBatches:
             collate_fn=collate,
             persistent_workers=False,
             prefetch_factor=2 if workers else None,
+            multiprocessing_context=worker_start_method() if workers else None,
         )
         self.batches = RoundRobin(loader, workers, loader_batches, rank * max(workers, 1))
         self.epoch = 0
