@@ -187,6 +187,10 @@ def main() -> None:
     p.add_argument("--beam-width", type=int, default=3)
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--rerank-beam", type=int, default=0,
+                   help="also decode beam-W with consensus reranking (decode.rerank=consensus; 0: off)")  # fmt: skip
+    p.add_argument("--rerank-k", type=int, default=20, help="consensus: training images that vote")
+    p.add_argument("--rerank-weight", type=float, default=32.0, help="consensus: weight vs the decoder score")
     p.add_argument("--no-baselines", action="store_true", help="skip the baseline rows")
     p.add_argument("--no-throughput", action="store_true", help="skip the decoding-throughput check")
     p.add_argument("--overwrite", action="store_true")
@@ -251,7 +255,11 @@ def main() -> None:
         "curve": [json.loads(x) for x in (out / "train" / "eval.jsonl").read_text().splitlines()],
     }
     beam = DecodeOptions(method="beam", beam_width=a.beam_width, length_penalty=a.length_penalty)
-    decodings = (("greedy", DecodeOptions(method="greedy")), ("beam3", beam))
+    decodings = [("greedy", DecodeOptions(method="greedy")), ("beam3", beam)]
+    if a.rerank_beam:
+        rr = DecodeOptions(method="beam", beam_width=a.rerank_beam, length_penalty=a.length_penalty,
+                           rerank="consensus", rerank_k=a.rerank_k, rerank_weight=a.rerank_weight)  # fmt: skip
+        decodings.append((f"beam{a.rerank_beam}_consensus", rr))
     for name, opts in decodings:
         # baselines once (greedy row); spatial: none (they read vectors), novelty from the training captions
         base = name == "greedy" and not a.no_baselines and kind != "spatial"
@@ -282,7 +290,7 @@ def main() -> None:
         return
     cols = ["bleu1", "bleu4", "meteor", "rouge_l", "cider_d", "distinct", "mean_length", "novel_share"]
     rows = []
-    for name in ("eval_greedy", "eval_beam3", "val_greedy", "val_beam3"):
+    for name in [f"{split}_{d}" for split in ("eval", "val") for d, _ in decodings]:
         for r in results.get(name, {}).get("results", []):
             split = name.replace("eval_", "test ").replace("_", " ")
             rows.append([f"{r['task']} ({split})", *(r["metrics"].get(c, float("nan")) for c in cols)])

@@ -76,8 +76,11 @@ def test_train_cli_and_exact_resume(slices, trained, tmp_path, capsys):
         "config.yaml",
         "captioner/vocab.json",
         "captioner/model.safetensors",
+        "captioner/consensus.safetensors",
     ):
         assert (a / f).exists(), f
+    memory = Captioner.load(a / "captioner").consensus
+    assert memory is not None and len(memory.captions) == 24 and memory.vectors.shape[0] == 24
     # a copy of run a cut back to its step-10 checkpoint, resumed through the CLI, ends bit-identical
     b = a.parent / "b"
     shutil.copytree(a, b)
@@ -116,6 +119,11 @@ def test_run_writes_side_table_counts_bad_and_resumes(slices, trained, tmp_path,
     assert rc == 0
     for r in pq.read_table(tmp_path / "k3" / "captions" / "test.parquet").to_pylist():
         assert len(r["caption_candidates"]) == 3 and r["caption_synthetic"] in r["caption_candidates"]
+    rc, s = cli([*args, "--decode.rerank", "consensus", "--decode.rerank-k", "3", "--output", str(tmp_path / "rr")],
+                capsys)  # fmt: skip
+    assert rc == 0 and s["captions"] == 6
+    t = pq.read_table(tmp_path / "rr" / "captions" / "test.parquet").to_pylist()
+    assert "rerank=consensus k=3" in t[0]["decoding"] and all(r["caption_synthetic"] for r in t)
     rc, s = cli([*args, "--resume"], capsys)
     assert rc == 0 and s["shards_skipped_resume"] == 1 and s["shards_done"] == 0
     assert s["bad_samples"]["total"] == 1  # the resumed shard's bad sample still counts
@@ -159,6 +167,8 @@ def test_text_only_mode_stores_memory_and_projects(slices, tmp_path, capsys, cac
     assert (s["feature_cache"] is None) == (cache == "--no-feature-cache")
     cap = Captioner.load(out / "captioner")
     assert cap.memory is not None and cap.memory.shape[0] == 24 * 5  # every training caption
+    assert cap.consensus is not None and len(cap.consensus.captions) == 24 * 5  # each caption votes alone
+    assert cap.consensus.captions[0] == [cap.consensus.captions[0][0]]
     rc, r = cli(["run", "--captioner", str(out / "captioner"), "--data", slices[1], "--output",
                  str(tmp_path / "r"), "--workers", "0", "--scoring-model", "none", "--decap-temperature", "0", *ENC],
                 capsys)  # fmt: skip

@@ -4,6 +4,7 @@
     DIR/model.safetensors  decoder weights
     DIR/vocab.json         the caption vocabulary (tokenizers JSON)
     DIR/memory.safetensors text-only captioners: training text embeddings for DeCap's projection
+    DIR/consensus.safetensors training vectors + captions for rerank=consensus (images: paired; texts: text-only)
 
 The encoder's fingerprint (``models/encode.fingerprint``; frozen weights only for ``features``) is
 checked when the encoder is loaded back, so a captioner is never fed vectors from another model.
@@ -20,7 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from clipforge.caption.decoder import CaptionDecoder, load_decoder, save_decoder
 from clipforge.caption.decoding import DecodeOptions, SpecialIds, generate_candidates
+from clipforge.caption.rerank import FILE as CONSENSUS_FILE
+from clipforge.caption.rerank import ConsensusMemory
 from clipforge.caption.vocab import CaptionVocab
+from clipforge.config import ConfigError
 
 
 def encoder_fingerprint(model: Any, kind: str) -> str:
@@ -40,6 +44,7 @@ class Captioner:
         memory: torch.Tensor | None = None,
     ) -> None:
         self.decoder, self.vocab, self.meta, self.memory = decoder, vocab, meta, memory
+        self.consensus: ConsensusMemory | None = None  # training vectors + captions for rerank=consensus
         self.directory: Path | None = None  # where it was loaded from
 
     @property
@@ -59,6 +64,8 @@ class Captioner:
         files = {"vocab.json": self.vocab.save}
         if self.memory is not None:
             files["memory.safetensors"] = lambda p: save_file({"memory": self.memory.contiguous()}, str(p))
+        if self.consensus is not None:
+            files[CONSENSUS_FILE] = self.consensus.save
         return save_decoder(directory, self.decoder, self.meta, files)
 
     @classmethod
@@ -75,6 +82,8 @@ class Captioner:
         mem_path = directory / "memory.safetensors"
         memory = load_file(str(mem_path))["memory"] if mem_path.is_file() else None
         out = cls(decoder, vocab, meta, memory)
+        if (directory / CONSENSUS_FILE).is_file():
+            out.consensus = ConsensusMemory.load(directory / CONSENSUS_FILE)
         out.directory = directory
         return out
 
@@ -132,8 +141,26 @@ class Captioner:
             cond = self.project(cond, t)
             cond = F.normalize(cond.float(), dim=-1)
         cond = cond if cond.ndim == 3 else cond.float()  # image tokens stay fp16: the decoder casts per chunk
+        if opts.rerank == "consensus":
+            return self._reranked(cond, opts)
         seqs, scores = generate_candidates(self.decoder, cond, opts, self.ids)
         return [[self.vocab.decode(s) for s in row] for row in seqs], scores
+
+    def _reranked(self, cond: torch.Tensor, opts: DecodeOptions) -> tuple[list[list[str]], list[list[float]]]:
+        """The whole beam, reordered by decoder score + weight x consensus of the nearest training images."""
+        from clipforge.caption.rerank import rerank
+
+        if self.consensus is None:
+            raise ConfigError(
+                "rerank=consensus needs the captioner's consensus memory (consensus.safetensors, written by "
+                "`caption train`); this captioner has none"
+            )
+        opts.validate()
+        beam = DecodeOptions(**{**opts.__dict__, "num_candidates": opts.beam_width, "rerank": "none"})
+        seqs, scores = generate_candidates(self.decoder, cond, beam, self.ids)
+        texts = [[self.vocab.decode(s) for s in row] for row in seqs]
+        votes = self.consensus.consensus(cond, texts, opts.rerank_k)
+        return rerank(texts, scores, votes, opts.rerank_weight, opts.num_candidates)
 
     def caption(
         self, cond: torch.Tensor, opts: DecodeOptions, decap_temperature: float | None = None

@@ -27,6 +27,7 @@ from clipforge.caption.decoder import CaptionDecoder
 from clipforge.config import ConfigError
 
 METHODS = ("greedy", "beam", "sample")
+RERANKS = ("none", "consensus")
 
 
 @dataclass
@@ -47,6 +48,16 @@ class DecodeOptions:
     num_candidates: int = field(
         default=1, metadata={"help": "captions per input (beam: n best hypotheses <= width; sample: n draws)"}
     )
+    rerank: str = field(
+        default="none",
+        metadata={
+            "help": "none | consensus: order the beam by score + rerank_weight x mean TF-IDF n-gram cosine "
+            "to the captions of the rerank_k nearest training images (the captioner's saved memory)",
+            "choices": RERANKS,
+        },
+    )
+    rerank_k: int = field(default=20, metadata={"help": "consensus: training images whose captions vote"})
+    rerank_weight: float = field(default=32.0, metadata={"help": "consensus: weight against the decoder score"})
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -63,6 +74,10 @@ class DecodeOptions:
             raise ConfigError(f"num_candidates {self.num_candidates} > beam_width {self.beam_width}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram < 0:
             raise ConfigError("repetition_penalty must be > 0 and no_repeat_ngram >= 0")
+        if self.rerank not in RERANKS:
+            raise ConfigError(f"rerank {self.rerank!r}: one of {', '.join(RERANKS)}")
+        if self.rerank != "none" and (self.method != "beam" or self.rerank_k < 1 or self.rerank_weight < 0):
+            raise ConfigError("rerank reorders a beam: it needs method=beam, rerank_k >= 1, rerank_weight >= 0")
 
     def describe(self) -> str:
         """Short, stable text of the settings that change the output (stored next to captions)."""
@@ -75,6 +90,8 @@ class DecodeOptions:
         parts += [f"len={self.min_len}-{self.max_len}"]
         if self.num_candidates > 1:
             parts.append(f"n={self.num_candidates}")
+        if self.rerank != "none":
+            parts.append(f"rerank={self.rerank} k={self.rerank_k} w={self.rerank_weight:g}")
         return " ".join(parts)
 
 
