@@ -162,9 +162,18 @@ class FoldsConfig:
             choices=list(FOLD_CAPTIONS),
         ),
     )
+    rounds: int = field(
+        default=1,
+        metadata=_h(
+            "out-of-fold rounds (1-3): in round r+1 scorer i retrains on the other folds' pairs whose "
+            "round-r score clears the no-label mixture cut (clip_score > auto), then rescores fold i"
+        ),
+    )
 
     def validate(self) -> None:
         _check_numbers(self, "folds.")
+        if not 1 <= self.rounds <= 3:
+            raise ConfigError(f"folds.rounds must be in 1..3, got {self.rounds}")
         if self.captions not in FOLD_CAPTIONS:
             raise ConfigError(
                 f"folds.captions must be one of {', '.join(FOLD_CAPTIONS)}, got {self.captions!r}"
