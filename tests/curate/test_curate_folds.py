@@ -234,3 +234,95 @@ def test_all_captions_score_is_the_mean_over_the_samples_captions(tmp_path):
         first = score_fold(res["scorers"][i], fold, cache, model=m)  # the KEY.txt rule: another score
         differ = max(differ, max(abs(first[k] - oof[k]) for k in first))
     assert differ > 1e-3
+
+
+def trained_keys(run_dir: Path) -> list[str]:
+    """The sample keys of the shards a scorer's training run read (its saved config's data)."""
+    import yaml
+
+    from clipforge.data.reader import iter_tar_samples
+
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    return [s["__key__"] for u in data for s in iter_tar_samples(u)]
+
+
+def test_round2_scorers_train_only_on_trusted_pairs_of_the_other_folds(tmp_path, monkeypatch):
+    import numpy as np
+
+    import clipforge.train
+    from clipforge.curate.threshold import auto_threshold
+    from clipforge.data.reader import iter_tar_samples
+
+    data = shards(tmp_path, per_shard=24)
+    cfg = FoldsConfig(k=2, epochs=1, batch_size=8, rounds=2, **TINY)
+    res = run_folds(data, tmp_path / "folds", cfg, threads=1)
+    r2 = tmp_path / "folds" / "round2"
+    assert [r["round"] for r in res["rounds"]] == [1, 2] and res["scored"] == 47
+    # the final table: round 2's scores as clip_score, round 1's alongside
+    oof = {r["key"]: r for r in pq.read_table(tmp_path / "folds" / "oof.parquet").to_pylist()}
+    for rdir, col in ((tmp_path / "folds", "clip_score_round1"), (r2, "clip_score")):
+        for i in range(2):
+            for row in pq.read_table(rdir / "scores" / f"fold{i}.parquet").to_pylist():
+                assert oof[row["key"]][col] == row["clip_score"] and row["fold"] == i
+    # the round-1 cut, recomputed here: the mixture per caption-length bucket on all round-1 scores
+    caps = {s["__key__"]: s["txt"].decode() for u in data for s in iter_tar_samples(u)}
+    keys = list(oof)
+    r1 = np.array([oof[k]["clip_score_round1"] for k in keys])
+    cut = dict(zip(keys, auto_threshold(r1, [caps[k] for k in keys])["cuts"]))
+    trusted = {k for k in keys if oof[k]["clip_score_round1"] > cut[k]}
+    assert 0 < len(trusted) < len(keys)  # some pairs are left out, or the check below proves nothing
+    for i in range(2):
+        seen = trained_keys(r2 / f"scorer{i}")
+        others = {k for k in keys if fold_of(k, 2) != i}
+        assert seen and all(fold_of(k, 2) != i for k in seen)  # never its own fold
+        assert set(seen) == others & trusted  # every trusted pair of the other folds, no other
+        assert res["rounds"][1]["trusted_per_scorer"][i] == len(seen)
+    assert res["rounds"][1]["noise_rate"] > 0 and res["rounds"][1]["cuts"]
+
+    # resume: a finished round 2 reruns nothing; a killed one trains only the scorer it lacks
+    runs: list[str] = []
+    real_fit = clipforge.train.fit
+
+    def counting_fit(model, shards, config=None, **kw):
+        runs.append(config.output)
+        return real_fit(model, shards, config, **kw)
+
+    monkeypatch.setattr(clipforge.train, "fit", counting_fit)
+    again = run_folds(data, tmp_path / "folds", cfg, threads=1)
+    assert runs == [] and again["scorers"] == res["scorers"] and again["rounds"][1] == res["rounds"][1]
+    import shutil
+
+    shutil.rmtree(r2 / "scorer1")
+    (r2 / "scores" / "fold1.parquet").unlink()
+    run_folds(data, tmp_path / "folds", cfg, threads=1)
+    assert runs == [str(r2 / "scorer1")]
+
+
+def test_folds_rounds_is_validated_and_reaches_the_table(tmp_path, capsys):
+    from clipforge.cli import main
+    from clipforge.config import ConfigError
+
+    for bad in (0, 4):
+        with pytest.raises(ConfigError, match="folds.rounds"):
+            CurateConfig.from_dict({"folds": {"k": 2, "rounds": bad}})
+        with pytest.raises(ConfigError, match="folds.rounds"):
+            run_folds([], tmp_path / "never", FoldsConfig(k=2, rounds=bad))
+    data = shards(tmp_path)
+    out = tmp_path / "cur"
+    argv = ["curate", "run", "--data", *data, "--output", str(out), "--stages", "clip-score", "--folds", "2"]
+    argv += ["--folds.rounds", "2", "--folds.epochs", "1", "--folds.batch-size", "8"]
+    argv += ["--folds.model", TINY["model"], "--folds.model-opts", "lock_image=1"]
+    argv += ["--folds.model-opts", "lock_text=1", "--threads", "1", "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["round"] for r in summary["folds"]["rounds"]] == [1, 2]
+    assert "trusted_per_scorer" in summary["folds"]["rounds"][1]
+    t = pq.read_table(out / "scores.parquet")
+    assert {"clip_score", "clip_score_round1", "fold"} <= set(t.column_names) and t.num_rows == 32
+    oof = pq.read_table(out / "folds" / "round2" / "oof.parquet")
+    r2 = dict(zip(oof.column("key").to_pylist(), oof.column("clip_score").to_pylist()))
+    final = dict(zip(t.column("key").to_pylist(), t.column("clip_score").to_pylist()))
+    assert {k: s for k, s in final.items() if s is not None} == r2  # the bad image: null
+    assert json.loads((out / "manifest.json").read_text())["folds"]["rounds"][1]["round"] == 2
+    argv[argv.index("--folds.rounds") + 1] = "9"
+    assert main(argv) == 2 and "folds.rounds must be in 1..3" in capsys.readouterr().out
