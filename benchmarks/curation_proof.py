@@ -26,9 +26,10 @@ whose output exists is skipped; ``--steps`` picks steps, so two processes can sh
    ``--candidates2`` beam candidates with their plain cosines, and ``curate fix --policy compete`` lets
    the raw caption compete with them on the cut's scale and drops the pair when none clears the cut.
    ``--d2-policies`` adds the same captions under other policies (e.g. ``replace``) as more rows.
-5c. ``--steps oof2,c3,d3``: a second out-of-fold round (``W/scores2``: scorer i retrained on the other
-   folds' pairs round 1 kept, scoring by the mean cosine over all captions), then (c3) the recipe's
-   filter and (d3) d2's captioners + ``curate fix --policy compete`` on those scores.
+5c. ``--steps oof2,c3,d3``: a second out-of-fold round (``--folds.rounds 2``, curate/folds.py;
+   table in ``W/scores2``: scorer i retrained on the other folds' pairs whose round-1 score clears the
+   mixture cut, scoring by the mean cosine over all captions), then (c3) the recipe's filter and (d3)
+   d2's captioners + ``curate fix --policy compete`` on those scores.
    ``--steps val``: every finished run on flickr8k val as well (nothing is chosen on test or val).
 6. (e) clean + ``--text-source mix:0.5`` and (f) clean + ``--text-source multi``: synthetic captions of the
    clean set from a paired captioner (``--captioner DIR``, default H3a's artifact if present, else one
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             timed(name, lambda sh_=shards, n=name: quickstart(sh_, runs / n, a))
     scores2 = w / "scores2"
     if "oof2" in steps and (scores / "scores.parquet").exists() and not (scores2 / "scores.parquet").exists():
-        timed("oof2", lambda: second_round(w, scores, recipe, a))
+        timed("oof2", lambda: second_round(w, scores, corrupt_shards, a))
     if "c3" in steps and (scores2 / "scores.parquet").exists():
         curated = curate_filter(scores2, recipe, w / "curated3")
         timed("c3_filtered_r2", lambda: quickstart(curated, runs / "c3_filtered_r2", a))
@@ -439,11 +440,13 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(a.folds):  # d2's captioner i (never saw fold i), scored by round-2 scorer i
             cap = str(w / f"captioner2_fold{i}" / "captioner")
             below = curate_filter(scores2, [f"fold == {i}", "clip_score < auto"], w / f"below3_fold{i}")
-            scorer = str(scores2 / "folds" / f"scorer{i}" / "model")
+            scorer = scores / "folds" / "round2" / f"scorer{i}" / "model"
+            if not scorer.exists():  # a work dir whose scores2 came from this script's own round 2
+                scorer = scores2 / "folds" / f"scorer{i}" / "model"
             out_i = w / f"captions3_fold{i}"
             if below:
                 captions.append(
-                    str(timed(f"caption_run3_{i}", lambda b=below, o=out_i, s=scorer, c=cap: caption_run(
+                    str(timed(f"caption_run3_{i}", lambda b=below, o=out_i, s=str(scorer), c=cap: caption_run(
                         c, b, o, a, a.candidates2, s)))
                 )  # fmt: skip
         fixed = w / "fixed3_compete"
@@ -513,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
             "clip_threshold": mixture_cut(scores2),
             "filters": recipe_table(str(scores2), faults_json, recipe),
         }
+        trust = scores / "folds" / "round2" / "trust.json"  # round 1's cut, noise rate, trusted rows
+        if trust.exists():
+            res["round2"]["trust"] = json.loads(trust.read_text())
     for d in [*sorted(w.glob("fixed2_*")), w / "fixed3_compete"]:  # (d2)/(d3): the same, per policy
         if (d / "fix.json").exists():
             f2 = json.loads((d / "fix.json").read_text())
@@ -607,42 +613,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def second_round(w: Path, scores: Path, recipe: list[str], a: argparse.Namespace) -> dict:
-    """A second out-of-fold round (``W/scores2``): scorer i retrains (the same recipe) on the pairs of the
-    other folds that round 1's recipe kept (``trusted_fold{i}``, shared with d2), then scores fold i by
-    the mean cosine over ALL captions of each pair (``--folds.captions all``). Round 1's scorers learned
-    from 30% shuffled pairs; never fold i, never a label. The table is round 1's with ``clip_score``
-    replaced (round 1's kept as ``clip_score_round1``)."""
+def second_round(w: Path, scores: Path, data: list[str], a: argparse.Namespace) -> dict:
+    """A second out-of-fold round (``W/scores2``), the product's: ``--folds.rounds 2`` on round 1's folds
+    (``W/scores/folds``: split, scorers and feature cache reused; round 2 in ``W/scores/folds/round2``,
+    where ``oof.parquet``/``folds.json`` of ``W/scores/folds`` now describe both rounds). Scorer i
+    retrains (the same recipe) on the other folds' pairs whose round-1 score clears the no-label
+    mixture cut, then scores fold i; both rounds score by the mean cosine over ALL captions of a pair
+    (``--folds.captions all``). Never fold i, never a label. The table is round 1's with
+    ``clip_score`` replaced (round 1's kept as ``clip_score_round1``)."""
     import shutil
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from clipforge.curate.config import FoldsConfig
-    from clipforge.curate.folds import score_fold, train_scorer
+    from clipforge.curate.folds import merge_oof, run_folds
 
-    out = w / "scores2"
-    split = json.loads((scores / "folds" / "split.json").read_text())
-    cfg = FoldsConfig(k=a.folds, recipe="quickstart", epochs=a.epochs, captions="all")
-    new: dict[str, float] = {}
-    for i in range(a.folds):
-        trusted = curate_filter(scores, [f"fold != {i}", *recipe], w / f"trusted_fold{i}")
-        model_dir, model = train_scorer(
-            trusted, out / "folds" / f"scorer{i}", cfg, w / "feature_cache", a.threads
-        )
-        new.update(
-            score_fold(model_dir, split["shards"][str(i)], w / "feature_cache", model=model, captions="all")
-        )
-    t = pq.read_table(scores / "scores.parquet")
-    names = t.column_names
-    t = t.rename_columns(["clip_score_round1" if c == "clip_score" else c for c in names])
-    t = t.append_column(
-        "clip_score", pa.array([new.get(k) for k in t.column("key").to_pylist()], pa.float32())
+    cfg = FoldsConfig(
+        k=a.folds, epochs=a.epochs, captions="all", rounds=2, cache_dir=str(w / "feature_cache")
     )
-    pq.write_table(t, out / "scores.tmp.parquet")
-    shutil.copy(scores / "manifest.json", out / "manifest.json")
-    (out / "scores.tmp.parquet").replace(out / "scores.parquet")
-    return {"scored": sum(v is not None for v in new.values()), "rows": t.num_rows}
+    res = run_folds(data, scores / "folds", cfg, threads=a.threads)
+    tmp = w / "scores2.tmp"  # a finished W/scores2 is a whole one (the step is skipped when it exists)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in ("scores.parquet", "manifest.json"):
+        shutil.copy(scores / name, tmp / name)
+    merged = merge_oof(tmp, scores / "folds" / "oof.parquet")
+    shutil.rmtree(w / "scores2", ignore_errors=True)
+    tmp.rename(w / "scores2")
+    return {**merged, "round2": res["rounds"][-1]}
 
 
 def _flat_metrics(r: dict) -> dict:
