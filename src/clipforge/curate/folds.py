@@ -14,7 +14,12 @@ Layout under ``OUT/folds`` (every step resumable: a finished step's output is re
     feature_cache/             locked-tower features of the fold shards, shared by all scorers
     scorer{i}/                 scorer i's training run (model in scorer{i}/model)
     scores/fold{i}.parquet     key, fold, clip_score of fold i under scorer i
-    oof.parquet                all of them: the out-of-fold clip_score of every key
+    oof.parquet                all of them: the out-of-fold clip_score of every key (the last round's;
+                               earlier rounds' as clip_score_round{r})
+    round{r}/                  round r >= 2 (``--folds.rounds``): trust.json (round r-1's no-label cut,
+                               noise rate, trusted rows), data/ (the trusted pairs of each fold),
+                               scorer{i}/, scores/, oof.parquet - scorer i learns only from the other
+                               folds' pairs that round r-1 scored above the cut
 
 With a locked image tower (the quickstart recipe) a fold is scored from the feature cache its
 scorers already built: no image goes through the tower a second time. Used by ``clipforge curate
