@@ -94,12 +94,14 @@ def worker_start_method() -> str | None:
     and the loader waits on it (a test run hung this way after the Ray tests). A fork server is forked
     before any of those threads exist. ``CLIPFORGE_WORKER_START`` (fork | forkserver | spawn) overrides.
     """
-    env = os.environ.get("CLIPFORGE_WORKER_START")
-    if env:
-        if env not in ("fork", "forkserver", "spawn"):
-            raise ValueError(f"CLIPFORGE_WORKER_START={env!r}: one of fork, forkserver, spawn")
-        return env
-    return "forkserver" if "ray._raylet" in sys.modules else None
+    method = os.environ.get("CLIPFORGE_WORKER_START") or ("forkserver" if "ray._raylet" in sys.modules else None)
+    if method not in (None, "fork", "forkserver", "spawn"):
+        raise ValueError(f"CLIPFORGE_WORKER_START={method!r}: one of fork, forkserver, spawn")
+    if method == "forkserver":  # the server dies with this process (a kill -9 leaves no workers behind)
+        import multiprocessing
+
+        multiprocessing.set_forkserver_preload(["__main__", "clipforge.forkserver_guard"])
+    return method
 
 
 def tune_allocator(children: bool = True) -> bool:

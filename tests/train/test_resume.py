@@ -59,13 +59,17 @@ def _keys_by_step(out: Path) -> dict[int, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "mode,extra",
+    "mode,extra,start",
     [
-        ("streaming", ["--workers", "2", "--shuffle-buffer", "16"]),
-        ("cached", ["--workers", "1", "--model-opt", "lock_image=1", "--model-opt", "lock_text=1"]),
+        ("streaming", ["--workers", "2", "--shuffle-buffer", "16"], ""),
+        ("cached", ["--workers", "1", "--model-opt", "lock_image=1", "--model-opt", "lock_text=1"], ""),
+        # workers from a fork server (what a process that loaded Ray uses): a kill -9 of the command must
+        # take the server and its workers along (else they hold its stdout open: a timeout here)
+        ("streaming", ["--workers", "2", "--shuffle-buffer", "16"], "forkserver"),
     ],
 )
-def test_kill9_resume_is_exact(mode, extra, flickr_slice, tmp_path, sub_env):
+def test_kill9_resume_is_exact(mode, extra, start, flickr_slice, tmp_path, sub_env):
+    sub_env = {**sub_env, "CLIPFORGE_WORKER_START": start}
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     r = _train(ref, flickr_slice, sub_env, extra)
     assert r.returncode == 0, r.stderr[-3000:]
