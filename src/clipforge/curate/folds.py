@@ -303,7 +303,9 @@ def trust_round(
 
     Why: round 1's scorers learned from every pair, shuffled ones included; a scorer that learns only
     from the pairs the previous round trusts scores the rest more sharply (corrupted flickr8k, 2
-    folds: t2i R@1 recovery of the filtered run 53% -> 63%). No label is read. Resumable: a finished
+    folds, 2,240 rows: AUC of the scores against the injected shuffles 0.894 -> 0.927; the filtered
+    run recovers 59% of the t2i R@1 loss on test, 52% on val, against 42% / 34% with round-1 scores).
+    No label is read. Resumable: a finished
     set (``trust.json`` for the same round r-1 scores) is reused; otherwise the round starts over."""
     from clipforge.curate.threshold import auto_threshold
 
