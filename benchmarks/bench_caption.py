@@ -144,7 +144,7 @@ def main() -> None:
                    help="auto: features of the locked tower (paired), embedding (text-only); spatial: "
                    "cross-attention to its 7x7 tokens (no baseline rows: they read vectors)")  # fmt: skip
     p.add_argument(
-        "--noise-std", type=float, default=0.01, help="text-only: CapDec sigma (caption train's default)"
+        "--noise-std", type=float, default=0.05, help="text-only: CapDec sigma (caption train's default)"
     )
     p.add_argument("--cross-caption", action=argparse.BooleanOptionalAction, default=True,
                    help="text-only: CLOSE cross-caption targets")  # fmt: skip
