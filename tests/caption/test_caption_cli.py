@@ -134,6 +134,24 @@ def test_run_writes_side_table_counts_bad_and_resumes(slices, trained, tmp_path,
     assert rc == 2 and "--encoder" in s["error"]  # the saved py: spec is not run
 
 
+def test_memory_command_adds_the_consensus_memory(slices, trained, tmp_path, capsys):
+    """A captioner without a memory (trained before it existed) gets the one training would have saved."""
+    d = tmp_path / "cap"
+    shutil.copytree(trained[1] / "captioner", d)
+    want = Captioner.load(d).consensus
+    (d / "consensus.safetensors").unlink()
+    assert Captioner.load(d).consensus is None
+    rc, s = cli(["memory", "--captioner", str(d), "--data", *slices[0], "--workers", "0", *ENC], capsys)
+    assert rc == 0 and s["images"] == 24 and s["entries"] == 24 and s["without_captions"] == 0
+    got = Captioner.load(d).consensus
+    assert sorted(map(tuple, got.captions)) == sorted(map(tuple, want.captions))
+    order = {tuple(c): i for i, c in enumerate(want.captions)}  # same images, maybe another order
+    idx = [order[tuple(c)] for c in got.captions]
+    assert (got.vectors.float() - want.vectors[idx].float()).abs().max() < 2e-2  # fp16 cache vs fresh
+    rc, s = cli(["memory", "--captioner", str(d), "--data", str(tmp_path / "none.tar"), *ENC], capsys)
+    assert rc == 2 and "error" in s
+
+
 def test_eval_reports_metrics_and_baselines(slices, trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     rc, r = cli(["eval", "--captioner", str(trained[1] / "captioner"), "--data", slices[1], "--knn-k", "5", *ENC,

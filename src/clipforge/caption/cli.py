@@ -1,4 +1,4 @@
-"""``clipforge caption train|run|eval|rewrite|fuse``: flags generated from the config dataclasses.
+"""``clipforge caption train|run|memory|eval|rewrite|fuse``: flags generated from the config dataclasses.
 
 Each command also takes ``--config FILE.yaml`` (the same keys; flags override it) and ``--json``
 (exactly one JSON object on stdout, logs on stderr). The coordinator registers :func:`register` in
@@ -54,6 +54,19 @@ def register(subparsers: Any) -> None:
     add_arguments(r, CaptionRunConfig)
     _common(r)
     r.set_defaults(func=cmd_run)
+
+    m = sub.add_parser(
+        "memory",
+        help="add the consensus memory (decode.rerank=consensus) to a captioner trained without one",
+        description="Encodes --data (the captioner's training shards) with its encoder and writes "
+        "CAPTIONER/consensus.safetensors: a vector per image (text-only: per caption) and the captions.",
+    )
+    m.add_argument("--captioner", required=True, help="captioner dir")
+    m.add_argument("--data", nargs="+", required=True, help="its training shards")
+    m.add_argument("--encoder", default=None, help="the encoder spec (needed for py: specs)")
+    m.add_argument("--workers", type=int, default=1, help="decode workers")
+    m.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    m.set_defaults(func=cmd_memory)
 
     e = sub.add_parser(
         "eval",
@@ -165,6 +178,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = [[r["task"], *(r["metrics"].get(c, float("nan")) for c in cols)] for r in result["results"]]
     print(format_table(rows, ["task", *cols]))
     print(f"scoring model: {result['results'][0]['scoring_model']}")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from clipforge.caption.captioner import Captioner
+    from clipforge.caption.rerank import FILE, build_memory
+    from clipforge.utils import emit_json
+
+    try:
+        cap = Captioner.load(args.captioner)
+        memory, info = build_memory(cap, args.data, args.encoder, args.workers)
+    except ERRORS as e:
+        return _fail(args, str(e))
+    path = Path(args.captioner) / FILE
+    tmp = path.with_name(f".{FILE}.tmp-{os.getpid()}")
+    memory.save(tmp)
+    os.replace(tmp, path)  # atomic: a reader sees the old memory or the new one
+    summary = {"memory": str(path), **info}
+    if args.json:
+        emit_json(summary)
+    else:
+        _print(summary, ["memory", "images", "entries", "without_captions"])
     return 0
 
 

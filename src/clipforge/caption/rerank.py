@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,9 +89,35 @@ class ConsensusMemory:
         out = []
         for row, cands in zip(nn.tolist(), candidates):
             refs = [simple_tokenize(c) for j in row for c in self.captions[j]]
+            if not refs:  # neighbours without captions: no vote
+                out.append(np.zeros(len(cands)))
+                continue
             x = self.tfidf.transform([simple_tokenize(c) for c in cands] + refs)
             out.append(np.asarray((x[: len(cands)] @ x[len(cands) :].T).mean(axis=1)).ravel())
         return out
+
+
+def build_memory(
+    cap: Any, shards: str | list[str], encoder_spec: str | None = None, workers: int = 1
+) -> tuple[ConsensusMemory, dict[str, Any]]:
+    """The memory of a captioner trained without one (``clipforge caption memory``): its encoder's
+    vectors of ``shards`` (its training data) and their captions, as ``caption train`` saves them."""
+    encoder = cap.load_encoder(encoder_spec)
+    c = cap.shard_conditions(encoder, shards, workers=workers)
+    keep = [i for i, caps in enumerate(c.captions) if caps]  # an image without captions cannot vote
+    captions = [c.captions[i] for i in keep]
+    if not keep:
+        raise ValueError(f"no image of {shards} has a caption: nothing to vote with")
+    if cap.mode == "text-only":  # one embedding per caption, each votes alone (what training saves)
+        from clipforge.caption.features import caption_embeddings
+
+        emb, _ = caption_embeddings(encoder, captions)
+        memory = ConsensusMemory(emb, [[x] for caps in captions for x in caps])
+    else:
+        memory = ConsensusMemory.from_training(c.cond[keep], captions)
+    info = {"images": len(keep), "without_captions": len(c.captions) - len(keep), "entries": len(memory.captions),
+            "bad_samples": c.bad.to_dict()}  # fmt: skip
+    return memory, info
 
 
 def rerank(
