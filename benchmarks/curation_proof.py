@@ -228,11 +228,22 @@ def caption_run(
     a: argparse.Namespace,
     candidates: int = 3,
     scoring: str | None = None,
+    rerank: bool = False,
 ) -> Path:
-    """``clipforge caption run`` (best of ``candidates`` beam hypotheses by the encoder's CLIP score)."""
+    """``clipforge caption run`` (best of ``candidates`` beam hypotheses by the encoder's CLIP score;
+    ``rerank``: a beam of 8 ordered by consensus first, the memory built from the captioner's own
+    training shards when it has none)."""
     if not (out / "summary.json").exists():
         cmd = ["clipforge", "caption", "run", "--captioner", captioner, "--data", *data, "--output", str(out)]
-        cmd += ["--decode.method", "beam", "--decode.beam-width", str(max(3, candidates))]
+        width = max(8 if rerank else 3, candidates)
+        cmd += ["--decode.method", "beam", "--decode.beam-width", str(width)]
+        if rerank:
+            if not (Path(captioner) / "consensus.safetensors").exists():
+                import yaml
+
+                train = yaml.safe_load((Path(captioner).parent / "config.yaml").read_text())["data"]
+                sh(["clipforge", "caption", "memory", "--captioner", captioner, "--data", *train, "--json"])
+            cmd += ["--decode.rerank", "consensus"]
         cmd += ["--decode.num-candidates", str(candidates), "--threads", str(a.threads), "--json"]
         cmd += ["--scoring-model", scoring] if scoring else []
         sh(cmd + (["--resume"] if out.exists() else []))
@@ -298,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--captioner-steps", type=int, default=600, help="(d2) steps of each fold captioner")
     ap.add_argument("--candidates2", type=int, default=5, help="(d2) beam candidates kept per pair")
+    ap.add_argument("--rerank-d3", action="store_true",
+                    help="(d3) fold captioners decode a beam of 8 with consensus reranking (row d3_..._rerank)")  # fmt: skip
     ap.add_argument(
         "--d2-policies", default="compete", help="(d2) curate fix policies to train on (comma list)"
     )
@@ -436,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         curated = curate_filter(scores2, recipe, w / "curated3")
         timed("c3_filtered_r2", lambda: quickstart(curated, runs / "c3_filtered_r2", a))
     if "d3" in steps and (scores2 / "scores.parquet").exists():
+        rr = "r" if a.rerank_d3 else ""  # reranked captions get their own dirs and row: d3's stay
         captions = []
         for i in range(a.folds):  # d2's captioner i (never saw fold i), scored by round-2 scorer i
             cap = str(w / f"captioner2_fold{i}" / "captioner")
@@ -443,20 +457,21 @@ def main(argv: list[str] | None = None) -> int:
             scorer = scores / "folds" / "round2" / f"scorer{i}" / "model"
             if not scorer.exists():  # a work dir whose scores2 came from this script's own round 2
                 scorer = scores2 / "folds" / f"scorer{i}" / "model"
-            out_i = w / f"captions3_fold{i}"
+            out_i = w / f"captions3{rr}_fold{i}"
             if below:
                 captions.append(
-                    str(timed(f"caption_run3_{i}", lambda b=below, o=out_i, s=str(scorer), c=cap: caption_run(
-                        c, b, o, a, a.candidates2, s)))
+                    str(timed(f"caption_run3{rr}_{i}", lambda b=below, o=out_i, s=str(scorer), c=cap: caption_run(
+                        c, b, o, a, a.candidates2, s, rerank=a.rerank_d3)))
                 )  # fmt: skip
-        fixed = w / "fixed3_compete"
+        fixed = w / f"fixed3{rr}_compete"
         if not (fixed / "fix.json").exists():
             where = [x for r in keep_rules for x in ("--where", r)]
             cmd = ["clipforge", "curate", "fix", "--scores", str(scores2), "--captions", *captions]
             cmd += ["--policy", "compete", "--output", str(fixed), *where, "--json"]
             timed("fix3_compete", lambda: sh(cmd))
         shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
-        timed("d3_fixed_r2_compete", lambda: quickstart(shards, runs / "d3_fixed_r2_compete", a))
+        name = "d3_fixed_r2_compete" + ("_rerank" if rr else "")
+        timed(name, lambda: quickstart(shards, runs / name, a))
     if "dstar" in steps and a.captioner and (scores / "scores.parquet").exists():
         # (d*) the same fix with a strong captioner that saw these images' clean captions: it LEAKS (an
         # upper bound on what fixing gives with a good captioner), never the proof row. Candidates are
