@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from clipforge.caption.decoder import CaptionDecoder, load_decoder, save_decoder
 from clipforge.caption.decoding import DecodeOptions, SpecialIds, generate_candidates
 from clipforge.caption.rerank import FILE as CONSENSUS_FILE
-from clipforge.caption.rerank import ConsensusMemory
+from clipforge.caption.rerank import ConsensusMemory, rerank
 from clipforge.caption.vocab import CaptionVocab
 from clipforge.config import ConfigError
 
@@ -148,8 +148,6 @@ class Captioner:
 
     def _reranked(self, cond: torch.Tensor, opts: DecodeOptions) -> tuple[list[list[str]], list[list[float]]]:
         """The whole beam, reordered by decoder score + weight x consensus of the nearest training images."""
-        from clipforge.caption.rerank import rerank
-
         if self.consensus is None:
             raise ConfigError(
                 "rerank=consensus needs the captioner's consensus memory (consensus.safetensors, written by "

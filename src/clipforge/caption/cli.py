@@ -182,12 +182,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from clipforge.caption.captioner import Captioner
     from clipforge.caption.rerank import FILE, build_memory
-    from clipforge.utils import emit_json
+    from clipforge.utils import atomic_path, emit_json
 
     try:
         cap = Captioner.load(args.captioner)
@@ -195,9 +194,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     except ERRORS as e:
         return _fail(args, str(e))
     path = Path(args.captioner) / FILE
-    tmp = path.with_name(f".{FILE}.tmp-{os.getpid()}")
-    memory.save(tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old memory or the new one
+    with atomic_path(path) as tmp:  # a reader sees the old memory or the new one
+        memory.save(tmp)
     summary = {"memory": str(path), **info}
     if args.json:
         emit_json(summary)

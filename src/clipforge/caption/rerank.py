@@ -45,15 +45,25 @@ class ConsensusMemory:
     """Training images as (unit vector, captions); TF-IDF statistics from all their captions."""
 
     def __init__(self, vectors: torch.Tensor, captions: Sequence[Sequence[str]]) -> None:
+        """``vectors``: [N, C], or image tokens [N, T, C] (compared by their mean)."""
         if len(vectors) != len(captions) or not len(captions):
             raise ValueError(f"consensus memory: {len(vectors)} vectors for {len(captions)} caption lists")
-        self.vectors = F.normalize(vectors.float(), dim=-1).half()  # [N, C]
+        self.vectors = F.normalize(pooled(vectors), dim=-1).half()  # [N, C]
         self.captions = [list(c) for c in captions]
         self._tfidf = None
 
     @classmethod
-    def from_training(cls, cond: torch.Tensor, captions: Sequence[Sequence[str]]) -> ConsensusMemory:
-        return cls(pooled(cond), captions)
+    def of_training(
+        cls, mode: str, cond: torch.Tensor, captions: Sequence[Sequence[str]], text: torch.Tensor | None
+    ) -> ConsensusMemory:
+        """What a captioner's training data votes with. Paired: one vector per training image and its
+        captions. Text-only (no training images): one embedding per caption (``text``, the flattened
+        captions' embeddings), each its own vote, found by the image embedding in the joint space."""
+        if mode == "text-only":
+            if text is None:
+                raise ValueError("a text-only consensus memory needs the captions' text embeddings")
+            return cls(text, [[c] for caps in captions for c in caps])
+        return cls(cond, captions)
 
     def save(self, path: str | Path) -> None:
         meta = {"captions": json.dumps(self.captions)}
@@ -76,12 +86,14 @@ class ConsensusMemory:
 
     def neighbours(self, cond: torch.Tensor, k: int) -> torch.Tensor:
         """[N, k] indices of the training images nearest (cosine) to each condition."""
-        q = F.normalize(pooled(cond), dim=-1)
-        mem = self.vectors.float()
-        if q.shape[1] != mem.shape[1]:
-            raise ValueError(f"consensus memory holds {mem.shape[1]}-d vectors, the input is {q.shape[1]}-d")
-        k = min(k, mem.shape[0])
-        return torch.cat([(q[s : s + 512] @ mem.T).topk(k, dim=1).indices for s in range(0, len(q), 512)])
+        from clipforge.caption.baselines import neighbours
+
+        q = pooled(cond)
+        if q.shape[1] != self.vectors.shape[1]:
+            raise ValueError(
+                f"consensus memory holds {self.vectors.shape[1]}-d vectors, the input is {q.shape[1]}-d"
+            )
+        return neighbours(self.vectors, q, k)
 
     def consensus(self, cond: torch.Tensor, candidates: Sequence[Sequence[str]], k: int) -> list[np.ndarray]:
         """Per input row, each candidate's mean TF-IDF cosine to its k neighbours' captions."""
@@ -108,13 +120,12 @@ def build_memory(
     captions = [c.captions[i] for i in keep]
     if not keep:
         raise ValueError(f"no image of {shards} has a caption: nothing to vote with")
-    if cap.mode == "text-only":  # one embedding per caption, each votes alone (what training saves)
+    text = None
+    if cap.mode == "text-only":
         from clipforge.caption.features import caption_embeddings
 
-        emb, _ = caption_embeddings(encoder, captions)
-        memory = ConsensusMemory(emb, [[x] for caps in captions for x in caps])
-    else:
-        memory = ConsensusMemory.from_training(c.cond[keep], captions)
+        text, _ = caption_embeddings(encoder, captions)
+    memory = ConsensusMemory.of_training(cap.mode, c.cond[keep], captions, text)
     info = {"images": len(keep), "without_captions": len(c.captions) - len(keep), "entries": len(memory.captions),
             "bad_samples": c.bad.to_dict()}  # fmt: skip
     return memory, info

@@ -551,20 +551,12 @@ class CaptionTrainer:
         cap = Captioner(self.model, self.vocab, self.meta, memory)
         if self.cfg.consensus_memory:
             if self._consensus is None:
-                self._consensus = self._consensus_memory()
+                from clipforge.caption.rerank import ConsensusMemory
+
+                c = self.ts.cond
+                self._consensus = ConsensusMemory.of_training(self.cfg.mode, c.cond, c.captions, self.ts.text)
             cap.consensus = self._consensus
         return cap
-
-    def _consensus_memory(self) -> Any:
-        """Paired: one vector per training image and its captions. Text-only (no training images): one
-        text embedding per training caption, each its own vote, found by the image embedding in the
-        joint space (DeCap's memory, used to vote instead of to project)."""
-        from clipforge.caption.rerank import ConsensusMemory
-
-        caps = self.ts.cond.captions
-        if self.cfg.mode == "text-only":
-            return ConsensusMemory(self.ts.text, [[c] for cs in caps for c in cs])
-        return ConsensusMemory.from_training(self.ts.cond.cond, caps)
 
     # -- the end -------------------------------------------------------------------------------------
 
