@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         trust = scores / "folds" / "round2" / "trust.json"  # round 1's cut, noise rate, trusted rows
         if trust.exists():
             res["round2"]["trust"] = json.loads(trust.read_text())
-    for d in [*sorted(w.glob("fixed2_*")), w / "fixed3_compete"]:  # (d2)/(d3): the same, per policy
+    for d in [*sorted(w.glob("fixed2_*")), *sorted(w.glob("fixed3*_compete"))]:  # (d2)/(d3)(+rerank): the same, per policy
         if (d / "fix.json").exists():
             f2 = json.loads((d / "fix.json").read_text())
             res.setdefault("fix2", {})[d.name] = {
