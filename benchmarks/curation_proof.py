@@ -30,6 +30,8 @@ whose output exists is skipped; ``--steps`` picks steps, so two processes can sh
    table in ``W/scores2``: scorer i retrained on the other folds' pairs whose round-1 score clears the
    mixture cut, scoring by the mean cosine over all captions), then (c3) the recipe's filter and (d3)
    d2's captioners + ``curate fix --policy compete`` on those scores.
+   ``--recaption-weight W`` (session 7): ``curate fix --recaption-weight W`` and the recipe trained with its
+   ``weights.parquet`` (recaptioned pairs at loss weight W, kept ones at 1): row ``d3_..._wW``.
    ``--steps val``: every finished run on flickr8k val as well (nothing is chosen on test or val).
 6. (e) clean + ``--text-source mix:0.5`` and (f) clean + ``--text-source multi``: synthetic captions of the
    clean set from a paired captioner (``--captioner DIR``, default H3a's artifact if present, else one
@@ -312,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerank-d3", action="store_true",
                     help="(d3) fold captioners decode a beam of 8 with consensus reranking (row d3_..._rerank)")  # fmt: skip
     ap.add_argument(
+        "--recaption-weight",
+        type=float,
+        default=1.0,
+        help="(d3) curate fix --recaption-weight W: recaptioned pairs train at loss weight W (row d3_..._wW)",
+    )
+    ap.add_argument(
         "--d2-policies", default="compete", help="(d2) curate fix policies to train on (comma list)"
     )
     ap.add_argument(
@@ -463,15 +471,21 @@ def main(argv: list[str] | None = None) -> int:
                     str(timed(f"caption_run3{rr}_{i}", lambda b=below, o=out_i, s=str(scorer), c=cap: caption_run(
                         c, b, o, a, a.candidates2, s, rerank=a.rerank_d3)))
                 )  # fmt: skip
-        fixed = w / f"fixed3{rr}_compete"
+        wt = f"_w{a.recaption_weight:g}" if a.recaption_weight != 1.0 else ""
+        fixed = w / f"fixed3{rr}_compete{wt}"
         if not (fixed / "fix.json").exists():
             where = [x for r in keep_rules for x in ("--where", r)]
             cmd = ["clipforge", "curate", "fix", "--scores", str(scores2), "--captions", *captions]
             cmd += ["--policy", "compete", "--output", str(fixed), *where, "--json"]
-            timed("fix3_compete", lambda: sh(cmd))
+            cmd += ["--recaption-weight", str(a.recaption_weight)] if wt else []
+            timed("fix3_compete" + wt, lambda: sh(cmd))
         shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
-        name = "d3_fixed_r2_compete" + ("_rerank" if rr else "")
-        timed(name, lambda: quickstart(shards, runs / name, a))
+        name = "d3_fixed_r2_compete" + ("_rerank" if rr else "") + wt
+        # the fix's pair weights (train --text-tables OUT/weights.parquet --weight-column pair_weight)
+        extra = (
+            {"text_tables": [str(fixed / "weights.parquet")], "weight_column": "pair_weight"} if wt else None
+        )
+        timed(name, lambda: quickstart(shards, runs / name, a, extra))
     if "dstar" in steps and a.captioner and (scores / "scores.parquet").exists():
         # (d*) the same fix with a strong captioner that saw these images' clean captions: it LEAKS (an
         # upper bound on what fixing gives with a good captioner), never the proof row. Candidates are
@@ -534,7 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         trust = scores / "folds" / "round2" / "trust.json"  # round 1's cut, noise rate, trusted rows
         if trust.exists():
             res["round2"]["trust"] = json.loads(trust.read_text())
-    for d in [*sorted(w.glob("fixed2_*")), *sorted(w.glob("fixed3*_compete"))]:  # (d2)/(d3)(+rerank): the same, per policy
+    for d in [
+        *sorted(w.glob("fixed2_*")),
+        *sorted(w.glob("fixed3*_compete*")),
+    ]:  # (d2)/(d3)(+rerank): the same, per policy
         if (d / "fix.json").exists():
             f2 = json.loads((d / "fix.json").read_text())
             res.setdefault("fix2", {})[d.name] = {

@@ -128,6 +128,8 @@ def test_fix_cli_json_and_clear_errors(scored, tmp_path, capsys):
     assert main([*argv, "--fix", "clip_score < 0.2", "--json"]) == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["actions"]["recaptioned"] == 12 and s["rows"] == 40
+    assert main([*argv, "--fix", "clip_score < 0.2", "--recaption-weight", "0.5", "--overwrite"]) == 0
+    assert "--weight-column pair_weight" in capsys.readouterr().out  # the table says how to train with it
     assert main([*argv, "--fix", "nope < 1", "--overwrite"]) == 2
     assert "nope" in capsys.readouterr().err
     bad = tmp_path / "bad.parquet"
@@ -186,3 +188,40 @@ def test_compete_policy_keeps_only_synthetic_captions_that_clear_the_cut(scored,
         fix_run(scores, [old], tmp_path / "o", policy="compete", progress=False)
     with pytest.raises(ValueError, match="auto"):
         fix_run(scores, [t], tmp_path / "o2", fix="clip_score < 0.2", policy="compete", progress=False)
+
+
+def test_recaption_weight_side_table_gives_every_written_pair_its_weight(scored, tmp_path):
+    """OUT/weights.parquet: one row per written pair, named by the fixed shard it is in, weight 1 for a
+    kept pair and --recaption-weight for a recaptioned one; the trainer's side-table reader agrees."""
+    from clipforge.data.shards import shard_name
+    from clipforge.train.textsource import SideTexts, TextSource
+
+    scores, _, noisy = scored
+    rows = [
+        {"key": k, "caption_synthetic": f"new {k}", "clip_score_synthetic": 0.4, "clip_score_original": 0.05}
+        for k in noisy
+    ]
+    out = tmp_path / "fixed"
+    s = fix_run(
+        scores, [side_table(tmp_path / "syn.parquet", rows)], out, fix="clip_score < 0.2",
+        recaption_weight=0.25, progress=False,
+    )  # fmt: skip
+    assert s["recaption_weight"] == 0.25 and "--weight-column pair_weight" in s["train_weights"]
+    act = {r["key"]: r["action"] for r in pq.read_table(out / "actions.parquet").to_pylist()}
+    w = pq.read_table(out / "weights.parquet").to_pylist()
+    written = {(shard_name(u), x["__key__"]) for u in s["shards"] for x in iter_tar_samples(u)}
+    assert {(r["shard"], r["key"]) for r in w} == written  # every written pair, no dropped one
+    for r in w:
+        assert r["pair_weight"] == pytest.approx(0.25 if act[r["key"]] == "recaptioned" else 1.0)
+    assert sum(r["pair_weight"] < 1 for r in w) == s["actions"]["recaptioned"] == len(noisy)
+    side = SideTexts.load([str(out / "weights.parquet")], TextSource("raw"), "x", "y", "pair_weight")
+    for shard, key in written:
+        assert side.get(key, shard)["weight"] == pytest.approx(0.25 if act[key] == "recaptioned" else 1.0)
+    # the weight is a setting: a resume with another one is refused, a bad one is a clear error
+    with pytest.raises(ValueError, match="other settings"):
+        fix_run(scores, [str(tmp_path / "syn.parquet")], out, fix="clip_score < 0.2", progress=False)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="recaption-weight"):
+            fix_run(
+                scores, [str(tmp_path / "syn.parquet")], tmp_path / "x", recaption_weight=bad, progress=False
+            )

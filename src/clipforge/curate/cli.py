@@ -130,6 +130,13 @@ def register(subparsers: Any) -> None:
         "synthetic candidates by plain cosine against the row's cut, dropped when none clears it",
     )
     fx.add_argument("--prefix", default="fixed", help="output shard name prefix")
+    fx.add_argument(
+        "--recaption-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of a recaptioned pair in OUTPUT/weights.parquet (kept pairs: 1); train with "
+        "--text-tables OUTPUT/weights.parquet --weight-column pair_weight",
+    )
     fx.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
     fx.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     fx.set_defaults(func=cmd_fix)
@@ -336,6 +343,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
             require_better=not args.any_caption,
             policy=args.policy,
             prefix=args.prefix,
+            recaption_weight=args.recaption_weight,
             overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError, OutputExistsError, OSError) as e:  # FilterError: ValueError
@@ -348,6 +356,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
     ]
     print(format_table(rows, ["action", "rows"]))
     print(f"actions: {args.output}/actions.parquet; shards: {len(s['shards'])}")
+    print(f"pair weights (recaptioned {s['recaption_weight']:g}): train with {s['train_weights']}")
     return 0
 
 
