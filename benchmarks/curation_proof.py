@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -155,6 +156,12 @@ def quickstart(
     image-tower features are shared across runs (``--cifar-images`` can also limit CIFAR-10 zero-shot
     to the first N test images; the linear probe is then skipped). Reuses a finished run's report.json.
     All runs share one train feature cache (keyed by tower fingerprint + shard URL)."""
+    for seed in getattr(a, "seeds", []):  # the same row with other training seeds (noise of one run)
+        _quickstart(data, out.parent / f"{out.name}_s{seed}", a, {**(train_extra or {}), "seed": seed})
+    return _quickstart(data, out, a, train_extra)
+
+
+def _quickstart(data: list[str] | None, out: Path, a: argparse.Namespace, train_extra: dict | None) -> dict:
     if (out / "report.json").exists() and (out / "model").exists():
         return json.loads((out / "report.json").read_text())
     from clipforge.evaluate import recipes, runner
@@ -333,8 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="clip-score cut of the default recipe: mixture cut (auto) or the rate-informed top 70%%",
     )
+    ap.add_argument(
+        "--seeds",
+        default="",
+        help="extra training seeds (comma list, e.g. 1,2): every row this run trains is trained again "
+        "per seed (runs/NAME_sS); the table adds mean and sd per row",
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    a.seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     import faulthandler
     import signal
 
@@ -506,6 +520,13 @@ def main(argv: list[str] | None = None) -> int:
             timed("fix_upper", lambda: sh(cmd + ["--output", str(fixed), *where, "--json"]))
         shards = [str(p) for p in sorted((fixed / "shards").glob("*.tar"))]
         timed("dstar_fixed_leaky", lambda: quickstart(shards, runs / "dstar_fixed_leaky_captioner", a))
+    if "oracle" in steps:
+        # ceilings, never proof rows (they read the injected faults): (o1) drop exactly the faulty rows,
+        # (o2) also give every shuffled pair back ONE of its true captions: the best any one-caption fix
+        # of the shuffled pairs could do, with a perfect detector and a perfect captioner
+        for name, mode in (("o1_oracle_drop", "drop"), ("o2_oracle_one_caption", "one")):
+            shards = oracle_shards(corrupt_shards, faults_json, clean, w / name, mode)
+            timed(name, lambda sh_=shards, n=name: quickstart(sh_, runs / n, a))
     if steps & {"e", "f"}:
         cap = a.captioner
         default = HERE.parents[1] / "coord" / "s4" / "artifacts" / "captioner_paired"
@@ -570,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         res["t2i_loss_recovered"] = {
             k: (v - m["b_corrupted"]) / loss
             for k, v in m.items()
-            if v is not None and k[0] in "cd" and loss > 0
+            if v is not None and k[0] in "cdo" and loss > 0
         }
     v1 = "flickr8k_val/retrieval/text_to_image_R@1"
     mv = {k: _flat_metrics(r).get(v1) for k, r in val.items()}
@@ -580,8 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         res["val_t2i_loss_recovered"] = {
             k: (v - mv["b_corrupted"]) / loss
             for k, v in mv.items()
-            if v is not None and k[0] in "cd" and loss > 0
+            if v is not None and k[0] in "cdo" and loss > 0
         }
+    if any(re.search(r"_s\d+$", k) for k in reports):
+        res["seeds"] = seed_table(m, mv)
     out = {
         "command": "python benchmarks/curation_proof.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -641,6 +664,18 @@ def main(argv: list[str] | None = None) -> int:
             "VAL t2i R@1 loss (a - b) recovered: "
             + ", ".join(f"{k} {v:.2f}" for k, v in res["val_t2i_loss_recovered"].items())
         )
+    if "seeds" in res:
+        print("\nt2i R@1 over seeds: row, seeds, test mean +- sd (loss rec.), val mean +- sd (loss rec.)")
+        for base, r in res["seeds"].items():
+            cells = []
+            for split in ("test", "val"):
+                mu, sd, rec = (r.get(f"{split}_{x}") for x in ("mean", "sd", "loss_recovered"))
+                cells.append(
+                    "-"
+                    if mu is None
+                    else f"{mu:.4f} +- {sd or 0:.4f}" + (f" ({rec:.0%})" if rec is not None else "")
+                )
+            print(f"{base:32s} {r['seeds']:2d}  {cells[0]:26s} {cells[1]}")
     print(f"\nwall {out['wall_s']} s; steps {times}")
     return 0
 
@@ -671,6 +706,74 @@ def second_round(w: Path, scores: Path, data: list[str], a: argparse.Namespace) 
     shutil.rmtree(w / "scores2", ignore_errors=True)
     tmp.rename(w / "scores2")
     return {**merged, "round2": res["rounds"][-1]}
+
+
+def oracle_shards(corrupt: list[str], faults_json: str, clean: list[str], out: Path, mode: str) -> list[str]:
+    """The corrupted shards without the injected faults (``drop``), or with every shuffled pair given back
+    its first true caption (``one``: KEY.txt and KEY.json ``captions`` = [it]); each shard written
+    atomically, tar members in their order."""
+    import io
+    import tarfile
+
+    from clipforge.utils import atomic_path
+
+    f = json.loads(Path(faults_json).read_text())
+    shuffled = set(f["shuffled"])
+    bad = set(f["exact_dup"]) | set(f["near_dup"]) | set(f["blank"]) | set(f.get("shuffled_copies", []))
+    true: dict[str, dict[str, bytes]] = {}
+    if mode == "one":
+        for url in clean:
+            with tarfile.open(url) as tf:
+                for m in tf:
+                    k, _, ext = m.name.rpartition(".")
+                    if k in shuffled and ext in ("txt", "json"):
+                        true.setdefault(k, {})[ext] = tf.extractfile(m).read()
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    shards = []
+    for url in corrupt:
+        dst = out / "shards" / Path(url).name
+        shards.append(str(dst))
+        if dst.exists():
+            continue
+        with tarfile.open(url) as src, atomic_path(dst) as tmp, tarfile.open(tmp, "w") as tf:
+            for m in src:
+                k, _, ext = m.name.rpartition(".")
+                if k in bad or (k in shuffled and mode == "drop"):
+                    continue
+                data = src.extractfile(m).read()
+                if k in shuffled and ext in ("txt", "json"):
+                    cap = true[k]["txt"].decode().strip()
+                    meta = {**json.loads(true[k]["json"]), "captions": [cap]}
+                    data = cap.encode() if ext == "txt" else json.dumps(meta).encode()
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mtime = len(data), m.mtime
+                tf.addfile(info, io.BytesIO(data))
+    return shards
+
+
+def seed_table(test: dict, val: dict) -> dict:
+    """Mean and sd of t2i R@1 over each row's seeds (NAME, NAME_s1, ...), and the loss recovered on means."""
+    import statistics
+
+    groups: dict[str, list[str]] = {}
+    for k in test:
+        groups.setdefault(re.sub(r"_s\d+$", "", k), []).append(k)
+    out: dict = {}
+    for base, names in groups.items():
+        row: dict = {"seeds": len(names)}
+        for split, m in (("test", test), ("val", val)):
+            v = [m[n] for n in names if m.get(n) is not None]
+            if v:
+                row[f"{split}_mean"] = statistics.fmean(v)
+                row[f"{split}_sd"] = statistics.stdev(v) if len(v) > 1 else None
+        out[base] = row
+    for split in ("test", "val"):
+        a, b = (out.get(r, {}).get(f"{split}_mean") for r in ("a_clean", "b_corrupted"))
+        if a is not None and b is not None and a > b:
+            for base, row in out.items():
+                if base[0] in "cdo" and row.get(f"{split}_mean") is not None:
+                    row[f"{split}_loss_recovered"] = (row[f"{split}_mean"] - b) / (a - b)
+    return out
 
 
 def _flat_metrics(r: dict) -> dict:
