@@ -673,7 +673,9 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(
                     "-"
                     if mu is None
-                    else f"{mu:.4f} +- {sd or 0:.4f}" + (f" ({rec:.0%})" if rec is not None else "")
+                    else f"{mu:.4f}"
+                    + (f" +- {sd:.4f}" if sd is not None else " (1 seed)")
+                    + (f" ({rec:.0%})" if rec is not None else "")
                 )
             print(f"{base:32s} {r['seeds']:2d}  {cells[0]:26s} {cells[1]}")
     print(f"\nwall {out['wall_s']} s; steps {times}")
