@@ -587,22 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     t2i = "flickr8k/retrieval/text_to_image_R@1"
     m = {k: (r.get("metrics") or {}).get(t2i) for k, r in reports.items()}
     if m.get("a_clean") is not None and m.get("b_corrupted") is not None:
-        loss = m["a_clean"] - m["b_corrupted"]
-        res["t2i_loss_recovered"] = {
-            k: (v - m["b_corrupted"]) / loss
-            for k, v in m.items()
-            if v is not None and k[0] in "cdo" and loss > 0
-        }
+        res["t2i_loss_recovered"] = recovered(m, m["a_clean"], m["b_corrupted"])
     v1 = "flickr8k_val/retrieval/text_to_image_R@1"
     mv = {k: _flat_metrics(r).get(v1) for k, r in val.items()}
     if mv.get("a_clean") is not None and mv.get("b_corrupted") is not None:
-        loss = mv["a_clean"] - mv["b_corrupted"]
         res["val_t2i_R@1"] = mv
-        res["val_t2i_loss_recovered"] = {
-            k: (v - mv["b_corrupted"]) / loss
-            for k, v in mv.items()
-            if v is not None and k[0] in "cdo" and loss > 0
-        }
+        res["val_t2i_loss_recovered"] = recovered(mv, mv["a_clean"], mv["b_corrupted"])
     if any(re.search(r"_s\d+$", k) for k in reports):
         res["seeds"] = seed_table(m, mv)
     out = {
@@ -724,12 +714,12 @@ def oracle_shards(corrupt: list[str], faults_json: str, clean: list[str], out: P
     bad = set(f["exact_dup"]) | set(f["near_dup"]) | set(f["blank"]) | set(f.get("shuffled_copies", []))
     true: dict[str, dict[str, bytes]] = {}
     if mode == "one":
+        from clipforge.data.reader import iter_tar_samples
+
         for url in clean:
-            with tarfile.open(url) as tf:
-                for m in tf:
-                    k, _, ext = m.name.rpartition(".")
-                    if k in shuffled and ext in ("txt", "json"):
-                        true.setdefault(k, {})[ext] = tf.extractfile(m).read()
+            for x in iter_tar_samples(url):
+                if x["__key__"] in shuffled:
+                    true[x["__key__"]] = {"txt": x["txt"], "json": x["json"]}
     (out / "shards").mkdir(parents=True, exist_ok=True)
     shards = []
     for url in corrupt:
@@ -771,11 +761,20 @@ def seed_table(test: dict, val: dict) -> dict:
         out[base] = row
     for split in ("test", "val"):
         a, b = (out.get(r, {}).get(f"{split}_mean") for r in ("a_clean", "b_corrupted"))
-        if a is not None and b is not None and a > b:
-            for base, row in out.items():
-                if base[0] in "cdo" and row.get(f"{split}_mean") is not None:
-                    row[f"{split}_loss_recovered"] = (row[f"{split}_mean"] - b) / (a - b)
+        if a is not None and b is not None:
+            means = {base: row.get(f"{split}_mean") for base, row in out.items()}
+            for base, rec in recovered(means, a, b).items():
+                out[base][f"{split}_loss_recovered"] = rec
     return out
+
+
+def recovered(values: dict, clean: float, corrupted: float) -> dict:
+    """Share of the (a) clean - (b) corrupted loss each filtered/fixed/oracle row (c*, d*, o*) recovers."""
+    if clean <= corrupted:
+        return {}
+    return {
+        k: (v - corrupted) / (clean - corrupted) for k, v in values.items() if v is not None and k[0] in "cdo"
+    }
 
 
 def _flat_metrics(r: dict) -> dict:

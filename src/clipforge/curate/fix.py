@@ -233,13 +233,18 @@ def replace_caption(s: dict[str, Any], new: str, **meta: Any) -> dict[str, Any]:
     return out
 
 
+def fixed_shard_name(prefix: str, url: str) -> str:
+    """``PREFIX-STEM.tar``: the fixed shard written for input shard ``url``."""
+    return f"{prefix}-{shard_name(url).removesuffix('.tar')}.tar"
+
+
 def write_fixed_shard(url: str, rows: dict[str, dict[str, Any]], out: Path, prefix: str) -> dict[str, Any]:
     """One input shard -> ``out/shards/PREFIX-STEM.tar`` (atomic); returns counts and bad samples."""
     from clipforge.data.reader import iter_tar_samples
     from clipforge.data.writer import ShardWriter
 
     stem = shard_name(url).removesuffix(".tar")
-    final = out / "shards" / f"{prefix}-{stem}.tar"
+    final = out / "shards" / fixed_shard_name(prefix, url)
     report = BadSampleReport()
     written = {"kept": 0, "recaptioned": 0}
     tmp_dir = out / "shards" / f".{stem}.tmp"
@@ -390,15 +395,10 @@ def _write_actions(out: Path, d: dict[str, list[Any]]) -> None:
 
 def _write_weights(out: Path, d: dict[str, list[Any]], prefix: str, recaption_weight: float) -> None:
     """``OUT/weights.parquet``: key, shard (the fixed shard's name), pair_weight (1 kept, the recaption
-    weight recaptioned) of every written pair: a ``train --text-tables`` side table for ``--weight-column
-    pair_weight``. Why: a synthetic caption from a weak captioner is a worse label than a kept raw one;
-    at full weight 557 recaptioned pairs cost the model more than dropping them (corrupted flickr8k)."""
+    weight recaptioned) of every written pair (see the module doc)."""
     keep = [i for i, a in enumerate(d["action"]) if a in ("kept", "recaptioned")]
-    # the name write_fixed_shard gives the pair's shard ("" where the table has no shard column)
-    shards = [
-        f"{prefix}-{shard_name(s).removesuffix('.tar')}.tar" if s else ""
-        for s in (d["shard"][i] for i in keep)
-    ]
+    # "" where the score table has no shard column (the trainer then matches by key alone)
+    shards = [fixed_shard_name(prefix, d["shard"][i]) if d["shard"][i] else "" for i in keep]
     weights = [recaption_weight if d["action"][i] == "recaptioned" else 1.0 for i in keep]
     t = pa.table(
         {
