@@ -19,22 +19,34 @@ first of the K positives; the other K - 1 stay the raw captions ``raw`` would gi
 Every random choice is seeded by (seed, epoch, key), so a resumed run picks the same captions, and
 ``mix:0`` equals ``raw``. Optional per-pair weights (``weight_column``, e.g. ALIP-style raw/synthetic
 agreement) go to the loss; a key without a weight gets 1.
+
+Side tables are untrusted input: a column of the wrong type or an unreadable file is a ConfigError naming
+file and column; a refused value (blank, over-long, non-finite or out-of-range weight, a second different
+value for the same key) is left out and counted by reason and key in the report, never a crash mid-run.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from clipforge.config import ConfigError, did_you_mean
 
+log = logging.getLogger(__name__)
+
 MODES = ("raw", "synthetic", "mix:P", "multi", "rewrites:K")
 MISSING_SHOWN = 20  # keys listed per reason in the report (all are counted)
+MAX_TEXT_CHARS = 10_000  # as the shards' captions (DecodeConfig.max_caption_chars): longer ones are refused
+MAX_WEIGHT = 1e6  # a larger pair weight swamps its batch (and past ~3e38 the float32 loss is inf)
+READ_ROWS = 65_536  # rows per Parquet batch read: a big table never sits in memory as Python lists twice
 
 
 @dataclass(frozen=True)
@@ -63,7 +75,7 @@ class TextSource:
                 raise ConfigError(f"text_source {spec!r}: P must be in [0, 1]")
             return cls("mix", p=p)
         if name == "rewrites":
-            if not arg.isdigit() or int(arg) < 1:
+            if not (arg.isascii() and arg.isdigit()) or int(arg) < 1:  # ("²".isdigit() but int() refuses it)
                 raise ConfigError(f"text_source {spec!r}: give rewrites:K with K >= 1, e.g. rewrites:4")
             return cls("rewrites", k=int(arg))
         raise ConfigError(
@@ -156,11 +168,13 @@ class SideTexts:
                 f"text_source {source.mode} needs text_tables (Parquet side tables keyed by key)"
             )
         schemas: dict[Path, list[str]] = {}
+        types: dict[Path, Any] = {}
         for f in files:
             try:
-                schemas[f] = list(pq.read_schema(str(f)).names)
+                types[f] = pq.read_schema(str(f))
             except Exception as e:  # an unreadable file is named, not a crash deep in training
                 raise ConfigError(f"text_tables: cannot read {f}: {str(e)[:200]}") from None
+            schemas[f] = list(types[f].names)
             if "key" not in schemas[f]:
                 raise ConfigError(f"text_tables: {f} has no 'key' column (columns: {', '.join(schemas[f])})")
         seen = sorted({c for names in schemas.values() for c in names})
@@ -193,23 +207,35 @@ class SideTexts:
             cols = ["key"] + [c for c in ("shard", *filter(None, wanted.values())) if c in schemas[f]]
             if len(cols) == 1 or (len(cols) == 2 and cols[1] == "shard"):
                 continue  # a table with none of the wanted columns (e.g. another stage's)
-            table = pq.read_table(str(f), columns=list(dict.fromkeys(cols))).to_pydict()
-            keys, shards = table["key"], table.get("shard") or [""] * len(table["key"])
-            for i, key in enumerate(keys):
-                if not isinstance(key, str) or not key:
-                    bad.setdefault("bad_key", []).append(f"{f.name}:{i}")
-                    continue
-                shard = shards[i] if isinstance(shards[i], str) else ""
-                row = rows.setdefault(key, {}).setdefault(shard, {})
-                for role, col in wanted.items():
-                    if col is None or col not in table:
+            cols = list(dict.fromkeys(cols))
+            roles = {"key": "key", "shard": "shard", **{c: r for r, c in wanted.items() if c}}
+            for col in cols:
+                _check_column(f, types[f], col, roles[col])
+            start = 0  # row number of the batch's first row in the file
+            for table in _batches(f, cols):
+                keys, shards = table["key"], table.get("shard") or [""] * len(table["key"])
+                for i, key in enumerate(keys):
+                    if not isinstance(key, str) or not key.strip():
+                        bad.setdefault("bad_key", []).append(f"{f.name}:{start + i}")
                         continue
-                    v = _clean(role, table[col][i])
-                    if v is None:
-                        if table[col][i] is not None:
-                            bad.setdefault(f"bad_{role}", []).append(key)
-                        continue
-                    row[role] = v
+                    shard = shards[i] if isinstance(shards[i], str) else ""
+                    row = rows.setdefault(key, {}).setdefault(shard, {})
+                    for role, col in wanted.items():
+                        if col is None or col not in table:
+                            continue
+                        v, why = _clean(role, table[col][i])
+                        if why:
+                            bad.setdefault(f"{why}_{role}", []).append(key)
+                        if v is None:
+                            continue
+                        # a key twice (same shard) with different values: the first row's stays, counted
+                        if role in row and row[role] != v:
+                            bad.setdefault(f"conflict_{role}", []).append(key)
+                            continue
+                        row[role] = v
+                start += len(keys)
+        for why, ks in bad.items():
+            log.warning("text_tables: %d values refused (%s), e.g. %s", len(ks), why, ", ".join(ks[:3]))
         return cls(rows, wanted, bad)
 
     def coverage(self, samples: list[tuple[str, str]], source: TextSource) -> dict[str, Any]:
@@ -220,7 +246,7 @@ class SideTexts:
         used: set[str] = set()
         for shard, key in samples:
             row = self.get(key, shard)
-            if row:
+            if key in self.rows:  # in the tables, even if all its values were refused
                 used.add(key)
             for r in roles:
                 if r in row:
@@ -236,7 +262,8 @@ class SideTexts:
             "with": have,
             "missing": {r: len(v) for r, v in missing.items()},
             "missing_keys": {r: v[:MISSING_SHOWN] for r, v in missing.items() if v},
-            "table_keys_unused": sum(1 for k in self.rows if k not in used),
+            "table_keys_unused": len(unused := [k for k in self.rows if k not in used]),
+            "unused_keys": unused[:MISSING_SHOWN],
             "refused_values": {r: len(v) for r, v in self.bad.items()},
             "refused_keys": {r: v[:MISSING_SHOWN] for r, v in self.bad.items()},
         }
@@ -245,20 +272,75 @@ class SideTexts:
         return out
 
 
-def _clean(role: str, v: Any) -> Any:
-    """A table value as the run uses it, or None (missing or refused)."""
+def _check_column(f: Path, schema: Any, col: str, role: str) -> None:
+    """A column of the wrong type (or named twice) is a ConfigError: Parquet types are per column, so
+    every value of it would be refused and the run would silently train on raw captions / weights 1."""
+    import pyarrow as pa
+
+    if len(schema.get_all_field_indices(col)) > 1:
+        raise ConfigError(f"text_tables: {f} has more than one column {col!r}")
+    t = schema.field(col).type
+    if pa.types.is_null(t):  # all values null (e.g. an all-None pandas column): every key misses it
+        return
+    if role == "rewrites":
+        lists = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+        ok = lists and _is_text(t.value_type)
+        want = "a list of strings"
+    elif role == "weight":
+        ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+        want = "numbers"
+    else:
+        ok, want = _is_text(t), "strings"
+    if not ok:
+        raise ConfigError(f"text_tables: {f} column {col!r} ({role}) holds {t}, not {want}")
+
+
+def _is_text(t: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):  # pandas categoricals
+        t = t.value_type
+    return pa.types.is_null(t) or str(t) in ("string", "large_string", "string_view")
+
+
+def _batches(f: Path, cols: list[str]) -> Iterator[dict[str, list]]:
+    """A table's columns, READ_ROWS rows at a time; corrupt data pages are a ConfigError naming the file
+    (the schema read only checks the footer)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        for batch in pq.ParquetFile(str(f)).iter_batches(batch_size=READ_ROWS, columns=cols):
+            yield batch.to_pydict()
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+        raise ConfigError(f"text_tables: cannot read {f}: {str(e)[:200]}") from None
+
+
+def _clean(role: str, v: Any) -> tuple[Any, str | None]:
+    """A table value as the run uses it (None: missing or refused) and why (part of) it was refused:
+    ``bad`` (blank, wrong, out of range) or ``too_long`` (over MAX_TEXT_CHARS, as shard captions)."""
     if v is None:
-        return None
+        return None, None
     if role == "synthetic":
-        return v.strip() or None if isinstance(v, str) else None
+        text = v.strip() if isinstance(v, str) else ""
+        if len(text) > MAX_TEXT_CHARS:
+            return None, "too_long"
+        return (text, None) if text else (None, "bad")
     if role == "rewrites":
         if not isinstance(v, list):
-            return None
-        out = [r.strip() for r in v if isinstance(r, str) and r.strip()]
-        return out or None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        return None  # weights: finite and >= 0 (a negative weight would push a positive pair apart)
-    return float(v)
+            return None, "bad"
+        texts = [r.strip() if isinstance(r, str) else "" for r in v]
+        kept = [t for t in texts if 0 < len(t) <= MAX_TEXT_CHARS]
+        why = None
+        if len(kept) < len(texts):  # a null / blank / over-long rewrite is counted, the others kept
+            why = "too_long" if any(len(t) > MAX_TEXT_CHARS for t in texts) else "bad"
+        return list(dict.fromkeys(kept)) or None, why
+    if isinstance(v, Decimal):
+        v = float(v)
+    # weights: numbers, finite, >= 0 (a negative one would push a positive pair apart), <= MAX_WEIGHT
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None, "bad"
+    return (float(v), None) if 0 <= v <= MAX_WEIGHT else (None, "bad")
 
 
 # -- the choice ----------------------------------------------------------------------------------
@@ -297,8 +379,9 @@ class TextChooser:
         if mode == "rewrites":
             options = [raw_picked[0], *row.get("rewrites", [])[: self.source.k]]
             return [options[rng.randrange(len(options))], *raw_picked[1:]]
-        # multi: a raw caption, the synthetic one, then the rest (rewrites, sentences, other raws) shuffled
-        first = [raw_picked[0]] + ([syn] if syn else [])
+        # multi: a raw caption, the synthetic one, then the rest (rewrites, sentences, other raws) shuffled;
+        # a synthetic caption equal to the raw one is not a second positive while other texts exist
+        first = list(dict.fromkeys([raw_picked[0]] + ([syn] if syn else [])))
         rest = [t for t in self.extras(raw_all, row) if t not in first]
         rest = list(dict.fromkeys(rest))
         rng.shuffle(rest)
