@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipforge.caption.rewrite import _WORD, content_nouns, run_shards, word_stems
+from clipforge.caption.rewrite import (
+    _WORD,
+    MAX_NEW_TOKENS,
+    content_nouns,
+    one_line,
+    run_shards,
+    side_table_path,
+    word_stems,
+)
 from clipforge.config import ConfigError, from_dict
 from clipforge.config import opt as _f
 
@@ -48,7 +56,9 @@ def fuse_messages(raw: str, synthetic: str) -> list[dict[str, str]]:
             {"role": "user", "content": f"Caption 1: {r}\nCaption 2: {s}"},
             {"role": "assistant", "content": f},
         ]
-    return msgs + [{"role": "user", "content": f"Caption 1: {raw}\nCaption 2: {synthetic}"}]
+    return msgs + [
+        {"role": "user", "content": f"Caption 1: {one_line(raw)}\nCaption 2: {one_line(synthetic)}"}
+    ]
 
 
 def entities(text: str) -> set[str]:
@@ -104,8 +114,10 @@ class FuseConfig:
     threads: int | None = _f(None, "torch intra-op threads (default: the CPUs available)")
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.max_new_tokens < 1 or self.max_words < 1:
-            raise ConfigError("batch_size, max_new_tokens and max_words must be >= 1")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ConfigError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]")
+        if self.batch_size < 1 or self.max_words < 1:
+            raise ConfigError("batch_size and max_words must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_noun_recall <= 1:
             raise ConfigError("temperature >= 0, top_p in (0, 1], min_noun_recall in [0, 1] are required")
 
@@ -119,17 +131,43 @@ class FuseConfig:
         )  # fmt: skip
 
 
-def read_synthetic(directory: str | Path, shard: str, column: str) -> dict[str, str]:
-    """key -> synthetic caption from DIR/captions/SHARD.parquet ({} when the shard has no table)."""
+def check_synthetic(directory: str | Path, shard: str, column: str) -> Path | None:
+    """DIR/captions/SHARD.parquet when it exists (None when not), checked readable with 'key' and ``column``:
+    run_fuse checks every shard's before any work, so a broken table is a clear error, not a crash mid-run."""
     import pyarrow.parquet as pq
 
-    path = Path(directory) / "captions" / f"{shard.removesuffix('.tar')}.parquet"
+    path = side_table_path(directory, shard)
     if not path.exists():
-        return {}
-    t = pq.read_table(path)
-    if column not in t.column_names or "key" not in t.column_names:
-        raise ValueError(f"{path} has no 'key' and {column!r} columns (got {t.column_names})")
-    return {str(k): "" if v is None else str(v) for k, v in zip(t["key"].to_pylist(), t[column].to_pylist())}
+        return None
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # a truncated or foreign file: ArrowInvalid, OSError...
+        raise ValueError(f"--synthetic table {path} is unreadable: {e}") from None
+    if column not in names or "key" not in names:
+        raise ValueError(f"{path} has no 'key' and {column!r} columns (got {names})")
+    return path
+
+
+def read_synthetic(directory: str | Path, shard: str, column: str) -> tuple[dict[str, str], set[str]]:
+    """(key -> synthetic caption, keys listed more than once) for the shard ({} when it has no table).
+    A repeated key is ambiguous: it is left out of the map (fuse counts it), never last-wins."""
+    import pyarrow.parquet as pq
+
+    path = check_synthetic(directory, shard, column)
+    if path is None:
+        return {}, set()
+    try:
+        t = pq.read_table(path, columns=["key", column])
+    except Exception as e:  # damaged data pages behind a good footer
+        raise ValueError(f"--synthetic table {path} is unreadable: {e}") from None
+    seen: Counter = Counter()
+    out: dict[str, str] = {}
+    for k, v in zip(t["key"].to_pylist(), t[column].to_pylist()):
+        if k is not None:
+            seen[str(k)] += 1
+            out[str(k)] = "" if v is None else str(v)
+    dup = {k for k, n in seen.items() if n > 1}
+    return {k: v for k, v in out.items() if k not in dup}, dup
 
 
 def fuse_captions(
@@ -164,6 +202,7 @@ def run_fuse(
     import time
 
     from clipforge.caption.llm import ChatLM
+    from clipforge.data.shards import expand_shards, shard_name
     from clipforge.runtime import setup_process
     from clipforge.utils import write_json
 
@@ -172,17 +211,21 @@ def run_fuse(
         raise ConfigError("caption fuse needs --data SHARDS and --synthetic DIR (the output of caption run)")
     if not (Path(cfg.synthetic) / "captions").is_dir():
         raise FileNotFoundError(f"--synthetic {cfg.synthetic}: no captions/ dir (run `caption run` first)")
+    for url in expand_shards(cfg.data):
+        check_synthetic(cfg.synthetic, shard_name(url), cfg.column)
     threads = setup_process(cfg.threads)
     t0 = time.perf_counter()
     lm = lm or ChatLM.load(cfg.llm, cfg.dtype)
     load_s = time.perf_counter() - t0
+    truncated = getattr(lm, "truncated", 0)
     actions: Counter = Counter()
 
     def make_rows(url: str, name: str, keys: list[str], raws: list[str], tick: Callable[[int], Any]) -> dict:
-        syn = read_synthetic(cfg.synthetic, name, cfg.column)
+        syn, dup = read_synthetic(cfg.synthetic, name, cfg.column)
         synths = [syn.get(k) for k in keys]
         fused, act = fuse_captions(lm, raws, [s or "" for s in synths], cfg, progress=tick)
-        act = ["raw:no_synthetic" if s is None else a for s, a in zip(synths, act)]
+        act = ["raw:duplicate_synthetic" if k in dup else "raw:no_synthetic" if s is None else a
+               for k, s, a in zip(keys, synths, act)]  # fmt: skip
         actions.update(act)
         return {"key": keys, "shard": [name] * len(keys), "caption_original": raws,
                 "caption_synthetic": [s or "" for s in synths], "caption_fused": fused, "fuse_action": act,
@@ -191,6 +234,7 @@ def run_fuse(
     summary, _ = run_shards("fuse", cfg, make_rows, resume=resume, overwrite=overwrite, progress=progress,
                             ignore={"output", "threads", "batch_size"})  # fmt: skip
     summary.update(llm=lm.name, llm_load_seconds=load_s, threads=threads, actions=dict(sorted(actions.items())),
+                   prompts_truncated=getattr(lm, "truncated", 0) - truncated,
                    fused_per_s=actions["fused"] / max(summary["generate_seconds"], 1e-9))  # fmt: skip
     write_json(Path(summary["output"]) / "summary.json", summary)
     return summary

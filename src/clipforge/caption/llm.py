@@ -17,6 +17,7 @@ import copy
 import importlib.util
 import inspect
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from clipforge.caption.decoding import DecodeOptions, SpecialIds, _sample, proce
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": ...}
+MAX_DATA_TOKENS = 256  # one message's text (a caption, a class name) is cut here: CLIP reads 77
+MAX_DATA_CHARS = 16 * MAX_DATA_TOKENS  # cut before tokenizing, so a megabyte is never tokenized
+MAX_PROMPT_TOKENS = 2048  # a whole prompt, also for generate() called with raw strings
 
 
 def smollm2_gguf() -> Path:
@@ -80,13 +84,15 @@ def load_causal_lm(spec: str, dtype: str = "auto") -> tuple[Any, Any]:
         raise ValueError(f"llm dtype {dtype!r}: fp32, bf16 or auto")
     bf16 = dtype == "bf16" or (dtype == "auto" and cpu_has_bf16())
     path, kw = resolve_llm(spec)
+    # An --llm dir is untrusted: weights only from safetensors (or GGUF), never a pickled .bin/.pt.
+    safe = {} if "gguf_file" in kw else {"use_safetensors": True}
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16 if bf16 else torch.float32, **kw
+            path, dtype=torch.bfloat16 if bf16 else torch.float32, **kw, **safe
         )
-    except (OSError, ValueError, ImportError) as e:
-        raise ValueError(f"--llm {spec}: cannot load a causal LM: {e}") from None
+    except Exception as e:  # garbage config/weights/tokenizer raise many types (SafetensorError, ...)
+        raise ValueError(f"--llm {spec}: cannot load a causal LM: {type(e).__name__}: {e}") from None
     return model.eval(), tok
 
 
@@ -117,6 +123,9 @@ class ChatLM:
         self.ids = SpecialIds(
             bos=pad if bos is None else bos, eos=eos, pad=pad, unk=pad if unk is None else unk
         )
+        self.n_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1 << 20
+        self.truncated = 0  # prompts or message texts cut to the limits above
+        self._special = special_pattern(tokenizer)
 
     @classmethod
     def load(cls, spec: str, dtype: str = "auto") -> ChatLM:
@@ -124,7 +133,9 @@ class ChatLM:
         return cls(model, tok, llm_name(spec))
 
     def prompt(self, messages: list[Message]) -> str:
-        """The text the model continues: its chat template, else a plain transcript."""
+        """The text the model continues: its chat template, else a plain transcript (each message's
+        text made safe and short by :meth:`clean`)."""
+        messages = [{**m, "content": self.clean(m["content"])} for m in messages]
         if getattr(self.tok, "chat_template", None):
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
@@ -132,6 +143,26 @@ class ChatLM:
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tok(prompt, add_special_tokens=False)["input_ids"])
+
+    def clean(self, text: str) -> str:
+        """``text`` (data: a caption, a class name) as plain text of at most MAX_DATA_TOKENS tokens.
+
+        Special-token strings are broken up: a caption holding ``<|im_end|>`` or ``</s>`` must not
+        end its turn or the prompt, nor open a new one. A long text is cut (and counted in
+        ``truncated``) so prompt length, hence time and KV-cache memory, is bounded per input."""
+        short = self.defang(text[:MAX_DATA_CHARS])
+        ids = self.encode(short)
+        if len(text) <= MAX_DATA_CHARS and len(ids) <= MAX_DATA_TOKENS:
+            return short
+        self.truncated += 1
+        return self.defang(self.tok.decode(ids[:MAX_DATA_TOKENS]))
+
+    def defang(self, text: str) -> str:
+        """A space after the first character of every special-token string in ``text``. Matches never
+        contain whitespace, so the spaces added cannot form new ones and the loop ends."""
+        while self._special is not None and self._special.search(text):
+            text = self._special.sub(lambda m: m[0][0] + " " + m[0][1:], text)
+        return text
 
     def generate(self, prompts: list[str], opts: DecodeOptions, progress: Any = None) -> list[list[str]]:
         """``opts.num_candidates`` continuations per prompt (first line, stripped), in input order.
@@ -142,7 +173,8 @@ class ChatLM:
         import torch
 
         out: list[list[str]] = []
-        ids = [self.encode(p) for p in prompts]
+        cap = max(1, min(MAX_PROMPT_TOKENS, self.n_pos - opts.max_len))  # prompt + answer fit the positions
+        ids = [self._fit(self.encode(p), cap) for p in prompts]
         for b, s in enumerate(range(0, len(ids), opts.batch_size)):
             gen = torch.Generator().manual_seed(opts.seed + b)
             seqs = self._batch(ids[s : s + opts.batch_size], opts, gen)
@@ -152,6 +184,13 @@ class ChatLM:
             if progress is not None:
                 progress(len(seqs) // n)
         return out
+
+    def _fit(self, ids: list[int], n: int) -> list[int]:
+        """At most ``n`` tokens: the head (instructions) and the tail (the data and the turn to answer)."""
+        if len(ids) <= n:
+            return ids
+        self.truncated += 1
+        return ids[: n // 2] + ids[len(ids) - (n - n // 2) :]
 
     def _prefix_cache(self, prefix: list[int]) -> Any:
         """Keys/values of the shared prefix [1, P], computed once per distinct prefix."""
@@ -211,6 +250,17 @@ class ChatLM:
                 last = last + 1
                 logits, cache = self._forward(nxt[:, None], mask, last[:, None], cache)
         return [[int(v) for v in row if v not in (ids.pad, ids.eos)] for row in seqs.tolist()]
+
+
+def special_pattern(tok: Any) -> re.Pattern | None:
+    """A regex for the tokenizer's special-token strings (longest first; those of one character or with
+    whitespace left out: breaking them up would mangle ordinary text)."""
+    names = {str(t) for t in getattr(tok, "all_special_tokens", [])}
+    names |= {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+    names = {n for n in names if len(n) > 1 and not any(c.isspace() for c in n)}
+    if not names:
+        return None
+    return re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
 
 
 def _common_prefix(rows: list[list[int]]) -> int:

@@ -154,15 +154,23 @@ EXAMPLES = (
 )
 
 
+def one_line(text: str) -> str:
+    """Data on one line: a newline in a caption could start a fake "Assistant:" turn in a plain transcript."""
+    return " ".join(text.split())
+
+
 def rewrite_messages(caption: str) -> list[dict[str, str]]:
     """The chat: instructions, the fixed in-context examples as turns, then the caption."""
     msgs = [{"role": "system", "content": SYSTEM}]
     for raw, new in EXAMPLES:
         msgs += [{"role": "user", "content": f"Caption: {raw}"}, {"role": "assistant", "content": new}]
-    return msgs + [{"role": "user", "content": f"Caption: {caption}"}]
+    return msgs + [{"role": "user", "content": f"Caption: {one_line(caption)}"}]
 
 
 # -- the run ----------------------------------------------------------------------------------------
+MAX_NEW_TOKENS = 256  # --max-new-tokens at most: time per caption stays bounded (a rewrite is <= 40 words)
+
+
 @dataclass
 class RewriteConfig:
     data: list[str] = _f([], "shards whose captions are rewritten")
@@ -184,8 +192,10 @@ class RewriteConfig:
     threads: int | None = _f(None, "torch intra-op threads (default: the CPUs available)")
 
     def validate(self) -> None:
-        if self.k < 1 or self.candidates < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError("k, batch_size and max_new_tokens must be >= 1, candidates >= 0")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ConfigError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]")
+        if self.k < 1 or self.candidates < 0 or self.batch_size < 1:
+            raise ConfigError("k and batch_size must be >= 1, candidates >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_noun_recall <= 1:
             raise ConfigError("temperature >= 0, top_p in (0, 1], min_noun_recall in [0, 1] are required")
 
@@ -204,6 +214,7 @@ class RewriteConfig:
 def read_captions(url: str, report: BadSampleReport, limit: int | None = None) -> tuple[list[str], list[str]]:
     """(keys, captions) of a shard's samples with a usable caption; the others counted by key."""
     from clipforge.data.fields import resolve_caption
+    from clipforge.data.keys import printable
     from clipforge.data.reader import iter_tar_samples
     from clipforge.data.shards import shard_name
     from clipforge.data.skip import SkipSample
@@ -212,12 +223,17 @@ def read_captions(url: str, report: BadSampleReport, limit: int | None = None) -
     keys: list[str] = []
     caps: list[str] = []
     for s in iter_tar_samples(url, report):
+        key = s["__key__"]
         try:
+            key.encode("utf-8")  # tarfile keeps undecodable name bytes as surrogates: Parquet refuses them
             caps.append(resolve_caption(s))
-        except SkipSample as e:
-            report.add(f"{name}:{s['__key__']}", e.reason, e.detail)
+        except UnicodeEncodeError:
+            report.add(f"{name}:{printable(ascii(key)[1:-1])}", "key_not_utf8")
             continue
-        keys.append(s["__key__"])
+        except SkipSample as e:
+            report.add(f"{name}:{key}", e.reason, e.detail)
+            continue
+        keys.append(key)
         if limit is not None and len(keys) >= limit:
             break
     return keys, caps
@@ -271,6 +287,16 @@ def write_table(rows: dict[str, list[Any]], path: Path) -> None:
         pq.write_table(pa.table(rows), str(tmp))
 
 
+def side_table_path(root: str | Path, shard: str) -> Path:
+    """ROOT/captions/SHARD.parquet. A ``pipe:`` spec's name is its whole command: one whose path would
+    leave ROOT/captions (``..``) is refused, so nothing is written (or read) outside the output dir."""
+    base = Path(root) / "captions"
+    path = base / f"{shard.removesuffix('.tar')}.parquet"
+    if base.resolve() not in path.resolve().parents:
+        raise ConfigError(f"shard name {shard!r} would put its table outside {base}")
+    return path
+
+
 def run_shards(
     kind: str,
     cfg: Any,
@@ -292,6 +318,7 @@ def run_shards(
     names = [shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ConfigError("two shards share a file name: their side tables would collide")
+    paths = [side_table_path(cfg.output, n) for n in names]  # checked before the dir is touched
     out = prepare_output_dir(cfg.output, overwrite=overwrite, resume=resume)
     if resume:
         check_run_config(out / "config.yaml", cfg, ignore=ignore)
@@ -301,8 +328,7 @@ def run_shards(
     t0 = time.perf_counter()
     gen_s = gen_cpu = 0.0
     bar = tqdm(desc=f"caption {kind}", unit="caption", disable=not progress)
-    for url, name in zip(urls, names):
-        path = out / "captions" / f"{name.removesuffix('.tar')}.parquet"
+    for url, name, path in zip(urls, names, paths):
         bad_path = path.with_suffix(".bad.json")
         if path.exists():  # done by an earlier run: its bad samples still count in this summary
             totals["shards_skipped_resume"] += 1
@@ -353,6 +379,7 @@ def run_rewrites(
     t0 = time.perf_counter()
     lm = lm or ChatLM.load(cfg.llm, cfg.dtype)
     load_s = time.perf_counter() - t0
+    truncated = getattr(lm, "truncated", 0)
     rejects: Counter = Counter()
     kept_total = 0
 
@@ -376,6 +403,7 @@ def run_rewrites(
     summary.update(
         llm=lm.name, llm_load_seconds=load_s, threads=threads, k=cfg.k, rewrites_drawn=drawn,
         rewrites_kept=kept_total, rejects={r: rejects[r] for r in REASONS},
+        prompts_truncated=getattr(lm, "truncated", 0) - truncated,
         rewrites_per_s=drawn / max(summary["generate_seconds"], 1e-9),
         rewrites_per_cpu_s=drawn / max(summary["generate_cpu_seconds"], 1e-9),
     )  # fmt: skip

@@ -30,8 +30,11 @@ FALLBACK = "a photo of a {c}."
 
 
 def _names_class(text: str, classname: str) -> bool:
-    words = re.findall(r"[a-z]+", text.lower())
-    return all(any(w.startswith(c) for w in words) for c in re.findall(r"[a-z]+", classname.lower()))
+    """Every word of the class name (letters or digits, any script) starts a word of ``text``. A name
+    without one (blank, punctuation) names nothing: no answer passes, so it gets the fallback."""
+    words = re.findall(r"[^\W_]+", text.lower())
+    want = re.findall(r"[^\W_]+", classname.lower())
+    return bool(want) and all(any(w.startswith(c) for w in words) for c in want)
 
 
 def generate_descriptions(
@@ -48,13 +51,15 @@ def generate_descriptions(
 
     opts = DecodeOptions(method="sample", temperature=0.8, top_p=0.95, top_k=0, min_len=3, max_len=48,
                          no_repeat_ngram=3, seed=seed, batch_size=batch_size, num_candidates=per_prompt)  # fmt: skip
-    pairs = [(c, p) for c in classnames for p in PROMPTS]
-    msgs = [
-        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p.format(c=c)}] for c, p in pairs
+    names = list(dict.fromkeys(classnames))  # a class listed twice is asked once
+    pairs = [(c, p) for c in names for p in PROMPTS]
+    msgs = [  # the name on one line: a newline could open a fake turn in a plain transcript
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p.format(c=" ".join(c.split()))}]
+        for c, p in pairs
     ]
     t0 = time.perf_counter()
     drawn = lm.generate([lm.prompt(m) for m in msgs], opts)
-    out: dict[str, list[str]] = {c: [] for c in classnames}
+    out: dict[str, list[str]] = {c: [] for c in names}
     rejected = {"empty": 0, "too_long": 0, "no_class_name": 0, "duplicate": 0}
     for (c, _), answers in zip(pairs, drawn):
         for a in answers:
@@ -65,7 +70,7 @@ def generate_descriptions(
                 rejected[why] += 1
             else:
                 out[c].append(a)
-    fallback = [c for c in classnames if not out[c]]
+    fallback = [c for c in names if not out[c]]
     for c in fallback:
         out[c] = [FALLBACK.format(c=c)]
     stats = {"llm": getattr(lm, "name", "lm"), "prompts": list(PROMPTS), "per_prompt": per_prompt, "seed": seed,
@@ -92,17 +97,18 @@ def cached_descriptions(
     }
     if path.exists() and meta_path.exists():
         try:
-            meta = json.loads(meta_path.read_text())
-            if all(meta.get(k) == v for k, v in want.items()):
+            meta, desc = json.loads(meta_path.read_text()), json.loads(path.read_text())
+            if all(meta.get(k) == v for k, v in want.items()) and all(desc.get(c) for c in classnames):
                 log.info("CuPL descriptions reused from %s", path)
                 return path
-        except (OSError, json.JSONDecodeError):
-            pass  # unreadable cache: written again below
+        except (OSError, ValueError, AttributeError):
+            pass  # unreadable cache, or not a JSON object: written again below
     if lm is None:
         from clipforge.caption.llm import ChatLM
 
         lm = ChatLM.load(llm)
     desc, stats = generate_descriptions(lm, classnames, per_prompt=per_prompt, seed=seed)
+    meta_path.unlink(missing_ok=True)  # killed between the writes: no old meta vouching for new descriptions
     write_json(path, desc)
     write_json(meta_path, {**want, **stats})
     log.info("CuPL: %d descriptions for %d classes -> %s", stats["kept"], len(classnames), path)
