@@ -21,6 +21,7 @@ import numpy as np
 
 DEFAULT_BUCKETS = 4
 MIN_BUCKET = 200
+MIN_FIT = 10  # fewer finite scores than this cannot be fitted (a smaller bucket always pools)
 
 
 def fit_mixture(scores: np.ndarray, seed: int = 0) -> dict[str, Any]:
@@ -29,10 +30,26 @@ def fit_mixture(scores: np.ndarray, seed: int = 0) -> dict[str, Any]:
 
     x = np.asarray(scores, dtype=np.float64)
     x = x[np.isfinite(x)].reshape(-1, 1)
-    if len(x) < 10:
-        raise ValueError(f"a mixture fit needs at least 10 scores, got {len(x)}")
-    gm = GaussianMixture(2, n_init=3, random_state=seed).fit(x)
-    gm1 = GaussianMixture(1, random_state=seed).fit(x)
+    if len(x) < MIN_FIT:
+        raise ValueError(f"a mixture fit needs at least {MIN_FIT} scores, got {len(x)}")
+    if np.ptp(x) == 0:  # one value: no second mode to find (a fit would invent one); nothing below the cut
+        v = float(x[0, 0])
+        return {
+            "n": int(len(x)),
+            "cut": v,
+            "noise_rate": 0.0,
+            "below_cut": 0.0,
+            "bimodal": False,
+            "noise": {"mean": v, "std": 0.0, "weight": 0.0},
+            "clean": {"mean": v, "std": 0.0, "weight": 1.0},
+        }
+    try:
+        gm = GaussianMixture(2, n_init=3, random_state=seed).fit(x)
+        gm1 = GaussianMixture(1, random_state=seed).fit(x)
+    except ValueError as e:  # e.g. scores so large that the variances overflow
+        raise ValueError(
+            f"mixture fit failed on {len(x)} scores in [{x.min():.4g}, {x.max():.4g}]: {e}"
+        ) from None
     mu = gm.means_.ravel()
     sd = np.sqrt(gm.covariances_.ravel())
     w = gm.weights_.ravel()
@@ -54,7 +71,8 @@ def fit_mixture(scores: np.ndarray, seed: int = 0) -> dict[str, Any]:
 
 
 def caption_lengths(captions: list[str | None]) -> np.ndarray:
-    return np.array([len(c.split()) if c else 0 for c in captions], dtype=np.int64)
+    """Word counts; a null or non-text caption counts 0 words (a score table is untrusted data)."""
+    return np.array([len(c.split()) if isinstance(c, str) else 0 for c in captions], dtype=np.int64)
 
 
 def bucket_edges(lengths: np.ndarray, n_buckets: int) -> list[float]:
@@ -90,7 +108,7 @@ def auto_threshold(
             if not rows.any():
                 continue
             fit, how = pooled, "pooled (bucket < min_bucket)"
-            if rows.sum() >= min_bucket:
+            if rows.sum() >= max(min_bucket, MIN_FIT):
                 fit, how = fit_mixture(s[rows], seed), "own"
             cuts[rows] = fit["cut"]
             label = f"{'' if np.isinf(a) else int(a)}..{'' if np.isinf(b) else int(b) - 1}"
