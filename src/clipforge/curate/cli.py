@@ -163,6 +163,44 @@ def _fail(args: argparse.Namespace, msg: str) -> int:
     return 2
 
 
+def _skip_rows(summary: dict[str, Any], *names: str) -> list[tuple[str, Any]]:
+    """Rows ``(counter, n)`` for the non-zero skip/bad counters ``names`` of a summary (a dict counter
+    gives a row per reason, a list one row naming them). Why: in text mode a skip that only shows up
+    as a log warning is missed; ``--json`` prints them all anyway."""
+    rows: list[tuple[str, Any]] = []
+    for name in names:
+        v = summary.get(name)
+        if isinstance(v, dict):
+            rows += [(f"{name}: {k}", n) for k, n in v.items() if n]
+        elif isinstance(v, (list, tuple)):
+            if v:
+                rows.append((name, "; ".join(map(str, v))))
+        elif v:
+            rows.append((name, v))
+    return rows
+
+
+def _print_skips(summary: dict[str, Any], *names: str) -> None:
+    """The non-zero counters of :func:`_skip_rows` as a table (nothing when all are zero)."""
+    from clipforge.utils import format_table
+
+    rows = _skip_rows(summary, *names)
+    if rows:
+        print(format_table(rows, ["skipped / bad", "rows"]))
+
+
+def _filter_rows(filters: list[dict[str, Any]], total: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Per-expression counts + the intersection; ``dropped_null``: dropped for a null/NaN value only."""
+    rows: list[tuple[Any, ...]] = [
+        (c["filter"], c["kept"], c["kept_frac"], c.get("dropped_null", 0)) for c in filters
+    ]
+    rows.append(("ALL (intersection)", total["kept"], total["kept_frac"], ""))
+    return rows
+
+
+FILTER_HEADERS = ["filter", "kept", "fraction", "dropped: null/NaN"]
+
+
 def config_from_args(args: argparse.Namespace) -> CurateConfig:
     """--config FILE (if any), overridden by the flags given; --stages takes commas or spaces."""
     from clipforge.config import from_args, load_file
@@ -252,7 +290,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     for name, st in summary["global"].items():
         rows += [(f"{name}: {k}", v) for k, v in st.items() if isinstance(v, (int, float))]
-    rows += [(f"bad: {k}", v) for k, v in summary["bad_samples"].items()]
+    rows += [(f"bad: {k}", v) for k, v in summary["bad_samples"].items() if v]
+    rows += [(f"folds: {k}", v) for k, v in summary.get("folds", {}).items() if k == "missing" and v]
     print(format_table(rows, ["", "value"]))
     print(f"scores: {summary['output']}/scores.parquet")
     return 0
@@ -272,14 +311,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
             prefix=args.prefix,
             overwrite=args.overwrite,
         )
-    except (ValueError, FileNotFoundError, OutputExistsError) as e:  # FilterError, ShardSpecError: ValueError
+    except (ValueError, OSError, OutputExistsError) as e:  # FilterError, ShardSpecError: ValueError
         return _fail(args, str(e))
     if args.json:
         emit_json(s)
         return 0
-    rows = [(c["filter"], c["kept"], c["kept_frac"]) for c in s["filters"]]
-    rows.append(("ALL (intersection)", s["kept"], s["kept_frac"]))
-    print(format_table(rows, ["filter", "kept", "fraction"]))
+    print(format_table(_filter_rows(s["filters"], s), FILTER_HEADERS))
+    _print_skips(s, "skipped_null_key", "not_written", "bad_samples")
     print(f"keep-list: {args.output}/keep.txt; shards: {len(s['shards'])}")
     return 0
 
@@ -308,6 +346,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
         return _fail(args, str(e))
     res.pop("cuts")
     res["column"] = args.column
+    res["skipped_non_finite"] = table.num_rows - res["n"]  # null/NaN/inf scores: not in any fit
     if args.json:
         emit_json(res)
         return 0
@@ -326,7 +365,18 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     print(
         f"estimated noise rate {res['noise_rate']:.4f}; below the cuts {res['below_cut']:.4f} of {res['n']}"
     )
+    _print_skips(res, "skipped_non_finite")
     return 0
+
+
+# fix.json's counters of what was skipped, unjudged or lost (curate/fix.py ``fix_run``).
+FIX_SKIPS = (
+    "kept_unjudged",
+    "caption_rows_skipped",
+    "synthetic_captions_unmatched",
+    "where_skipped_no_column",
+    "bad_samples",
+)
 
 
 def cmd_fix(args: argparse.Namespace) -> int:
@@ -355,6 +405,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
         (f"dropped: {r}", n) for r, n in s["dropped_by"].items()
     ]
     print(format_table(rows, ["action", "rows"]))
+    _print_skips(s, *FIX_SKIPS)
     print(f"actions: {args.output}/actions.parquet; shards: {len(s['shards'])}")
     print(f"pair weights (recaptioned {s['recaption_weight']:g}): train with {s['train_weights']}")
     return 0
@@ -369,7 +420,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.output or str(Path(args.scores) / "report")
     try:
         s = build_report(args.scores, out, args.where, args.examples, args.sheet_column, args.overwrite)
-    except (ValueError, FileNotFoundError, OutputExistsError) as e:  # FilterError, ShardSpecError: ValueError
+    except (ValueError, OSError, OutputExistsError) as e:  # FilterError, ShardSpecError: ValueError
         return _fail(args, str(e))
     if args.json:
         emit_json(s)
@@ -381,8 +432,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     )
     if "filters" in s:
-        rows = [(c["filter"], c["kept"], c["kept_frac"]) for c in s["filters"]]
-        rows.append(("ALL (intersection)", s["intersection"]["kept"], s["intersection"]["kept_frac"]))
-        print(format_table(rows, ["filter", "kept", "fraction"]))
+        print(format_table(_filter_rows(s["filters"], s["intersection"]), FILTER_HEADERS))
+    _print_skips(s, "bad_samples")
     print(f"report: {out} ({len(s['histograms'])} histograms)")
     return 0

@@ -19,7 +19,11 @@ Examples: ``clip_score > 0.28 and caption_words >= 3``, ``clip_score top 30%``,
 of a two-component Gaussian mixture fitted per caption-length bucket, no labels needed:
 :mod:`clipforge.curate.threshold`; ``auto`` is reserved on the right of a comparison). Several expressions given to
 ``curate filter`` are intersected. A comparison with a null value is False (the row is dropped), so a
-sample without a score never passes a score threshold by accident (SQL semantics, ``not`` included).
+sample without a score never passes a score threshold by accident (SQL semantics, ``not`` and ``in``
+included). A NaN is a null here (as in ``is null``): a failed score never passes ``not x > t`` or
+``x != t``. Such rows are counted per expression (``dropped_null`` of :func:`apply_filters`). A column
+compares only with values of its kind (text with quoted strings, numbers with numbers, booleans with
+true/false): ``n in ('1')`` or ``lang in (1)`` is an error, not a silent cast.
 Evaluation is vectorized with pyarrow.compute on the whole table.
 
 Expressions come from users and scripts, so the language is bounded: at most :data:`MAX_CHARS`
@@ -30,6 +34,7 @@ cannot compare) is one :class:`FilterError` line; nothing else escapes (see the 
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -286,20 +291,64 @@ def percentile_threshold(values: pa.ChunkedArray, direction: str, p: float) -> t
     return (s[-k] if direction == "top" else s[k - 1]), k
 
 
+def _kind(t: pa.DataType | None = None, value: Any = None) -> str | None:
+    """'string', 'number' or 'bool' of an Arrow type (or of a literal); None for other types (lists...)."""
+    if t is None:
+        return "bool" if isinstance(value, bool) else "string" if isinstance(value, str) else "number"
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    return "bool" if pa.types.is_boolean(t) else None
+
+
+_NAME = {"string": "text", "number": "numeric", "bool": "boolean"}
+_HOW = {"string": "a quoted string (lang == 'en')", "number": "a number (x > 0.5)", "bool": "true/false"}
+
+
 def evaluate(node: tuple, table: pa.Table, text: str | None = None) -> pa.Array:
     """Boolean mask (nulls already False) of ``node`` over ``table``.
 
     Every failure is a :class:`FilterError` (one line): a missing or mistyped column, or values Arrow
     cannot compare with the column (``lang > 0.5``, ``n in (1e30)`` on an int64 column).
     """
+    return pc.fill_null(evaluate_kleene(node, table, text), False)
+
+
+def evaluate_kleene(node: tuple, table: pa.Table, text: str | None = None) -> pa.Array:
+    """:func:`evaluate` before nulls become False: null where a null/NaN value left the row undecided."""
     where = f" in {_quote(text)}" if text else ""
+    cache: dict[str, pa.ChunkedArray] = {}
 
     def col(name: str) -> pa.ChunkedArray:
+        """The column, dictionary-decoded and with NaN as null (so every comparison drops it)."""
+        if name in cache:
+            return cache[name]
         if name not in table.column_names:
+            near = difflib.get_close_matches(name, table.column_names, n=3)
+            hint = f"; did you mean {' or '.join(map(_short, near))}?" if near else ""
             raise FilterError(
-                f"no column {_short(name)}{where}; available: {_short(', '.join(table.column_names), 500)}"
+                f"no column {_short(name)}{where}{hint} (available: "
+                f"{_short(', '.join(table.column_names), 500)})"
             )
-        return table.column(name)
+        c = table.column(name)
+        if pa.types.is_dictionary(c.type):
+            c = c.cast(c.type.value_type)
+        if pa.types.is_floating(c.type) and len(c) and pc.any(pc.is_nan(c)).as_py():
+            c = pc.if_else(pc.is_nan(c), pa.scalar(None, c.type), c)
+        cache[name] = c
+        return c
+
+    def check_kinds(what: str, *sides: tuple) -> None:
+        """A string column against a number (or bool) is the user's mistake: say so, not Arrow's words."""
+        kinds = [(node, _kind(col(v).type) if node == "col" else _kind(value=v), v) for node, v in sides]
+        if len({kind for _, kind, _ in kinds if kind}) > 1:
+            name, kind = next((v, kind) for node, kind, v in kinds if node == "col" and kind)
+            raise FilterError(
+                f"cannot {what}{where}: {_short(name)} is a {_NAME[kind]} column, compare it with {_HOW[kind]}"
+            )
 
     def value(op: tuple) -> Any:
         return col(op[1]) if op[0] == "col" else pa.scalar(op[1])
@@ -317,33 +366,35 @@ def evaluate(node: tuple, table: pa.Table, text: str | None = None) -> pa.Array:
         if kind == "col":
             c = col(n[1])
             if not pa.types.is_boolean(c.type):
-                raise FilterError(
-                    f"column {_short(n[1])} is {c.type}, not boolean: compare it (e.g. {_short(n[1])} > 0)"
-                )
+                how = _HOW.get(_kind(c.type) or "", "a value")
+                raise FilterError(f"column {_short(n[1])} is {c.type}, not boolean: compare it with {how}")
             return c
         if kind == "null":
             m = pc.is_null(col(n[1]), nan_is_null=True)
             return pc.invert(m) if n[2] else m
         if kind == "in":
             c = col(n[1])
+            check_kinds(f"test {_short(n[1])} in {_short(n[2])}", ("col", n[1]), ("lit", n[2][0]))
             try:
                 values = pa.array(n[2]).cast(c.type)
+                found = pc.is_in(c, value_set=values)
             except (pa.ArrowException, OverflowError) as e:
                 raise FilterError(
                     f"{_short(n[1])} ({c.type}) cannot hold the values {_short(n[2])}{where}: {_short(e)}"
                 ) from None
-            return pc.is_in(c, value_set=values)
+            return pc.if_else(pc.is_valid(c), found, pa.scalar(None, pa.bool_()))  # null in (...) is null
         if kind == "pct":
             c = col(n[1])
             if not (pa.types.is_integer(c.type) or pa.types.is_floating(c.type)):
                 raise FilterError(f"percentile needs a numeric column, {_short(n[1])} is {c.type}")
             thr, _ = percentile_threshold(c, n[2], n[3])
-            if thr is None:
-                return pa.array(np.zeros(len(c), dtype=bool))
+            if thr is None:  # no finite value: every row dropped, the null ones counted as such
+                return pc.if_else(pc.is_valid(c), pa.scalar(False), pa.scalar(None, pa.bool_()))
             return pc.greater_equal(c, thr) if n[2] == "top" else pc.less_equal(c, thr)
         if kind == "auto":
             return auto_compare(table, n[2], n[1], col(n[2]))
         if kind == "cmp":
+            check_kinds(f"compare {_short(n[2][1])} {n[1]} {_short(n[3][1])}", n[2], n[3])
             try:
                 return _CMP[n[1]](value(n[2]), value(n[3]))
             except (pa.ArrowException, OverflowError, TypeError) as e:
@@ -357,7 +408,7 @@ def evaluate(node: tuple, table: pa.Table, text: str | None = None) -> pa.Array:
         out = out.combine_chunks()
     if not isinstance(out, pa.Array) or not pa.types.is_boolean(out.type):
         raise FilterError(f"not a condition over the rows{where}")
-    return pc.fill_null(out, False)
+    return out
 
 
 def auto_compare(table: pa.Table, name: str, op: str, c: pa.ChunkedArray) -> pa.Array:
@@ -369,7 +420,7 @@ def auto_compare(table: pa.Table, name: str, op: str, c: pa.ChunkedArray) -> pa.
     try:
         cuts = table_auto_threshold(table, name)["cuts"]
     except ValueError as e:
-        raise FilterError(f"{_short(name)} > auto: {_short(e)}") from None
+        raise FilterError(f"{_short(name)} {op} auto: {_short(e)}") from None
     return _CMP[op](c, pa.array(cuts, mask=np.isnan(cuts)))
 
 
@@ -381,13 +432,24 @@ def _short(v: Any, n: int = 80) -> str:
 
 
 def apply_filters(table: pa.Table, expressions: list[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """(intersection mask, per-expression counts). Percentiles are over the whole table, per DataComp."""
+    """(intersection mask, per-expression counts). Percentiles are over the whole table, per DataComp.
+
+    ``dropped_null`` counts the rows an expression dropped only because a value it needs is null or NaN
+    (a failed score): dropped silently, they would look like low-quality samples."""
     if not expressions:
         raise FilterError("give at least one filter expression")
     total = np.ones(table.num_rows, dtype=bool)
     counts = []
     for e in expressions:
-        m = evaluate(parse(e), table, e).to_numpy(zero_copy_only=False).astype(bool)
+        k = evaluate_kleene(parse(e), table, e)
+        m = pc.fill_null(k, False).to_numpy(zero_copy_only=False).astype(bool)
         total &= m
-        counts.append({"filter": e, "kept": int(m.sum()), "kept_frac": float(m.mean()) if len(m) else 0.0})
+        counts.append(
+            {
+                "filter": e,
+                "kept": int(m.sum()),
+                "kept_frac": float(m.mean()) if len(m) else 0.0,
+                "dropped_null": k.null_count,
+            }
+        )
     return total, counts

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.curate.filter import apply_filters
@@ -29,27 +30,48 @@ log = logging.getLogger(__name__)
 SIDE_COLUMNS = ("clip_score", "caption_words", "lang", "is_duplicate", "concepts")
 
 
-def load_run(scores_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+def load_run(scores_dir: str | Path) -> tuple[pa.Table, dict[str, Any]]:
     """``DIR/scores.parquet`` and ``DIR/manifest.json``, the manifest's shard list sanitized.
 
-    A manifest is data, not a command line: its ``urls`` go through
-    :func:`clipforge.data.shards.shards_from_file`, so a ``pipe:`` entry is refused, never run.
+    Both are required and checked here, so a missing, truncated or hand-edited file is one error line
+    naming it (not an Arrow, JSON or ``KeyError`` message from deep inside a command): the table must
+    have a text ``key`` column, the manifest an object with a ``urls`` list. A finished ``curate run``
+    writes both (``manifest.json`` last). A manifest is data, not a command line: its ``urls`` go
+    through :func:`clipforge.data.shards.shards_from_file`, so a ``pipe:`` entry is refused, never run.
     """
     d = Path(scores_dir)
-    if not (d / "scores.parquet").exists():
-        raise FileNotFoundError(
-            f"{d}/scores.parquet not found: run `clipforge curate run --output {d}` first"
-        )
-    manifest: dict[str, Any] = {}
-    if (d / "manifest.json").exists():
-        try:
-            manifest = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{d}/manifest.json is not valid JSON: {e}") from None
-        if not isinstance(manifest, dict):
-            raise ValueError(f"{d}/manifest.json must hold an object, got {type(manifest).__name__}")
-    manifest["urls"] = shards_from_file(manifest.get("urls") or [], source=f"{d}/manifest.json", expand=False)
-    return pq.read_table(d / "scores.parquet"), manifest
+    scores, mpath = d / "scores.parquet", d / "manifest.json"
+    for p in (scores, mpath):
+        if not p.is_file():
+            what = "is not a file" if p.exists() else "not found"
+            raise FileNotFoundError(
+                f"{p} {what}: run `clipforge curate run --output {d}` to the end first "
+                "(a finished run writes scores.parquet and manifest.json)"
+            )
+    try:
+        table = pq.read_table(scores)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(
+            f"{scores} is not a readable Parquet table ({_one_line(e)}): rerun curate run"
+        ) from None
+    key = table.schema.field("key").type if "key" in table.column_names else None
+    if key is None or not (pa.types.is_string(key) or pa.types.is_large_string(key)):
+        got = "no such column" if key is None else str(key)
+        raise ValueError(f"{scores} needs a text 'key' column ({got}): is it a `curate run` score table?")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{mpath} is not readable JSON: {_one_line(e)}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("urls"), list):
+        got = type(manifest.get("urls") if isinstance(manifest, dict) else manifest).__name__
+        raise ValueError(f"{mpath} must be an object with a 'urls' list of input shards, got {got}")
+    manifest["urls"] = shards_from_file(manifest["urls"], source=str(mpath), expand=False)
+    return table, manifest
+
+
+def _one_line(e: BaseException, n: int = 200) -> str:
+    s = " ".join(str(e).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def filter_run(
@@ -81,7 +103,10 @@ def filter_run(
     table, manifest = load_run(scores_dir)
     mask, counts = apply_filters(table, expressions)
     keys = table.column("key").to_pylist()
-    kept = [k for k, m in zip(keys, mask) if m]
+    kept = [k for k, m in zip(keys, mask) if m and k is not None]
+    null_keys = int(sum(1 for k, m in zip(keys, mask) if m and k is None))  # no key: nothing to list
+    if reshard and kept and not manifest["urls"]:  # before OUTPUT is touched
+        raise FileNotFoundError(f"{scores_dir}/manifest.json lists no input shards to reshard from")
     inputs = [Path(scores_dir) / "scores.parquet", *manifest["urls"]]
     out = prepare_output(output, overwrite=overwrite, inputs=inputs)
     with atomic_path(out / "keep.txt") as tmp:
@@ -93,12 +118,13 @@ def filter_run(
         "kept": len(kept),
         "kept_frac": len(kept) / table.num_rows if table.num_rows else 0.0,
         "filters": counts,
+        "skipped_null_key": null_keys,
         "shards": [],
     }
+    if null_keys:
+        log.warning("%d kept rows have no key and are skipped (see skipped_null_key)", null_keys)
     if reshard and kept:
         urls = manifest["urls"]
-        if not urls:
-            raise FileNotFoundError(f"{scores_dir}/manifest.json lists no input shards to reshard from")
         keep = set(kept)
         side = {
             c: dict(zip(keys, table.column(c).to_pylist())) for c in SIDE_COLUMNS if c in table.column_names
@@ -118,6 +144,7 @@ def filter_run(
                     written += 1
         summary["shards"] = writer.shards
         summary["written"] = written
+        summary["not_written"] = max(0, len(kept) - written)
         summary["bad_samples"] = report.to_dict()["counts"]
         if written != len(kept):  # a shard changed or got damaged since scoring: say so, loudly
             log.warning("kept %d keys but wrote %d samples (see bad_samples)", len(kept), written)
