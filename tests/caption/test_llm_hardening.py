@@ -100,7 +100,7 @@ def test_undecodable_key_is_a_counted_skip(tmp_path: Path) -> None:
             tf.addfile(info, io.BytesIO(data))
     lm = FakeLM(lambda p: ["A puppy sits on the grass."])
     s = run_rewrites({"data": [str(shard)], "output": str(tmp_path / "out"), "k": 1}, progress=False, lm=lm)
-    assert s["shards_done"] == 1 and s["bad_samples"]["counts"] == {"key_not_utf8": 1}
+    assert s["shards_done"] == 1 and s["bad_samples"]["counts"] == {"unsafe_key": 1}
     assert pq.read_table(tmp_path / "out" / "captions" / "k-000.parquet")["key"].to_pylist() == ["ok"]
 
 

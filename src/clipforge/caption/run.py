@@ -43,8 +43,10 @@ import numpy as np
 from clipforge.caption.captioner import Captioner
 from clipforge.caption.decoding import DecodeOptions
 from clipforge.caption.features import shard_conditions
+from clipforge.caption.rewrite import side_table_path
 from clipforge.config import ConfigError, check_run_config, from_dict, write_run_config
 from clipforge.data.decode import TEXT_EXTS, DecodeConfig, SkipSample, decode_image, decode_text, find_image
+from clipforge.data.keys import is_utf8, printable
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards, shard_name
 from clipforge.models.encode import Prepare
@@ -220,7 +222,7 @@ def write_recaptioned_shard(url: str, rows: dict[str, list[Any]], out_dir: Path)
     from clipforge.data.writer import ShardWriter
 
     by_key = {k: i for i, k in enumerate(rows["key"])}
-    stem = shard_name(url).removesuffix(".tar")
+    stem = shard_name(url).removesuffix(".tar").replace("%", "%%")  # a '%' in a name is not a field
     with ShardWriter(out_dir / f"{stem}-%03d.tar", maxcount=10**9, maxsize=1e15) as w:
         for s in iter_tar_samples(url):
             i = by_key.get(s["__key__"])
@@ -231,6 +233,17 @@ def write_recaptioned_shard(url: str, rows: dict[str, list[Any]], out_dir: Path)
     return ",".join(Path(p).name for p in w.shards)
 
 
+def check_shard_names(out: Path, names: list[str]) -> None:
+    """Refuse, before any work or any write, a shard name whose side table would leave OUTPUT/captions
+    (a ``pipe:`` command or a name with ``..``: :func:`side_table_path`) or that is not valid UTF-8
+    (a file name with undecodable bytes: the table's ``shard`` column could not be written, so the
+    shard would fail only after it was captioned)."""
+    for name in names:
+        if not is_utf8(name):
+            raise ConfigError(f"shard name {printable(name)!r} is not valid UTF-8: rename the file")
+        side_table_path(out, name)
+
+
 def caption_shard(
     url: str, cap: Captioner, encoder: Any, scorer: Any, cfg: CaptionRunConfig, scorer_name: str, out: Path
 ) -> dict[str, Any]:
@@ -238,7 +251,7 @@ def caption_shard(
     bad samples read back), else captioned into ``captions/SHARD.parquet`` (+ ``.bad.json``, and the
     new shard with ``write_shards``); a shard with no decodable image is ``failed``, by name."""
     name = shard_name(url)
-    path = Path(out) / "captions" / f"{name.removesuffix('.tar')}.parquet"
+    path = side_table_path(out, name)  # never outside OUTPUT/captions (run_captions checked it first)
     bad_path = path.with_suffix(".bad.json")
     if path.exists():  # done by an earlier run: its bad samples still count in this summary
         bad = json.loads(bad_path.read_text()) if bad_path.exists() else {}
@@ -332,6 +345,7 @@ def run_captions(
     names = [shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ConfigError("two shards share a file name: their side tables would collide")
+    check_shard_names(Path(cfg.output), names)
     cap = Captioner.load(cfg.captioner)
     out = prepare_output_dir(cfg.output, overwrite=overwrite, resume=resume)
     if resume:

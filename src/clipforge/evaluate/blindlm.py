@@ -36,7 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.caption.llm import llm_name, resolve_llm, smollm2_gguf  # noqa: F401  (re-exported)
+from clipforge.caption.llm import (  # noqa: F401  (smollm2_gguf re-exported)
+    llm_name,
+    load_causal_lm,
+    resolve_llm,
+    smollm2_gguf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +92,14 @@ class BlindLM:
 
 
 def load_lm(spec: str, batch_size: int = 64) -> BlindLM:
-    """``spec``: HF causal-LM dir, a ``.gguf`` file (or a dir holding one), or ``smollm2``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``spec``: HF causal-LM dir, a ``.gguf`` file (or a dir holding one), or ``smollm2``.
 
+    Loaded by :func:`~clipforge.caption.llm.load_causal_lm`, the one loader of an ``--llm``: an --llm
+    dir is untrusted, so weights come only from safetensors or GGUF (never an unpickled .bin/.pt), and
+    any loader failure is a ValueError naming the spec. Always float32: scores (and the cache
+    fingerprint) must not depend on the CPU."""
     path, kw = resolve_llm(spec)  # the one resolution of smollm2 | HF dir | .gguf (caption/llm.py)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-    except (OSError, ValueError, ImportError) as e:
-        raise ValueError(f"--llm {spec}: cannot load a causal LM: {e}") from None
+    model, tok = load_causal_lm(spec, dtype="fp32")
     files = [path / kw["gguf_file"]] if kw else [f for f in sorted(path.iterdir()) if f.is_file()]
     return BlindLM(model, tok, name=llm_name(spec), batch_size=batch_size,
                    fingerprint=lm_fingerprint(files, "float32"))  # fmt: skip

@@ -168,8 +168,9 @@ def wds_spec(name: str) -> Any:
     classnames = read_lines(root / CLASSNAMES)
     if not any(classnames):
         raise ValueError(f"{root / CLASSNAMES} lists no class names")
-    # read by clipforge's class-name loader: the same strip()ped lines, except that it skips blank lines
-    # and reads '_' as ' ' (CLIP_benchmark's own class names have spaces)
+    # read by clipforge's class-name loader: the same strip()ped lines, except that it skips trailing blank
+    # lines (any other blank line is an error: it would shift every later label) and reads '_' as ' '
+    # (CLIP_benchmark's own class names have spaces)
     templates = clipforge_templates(read_lines(root / TEMPLATES))
     if not templates:
         raise ValueError(f"{root / TEMPLATES} lists no templates")

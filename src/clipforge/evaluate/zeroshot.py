@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipforge.config import ConfigError
 from clipforge.evaluate.dist import all_gather_object, is_main
 from clipforge.evaluate.embed import embed_texts
 from clipforge.models.encode import fingerprint as model_fingerprint
@@ -60,13 +61,42 @@ def load_templates(name_or_path: str) -> tuple[str, list[str]]:
 
 
 def load_classnames(path: str | Path) -> list[str]:
-    """Class names, one per line, in label order (``.txt``) or a JSON list."""
+    """Class names in label order: a ``.json`` list of strings, or text with one name per line.
+
+    Names are stripped and ``_`` reads as a space. The position of a name is its label, so anything
+    that would silently shift or merge labels is a :class:`ConfigError` naming the file and the entry:
+    a non-string JSON entry, a blank name (only blank lines at the end of a text file are ignored:
+    they shift nothing), and a name given twice (compared ignoring case and spacing, as CLIP's
+    tokenizer does): two identical zero-shot classes split their images and make accuracy wrong.
+    """
     path = Path(path)
-    text = path.read_text()
-    names = json.loads(text) if path.suffix == ".json" else [ln.strip() for ln in text.splitlines()]
-    names = [n.replace("_", " ") for n in names if n]
+    is_json = path.suffix.lower() == ".json"
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if is_json else text.splitlines()
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"class names file {path}: {e}") from None
+    if not isinstance(raw, list):
+        raise ConfigError(f"class names file {path}: expected a JSON list of names, got {type(raw).__name__}")
+    while not is_json and raw and not raw[-1].strip():
+        raw.pop()  # trailing blank lines of a text file: no label moves
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        at = f"entry {i}" if is_json else f"line {i + 1}"
+        where = f"class names file {path}, {at} (label {i}) {str(entry)[:80]!r}"
+        if not isinstance(entry, str):
+            raise ConfigError(f"{where} is a {type(entry).__name__}, not a string")
+        name = entry.replace("_", " ").strip()
+        if not name:
+            raise ConfigError(f"{where} is blank: every label needs a name (remove the line or name it)")
+        norm = " ".join(name.split()).casefold()
+        if norm in seen:
+            raise ConfigError(f"{where} repeats label {seen[norm]}: class names must be distinct")
+        seen[norm] = i
+        names.append(name)
     if not names:
-        raise ValueError(f"no class names in {path}")
+        raise ConfigError(f"no class names in {path}")
     return names
 
 
