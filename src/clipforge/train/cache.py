@@ -5,8 +5,14 @@ is computed once per shard and stored as float16 safetensors under a fingerprint
 could change it: model spec + options, the frozen parameters themselves, the preprocessing config
 and context length. Any change gives a new fingerprint (a new cache); the same model on the same
 shards reuses the files across runs. One file per shard holds image features, text features of ALL
-captions of each sample (flattened, with offsets) and, in its metadata, the sample keys, captions
-and the bad samples found while caching (so reruns report the same counts).
+captions of each sample (flattened, with offsets) and, in its metadata, the sample keys, captions,
+a digest of each sample's image bytes and the bad samples found while caching (so reruns report the
+same counts).
+
+Shards made from other shards (``curate filter``/``curate fix``/``reshard`` write the same image bytes
+under new captions) are assembled from the cached rows of identical images instead of running the
+tower again (:func:`reuse_shard`): training on a curated set after curating it costs a read, not a
+second pass over the images.
 
 Random augmentation is OFF for a cached tower: features come from the eval preprocessing.
 The pass is made fast by DataLoader workers for decoding, large inference batches under
@@ -29,9 +35,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from clipforge.data.decode import DecodeConfig
+from clipforge.data.decode import DecodeConfig, decode_sample, find_image
+from clipforge.data.reader import iter_tar_samples
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import shard_name
+from clipforge.data.skip import SkipSample
 from clipforge.data.transforms import ImageTransform, PreprocessConfig
 from clipforge.models import encode
 from clipforge.models.base import ClipModel
@@ -130,11 +138,18 @@ def _shard_file(root: Path, url: str) -> Path:
     (and ``file://`` dropped) before hashing: ``shards/a.tar`` run from ``/x`` and ``/x/shards/a.tar``
     are the same file and share one cache entry (an absolute path keys as it always did)."""
     ident = url
-    local = Path(url.removeprefix("file://"))
-    if "://" not in url.replace("file://", "") and not url.startswith("pipe:") and local.is_file():
+    local = _local_file(url)
+    if local is not None:
         st = local.stat()
         ident = f"{os.path.abspath(local)}|{st.st_size}|{st.st_mtime_ns}"
     return root / f"{shard_name(url)}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}.safetensors"
+
+
+def _local_file(url: str) -> Path | None:
+    local = Path(url.removeprefix("file://"))
+    if "://" not in url.replace("file://", "") and not url.startswith("pipe:") and local.is_file():
+        return local
+    return None
 
 
 STALE_TMP_S = 600.0  # a shard file is written in seconds: an older .tmp is a killed run's leftover
@@ -154,6 +169,123 @@ def clean_stale_tmp(root: Path, min_age_s: float = STALE_TMP_S) -> int:
     if n:
         log.info("feature cache %s: removed %d stale .tmp file(s)", root, n)
     return n
+
+
+def image_digest(data: bytes) -> str:
+    """Identity of an image for reuse across shards: its bytes (a re-encoded image is a new image)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def scan_shard(url: str) -> dict[str, Any]:
+    """Keys, captions (as the cache pass orders them) and image digests of a local shard, read without
+    decoding images. ``clean`` is False when anything would make the real pass report a bad sample (a
+    truncated shard, a missing image or caption, a duplicate key): such a shard is never assembled
+    from other shards' rows, it takes the full pass and its reports. A remote shard is not scanned (a
+    second download costs more than it saves): it is neither assembled nor a source."""
+    if _local_file(url) is None:
+        return {"keys": [], "captions": [], "digests": [], "clean": False}
+    report = BadSampleReport()
+    keys: list[str] = []
+    captions: list[list[str]] = []
+    digests: list[str | None] = []
+    clean = True
+    for raw in iter_tar_samples(url, report):
+        img = find_image(raw)
+        digests.append(image_digest(img) if img is not None else None)
+        keys.append(raw["__key__"])
+        try:
+            s = decode_sample(raw, DecodeConfig(image=False, caption=True))
+            captions.append([s["caption"]] + [c for c in s["captions"] if c != s["caption"]])
+        except SkipSample:
+            captions.append([])
+            clean = False
+    clean = clean and not report.total and None not in digests and len(set(keys)) == len(keys)
+    return {"keys": keys, "captions": captions, "digests": digests, "clean": clean}
+
+
+def digest_index(root: Path) -> dict[str, tuple[Path, int]]:
+    """Image digest -> (cache file, row) over every shard file of one cache dir (metadata reads only)."""
+    index: dict[str, tuple[Path, int]] = {}
+    for path in sorted(root.glob("*.safetensors")) if root.is_dir() else ():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                digests = json.loads((f.metadata() or {}).get("digests", "[]"))
+        except Exception:  # a side-text file, or a file another run is replacing: not a source
+            continue
+        for row, d in enumerate(digests):
+            if d is not None:
+                index.setdefault(d, (path, row))
+    return index
+
+
+def reuse_shard(
+    scan: dict[str, Any],
+    index: dict[str, tuple[Path, int]],
+    model: ClipModel,
+    *,
+    cache_text: bool,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """A shard's cache entry from the cached rows of identical images (the frozen prefixes are
+    functions of the image bytes and of the caption string alone). Captions are the shard's own: one
+    its source row already holds keeps that row's text features, a new one (a recaption) is encoded.
+    None when any image is new: the shard then takes the full pass."""
+    if not scan["clean"] or not scan["keys"] or any(d not in index for d in scan["digests"]):
+        return None
+    n = len(scan["keys"])
+    flat = [c for caps in scan["captions"] for c in caps]
+    offsets = torch.tensor([0, *torch.tensor([len(c) for c in scan["captions"]]).cumsum(0).tolist()])
+    image: dict[str, torch.Tensor] = {}
+    text: dict[str, torch.Tensor] = {}
+    have = torch.zeros(len(flat), dtype=torch.bool)  # text rows copied from a source
+    by_file: dict[Path, list[tuple[int, int]]] = {}  # source file -> (row in this shard, row there)
+    for i, d in enumerate(scan["digests"]):
+        path, row = index[d]
+        by_file.setdefault(path, []).append((i, row))
+
+    def put(out: dict[str, torch.Tensor], k: str, t: torch.Tensor, rows: int, dst, src) -> None:
+        """out[k][dst] = t[src]; sequence features of another length are zero-padded (as cat_padded)."""
+        if k not in out:
+            out[k] = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype)
+        if out[k].shape[1:] != t.shape[1:]:
+            out[k] = cat_padded([out[k], t[:0]])
+            t = cat_padded([out[k][:0], t])
+        out[k][dst] = t[src].to(out[k].dtype)
+
+    for path, pairs in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            dst, src = torch.tensor([i for i, _ in pairs]), torch.tensor([r for _, r in pairs])
+            for name in (k for k in names if k.startswith("image.")):
+                put(image, name[6:], f.get_tensor(name), n, dst, src)
+            if not cache_text or "text_offsets" not in names:
+                continue
+            src_caps = json.loads((f.metadata() or {})["captions"])
+            src_off = f.get_tensor("text_offsets")
+            tdst, tsrc = [], []
+            for i, r in pairs:
+                for j, c in enumerate(scan["captions"][i]):
+                    if c in src_caps[r]:
+                        tdst.append(int(offsets[i]) + j)
+                        tsrc.append(int(src_off[r]) + src_caps[r].index(c))
+            if tdst:
+                rows, at = torch.tensor(tdst), torch.tensor(tsrc)
+                for name in (k for k in names if k.startswith("text.")):
+                    put(text, name[5:], f.get_tensor(name), len(flat), rows, at)
+                have[rows] = True
+    sh: dict[str, Any] = {
+        "keys": scan["keys"], "captions": scan["captions"], "image": image, "digests": scan["digests"],
+        "bad": BadSampleReport().to_dict(), "text": None, "text_offsets": None,
+    }  # fmt: skip
+    if cache_text:
+        new = torch.nonzero(~have).flatten().tolist()
+        fresh = _encode_texts(model, [flat[i] for i in new], batch_size, device, progress) if new else {}
+        for k, v in fresh.items():
+            put(text, k, _store(v), len(flat), torch.tensor(new), torch.arange(len(new)))
+        sh["text"], sh["text_offsets"] = text, offsets
+    return sh
 
 
 def _load_shard(path: Path) -> dict[str, Any]:
@@ -259,6 +391,7 @@ def _save_shard(path: Path, sh: dict[str, Any]) -> None:
         "keys": json.dumps(sh["keys"]),
         "captions": json.dumps(sh["captions"]),
         "bad": json.dumps(sh["bad"]),
+        "digests": json.dumps(sh.get("digests") or [None] * len(sh["keys"])),
     }
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -288,6 +421,18 @@ def load_or_build_cache(
     clean_stale_tmp(root)
     missing = [u for u in urls if not _shard_file(root, u).exists()]
     log.info("feature cache %s: %d/%d shards cached", root, len(urls) - len(missing), len(urls))
+    scans = {u: scan_shard(u) for u in missing}
+    index = digest_index(root) if missing else {}
+    reused = 0
+    for url in list(missing):
+        sh = reuse_shard(scans[url], index, model, cache_text=cache_text, batch_size=batch_size,
+                         device=device, progress=progress)  # fmt: skip
+        if sh is not None:
+            _save_shard(_shard_file(root, url), sh)
+            missing.remove(url)
+            reused += 1
+    if reused:
+        log.info("feature cache: %d shard(s) assembled from cached rows of identical images", reused)
     if missing:
         fresh = compute_shards(
             model,
@@ -298,8 +443,9 @@ def load_or_build_cache(
             device=device,
             progress=progress,
         )
-        for url, sh in fresh.items():
-            _save_shard(_shard_file(root, url), sh)  # empty shards too: their bad-sample counts persist
+        for url, sh in fresh.items():  # empty shards too: their bad-sample counts persist
+            sh["digests"] = _digests_of(sh["keys"], scans[url])
+            _save_shard(_shard_file(root, url), sh)
     shards = [_load_shard(_shard_file(root, u)) for u in urls]
     for sh, url in zip(shards, urls):
         sh["shard"] = shard_name(url)
@@ -310,6 +456,15 @@ def load_or_build_cache(
     if not shards:
         raise ValueError(f"no usable samples in {len(urls)} shard(s)")
     return _merge(shards), root
+
+
+def _digests_of(keys: list[str], scan: dict[str, Any]) -> list[str | None]:
+    """The scanned image digest of each cached key; None where a key is not unique in its shard (which
+    image a row holds is then ambiguous, so it is never a reuse source)."""
+    seen: dict[str, str | None] = {}
+    for k, d in zip(scan["keys"], scan["digests"]):
+        seen[k] = None if k in seen else d
+    return [seen.get(k) for k in keys]
 
 
 def _merge(shards: list[dict[str, Any]]) -> CachedData:
