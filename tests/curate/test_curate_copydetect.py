@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +17,17 @@ from PIL import Image
 from clipforge.config import ConfigError
 from clipforge.curate.config import CurateConfig, DedupConfig
 from clipforge.curate.copydetect import (
+    HELDOUT_KINDS,
     KINDS,
     calib_pick,
     calibrate_from_rows,
     calibrate_threshold,
     center_normalize,
+    heldout_copy,
     image_descriptors,
     key_rng,
+    lowpass,
+    make_copy,
     pool_features,
     synthetic_copy,
 )
@@ -67,6 +73,60 @@ def test_synthetic_copies_are_mild_and_deterministic():
     assert {p for p in picks if p} == set(KINDS)
     assert picks == [calib_pick(f"key{i}", 0.2, 0) for i in range(2000)]
     assert calib_pick("key1", 0.0, 0) is None
+
+
+def test_heldout_copies_are_outside_calibration_and_do_what_they_say():
+    img = tiny_images(1, 100)[0]
+    px = np.asarray(img)
+    assert not set(HELDOUT_KINDS) & set(KINDS)
+    assert {calib_pick(f"key{i}", 1.0, 0) for i in range(500)} <= set(KINDS)  # calibration never picks them
+    for kind in HELDOUT_KINDS:
+        a = heldout_copy(img, kind, key_rng("k", 0))
+        assert a.mode == "RGB" and np.array_equal(
+            np.asarray(a), np.asarray(heldout_copy(img, kind, key_rng("k", 0)))
+        )
+        assert a.size != img.size or not np.array_equal(np.asarray(a), px), kind
+        assert np.array_equal(np.asarray(make_copy(img, kind, key_rng("k", 0))), np.asarray(a))
+    assert np.array_equal(np.asarray(heldout_copy(img, "flip", key_rng("k", 0))), px[:, ::-1])
+    gray = np.asarray(heldout_copy(img, "grayscale", key_rng("k", 0))).astype(int)
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    for seed in range(5):
+        w, h = heldout_copy(img, "crop_large", key_rng("k", seed)).size
+        assert 80 <= w <= 90 and 80 <= h <= 90  # 10-20% of each side removed
+        w, h = heldout_copy(img, "downscale", key_rng("k", seed)).size
+        assert 25 <= w <= 40 and w == h
+        w, h = heldout_copy(img, "pad", key_rng("k", seed)).size
+        assert min(w, h) == 100 and 110 <= max(w, h) <= 130  # a 5-15% border on two opposite sides
+    assert np.array_equal(
+        np.asarray(make_copy(img, "crop", key_rng("k", 0))),
+        np.asarray(synthetic_copy(img, "crop", key_rng("k", 0))),
+    )
+    with pytest.raises(ValueError, match="unknown held-out copy kind"):
+        heldout_copy(img, "resize", key_rng("k", 0))
+
+
+def test_lowpass_removes_fine_detail_only():
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert torch.allclose(lowpass(flat, 2.0), flat, atol=1e-6)
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2
+    checker = checker.float().expand(1, 3, 16, 16)
+    out = lowpass(checker, 2.0)
+    assert out.shape == checker.shape and out.std() < 0.1 * checker.std()  # finest pattern averaged out
+    halves = torch.zeros(1, 3, 16, 16)
+    halves[..., 8:] = 1.0
+    assert lowpass(halves, 2.0)[..., :6].max() < 0.05 and lowpass(halves, 2.0)[..., 10:].min() > 0.95
+    assert lowpass(checker, 1.0) is checker
+
+
+def test_near_copies_benchmark_kinds_option():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import near_copies
+
+    assert near_copies.parse_kinds(["calibrated"]) == KINDS
+    assert near_copies.parse_kinds(["all"]) == KINDS + HELDOUT_KINDS
+    assert near_copies.parse_kinds(["flip", "calibrated", "flip"]) == ("flip", *KINDS)
+    with pytest.raises(SystemExit, match="unknown kind"):
+        near_copies.parse_kinds(["mirror"])
 
 
 def test_pool_features_shapes():
@@ -276,3 +336,23 @@ def test_eval_set_near_copies_by_descriptor(tmp_path, pooled_model):
     assert t["eval_dup_of"][row] == "ev_copy_of_10" and s["global"]["dedup"]["eval_copy_dup"] >= 1
     others = [i for i, k in enumerate(t["key"]) if not k.startswith("img010")]
     assert sum(t["eval_dup_of"][i] is not None for i in others) <= 1
+
+
+def test_run_from_before_the_lowpass_resumes_only_without_it(tmp_path: Path) -> None:
+    """A run dir written before ``dedup.copy_lowpass`` existed made descriptors without the low-pass:
+    resuming it with the new default would mix two descriptor kinds in one dedup, so it is refused;
+    ``copy_lowpass=1`` (how it behaved) resumes it."""
+    import yaml
+
+    from clipforge.curate.engine import RUN_CONFIG, open_run_dir
+
+    cfg = CurateConfig.from_dict({"stages": ["image", "copy", "dedup"]})
+    old = cfg.to_dict()
+    del old["dedup"]["copy_lowpass"]
+    (tmp_path / RUN_CONFIG).write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(ConfigError, match="copy_lowpass"):
+        open_run_dir(tmp_path, cfg)
+    legacy = CurateConfig.from_dict({"stages": ["image", "copy", "dedup"], "dedup": {"copy_lowpass": 1.0}})
+    open_run_dir(tmp_path, legacy)  # resumes (and records the key)
+    with pytest.raises(ConfigError, match=r"copy_lowpass must be in \[1, 16\]"):
+        CurateConfig.from_dict({"dedup": {"copy_lowpass": 0.5}}).validate()

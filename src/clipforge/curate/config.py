@@ -65,6 +65,12 @@ class DedupConfig:
         default=None,
         metadata=_h("copy-descriptor cosine threshold (default: calibrated on synthetic copies)"),
     )
+    copy_lowpass: float = field(
+        default=2.0,
+        metadata=_h(
+            "descriptors see each image scaled down this factor and back up (1: off; copydetect.lowpass)"
+        ),
+    )
     copy_precision: float = field(default=0.99, metadata=_h("precision the calibrated threshold targets"))
     copy_calib_rate: float = field(
         default=0.1, metadata=_h("share of samples given a synthetic copy for calibration (copy stage)")
@@ -93,6 +99,8 @@ class DedupConfig:
                 raise ConfigError(f"dedup.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.copy_calib_min < 1:
             raise ConfigError(f"dedup.copy_calib_min must be >= 1, got {self.copy_calib_min}")
+        if not 1.0 <= self.copy_lowpass <= 16.0:  # past 16x a 224 px image is 14 px: nothing left to match
+            raise ConfigError(f"dedup.copy_lowpass must be in [1, 16], got {self.copy_lowpass}")
         for name in ("threshold", "eval_threshold", "copy_threshold", "copy_fallback"):
             if getattr(self, name) is None:
                 continue

@@ -25,7 +25,7 @@ def descriptor_dim(ctx: Context) -> int:
 
     def build() -> int:
         size = int(model_transform(ctx)(Image.new("RGB", (32, 32))).shape[-1])
-        return int(image_descriptors(ctx.model, torch.zeros(1, 3, size, size)).shape[1])
+        return int(image_descriptors(ctx.model, torch.zeros(1, 3, size, size), 1.0).shape[1])
 
     return ctx.cached("copy_dim", build)
 
@@ -35,7 +35,8 @@ def _descriptors(ctx: Context, images: list, dim: int) -> np.ndarray:
     ok = [i for i, im in enumerate(images) if im is not None]
     if ok:
         transform = model_transform(ctx)
-        out[ok] = image_descriptors(ctx.model, torch.stack([transform(images[i]) for i in ok]))
+        pixels = torch.stack([transform(images[i]) for i in ok])
+        out[ok] = image_descriptors(ctx.model, pixels, ctx.config.dedup.copy_lowpass)
     return out
 
 

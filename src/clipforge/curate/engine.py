@@ -156,6 +156,10 @@ MODEL_STAGES = "clip-score/safety"
 # Resuming may add stages (only the missing ones run) and change the batch size (no value depends on
 # it); any other difference (model, sizes, dedup/balance settings...) would mix two runs: refused.
 RESUME_MAY_CHANGE = ("stages", "batch_size")
+# Keys added with a default that differs from how runs behaved before them: key -> (the stage it changes,
+# the old behaviour). A run dir predating the key that ran that stage resumes only with the old value
+# (its descriptors were made without the low-pass: mixing two kinds in one dedup would be wrong).
+BEHAVED_AS = {"dedup.copy_lowpass": ("copy", 1.0)}
 
 
 def open_run_dir(
@@ -197,7 +201,9 @@ def keys_added_since(path: Path, config: CurateConfig) -> list[str]:
     except (ValueError, OSError):
         return []  # check_run_config reports the unreadable file
     now, default = _flat(config.to_dict()), _flat(CurateConfig().to_dict())
-    return [k for k, v in now.items() if k not in saved and k in default and v == default[k]]
+    ran = saved.get("stages") or []
+    before = {**default, **{k: v for k, (stage, v) in BEHAVED_AS.items() if stage in ran}}  # what it did
+    return [k for k, v in now.items() if k not in saved and k in before and v == before[k]]
 
 
 def check_legacy_config(manifest_path: Path, config: CurateConfig) -> None:
