@@ -120,9 +120,13 @@ def test_a_new_image_or_a_bad_sample_takes_the_full_pass(flickr_slice, tmp_path,
 
 
 def test_duplicate_keys_are_never_a_reuse_source(tmp_path):
-    samples = [{"__key__": "k", "jpg": b"one", "txt": b"a"}, {"__key__": "k", "jpg": b"two", "txt": b"b"}]
+    samples = [
+        {"__key__": "k", "jpg": b"one", "txt": b"a"},
+        {"__key__": "j", "jpg": b"mid", "txt": b"c"},
+        {"__key__": "k", "jpg": b"two", "txt": b"b"},  # the same key again, apart: the reader yields both
+    ]
     scan = cache_mod.scan_shard(_write(tmp_path / "dup-000000.tar", samples))
-    assert not scan["clean"]
-    assert cache_mod._digests_of(["k"], scan) == [None]
+    assert scan["keys"] == ["k", "j", "k"] and not scan["clean"]
+    assert cache_mod._digests_by_key(scan) == {"k": None, "j": cache_mod.image_digest(b"mid")}
     one = cache_mod.scan_shard(_write(tmp_path / "one-000000.tar", samples[:1]))
-    assert one["clean"] and cache_mod._digests_of(["k"], one) == [cache_mod.image_digest(b"one")]
+    assert one["clean"] and cache_mod._digests_by_key(one) == {"k": cache_mod.image_digest(b"one")}

@@ -421,16 +421,19 @@ def load_or_build_cache(
     clean_stale_tmp(root)
     missing = [u for u in urls if not _shard_file(root, u).exists()]
     log.info("feature cache %s: %d/%d shards cached", root, len(urls) - len(missing), len(urls))
-    scans = {u: scan_shard(u) for u in missing}
     index = digest_index(root) if missing else {}
+    digests: dict[str, dict[str, str | None]] = {}  # of the shards left to compute: key -> image digest
     reused = 0
-    for url in list(missing):
-        sh = reuse_shard(scans[url], index, model, cache_text=cache_text, batch_size=batch_size,
+    for url in list(missing):  # one shard scanned at a time (its captions are not kept past its turn)
+        scan = scan_shard(url)
+        sh = reuse_shard(scan, index, model, cache_text=cache_text, batch_size=batch_size,
                          device=device, progress=progress)  # fmt: skip
         if sh is not None:
             _save_shard(_shard_file(root, url), sh)
             missing.remove(url)
             reused += 1
+        else:
+            digests[url] = _digests_by_key(scan)
     if reused:
         log.info("feature cache: %d shard(s) assembled from cached rows of identical images", reused)
     if missing:
@@ -444,7 +447,7 @@ def load_or_build_cache(
             progress=progress,
         )
         for url, sh in fresh.items():  # empty shards too: their bad-sample counts persist
-            sh["digests"] = _digests_of(sh["keys"], scans[url])
+            sh["digests"] = [digests[url].get(k) for k in sh["keys"]]
             _save_shard(_shard_file(root, url), sh)
     shards = [_load_shard(_shard_file(root, u)) for u in urls]
     for sh, url in zip(shards, urls):
@@ -458,13 +461,13 @@ def load_or_build_cache(
     return _merge(shards), root
 
 
-def _digests_of(keys: list[str], scan: dict[str, Any]) -> list[str | None]:
-    """The scanned image digest of each cached key; None where a key is not unique in its shard (which
-    image a row holds is then ambiguous, so it is never a reuse source)."""
+def _digests_by_key(scan: dict[str, Any]) -> dict[str, str | None]:
+    """Key -> scanned image digest; None where a key is not unique in its shard (which image a cached
+    row holds is then ambiguous, so it is never a reuse source)."""
     seen: dict[str, str | None] = {}
     for k, d in zip(scan["keys"], scan["digests"]):
         seen[k] = None if k in seen else d
-    return [seen.get(k) for k in keys]
+    return seen
 
 
 def _merge(shards: list[dict[str, Any]]) -> CachedData:
