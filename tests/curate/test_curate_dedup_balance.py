@@ -23,6 +23,14 @@ def test_keeper_prefers_quality_then_first_row():
     assert keeper_of(labels, q).tolist() == [1, 1, 1, 3, 5, 5]
 
 
+def test_keeper_ignores_float_noise_between_exact_copies():
+    """Two copies scored 0.5 and 0.5 + 5e-6 (float noise of a rerun) keep the earlier row either way;
+    a real difference (1e-3) still decides."""
+    labels = np.array([0, 0, 1, 1])
+    assert keeper_of(labels, np.array([0.5, 0.5 + 5e-6, 0.3, 0.3 + 1e-3])).tolist() == [0, 0, 3, 3]
+    assert keeper_of(labels, np.array([0.5 + 5e-6, 0.5, 0.3 + 1e-3, 0.3])).tolist() == [0, 0, 2, 2]
+
+
 def test_semantic_dedup_finds_planted_pairs_exact_and_ivf():
     x, src = planted()
     keys = [f"k{i}" for i in range(len(x))]

@@ -62,10 +62,17 @@ def groups_from_pairs(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return connected_components(g, directed=False)[1]
 
 
+QUALITY_TIE = 1e-4  # keep-scores closer than this are one score (:func:`keeper_of`)
+
+
 def keeper_of(labels: np.ndarray, quality: np.ndarray) -> np.ndarray:
-    """For each row, the row index kept for its group: highest quality, ties to the earliest row."""
+    """For each row, the row index kept for its group: highest quality, ties to the earliest row.
+
+    Qualities equal to QUALITY_TIE are ties: an exact copy (same image, same caption) scores the same
+    up to float noise, and letting that noise pick the member made reruns keep other keys (so other
+    folds and trusted sets downstream)."""
     n = len(labels)
-    q = np.where(np.isnan(quality), -np.inf, quality)
+    q = np.where(np.isnan(quality), -np.inf, np.round(quality / QUALITY_TIE) * QUALITY_TIE)
     order = np.lexsort((np.arange(n), -q, labels))  # by group, best quality first, then row
     first = np.ones(n, dtype=bool)
     first[1:] = labels[order][1:] != labels[order][:-1]
