@@ -222,13 +222,12 @@ def read_captions(url: str, report: BadSampleReport, limit: int | None = None) -
     keys: list[str] = []
     caps: list[str] = []
     for s in iter_tar_samples(url, report):
-        key = s["__key__"]
-        try:  # (a key that is not UTF-8 never gets here: the reader counts it as unsafe_key)
+        try:
             caps.append(resolve_caption(s))
         except SkipSample as e:
-            report.add(f"{name}:{key}", e.reason, e.detail)
+            report.add(f"{name}:{s['__key__']}", e.reason, e.detail)
             continue
-        keys.append(key)
+        keys.append(s["__key__"])
         if limit is not None and len(keys) >= limit:
             break
     return keys, caps
@@ -283,8 +282,16 @@ def write_table(rows: dict[str, list[Any]], path: Path) -> None:
 
 
 def side_table_path(root: str | Path, shard: str) -> Path:
-    """ROOT/captions/SHARD.parquet. A ``pipe:`` spec's name is its whole command: one whose path would
-    leave ROOT/captions (``..``) is refused, so nothing is written (or read) outside the output dir."""
+    """ROOT/captions/SHARD.parquet, the one rule of every caption-stage side table (run, rewrite, fuse).
+
+    A ``pipe:`` spec's name is its whole command: one whose path would leave ROOT/captions (``..``) is
+    refused, so nothing is written (or read) outside the output dir. So is a name that is not valid
+    UTF-8 (undecodable file-name bytes): the table's ``shard`` column could not be written, and the
+    shard would fail only after its work was done."""
+    from clipforge.data.keys import is_utf8, printable
+
+    if not is_utf8(shard):
+        raise ConfigError(f"shard name {printable(shard)!r} is not valid UTF-8: rename the file")
     base = Path(root) / "captions"
     path = base / f"{shard.removesuffix('.tar')}.parquet"
     if base.resolve() not in path.resolve().parents:

@@ -46,7 +46,6 @@ from clipforge.caption.features import shard_conditions
 from clipforge.caption.rewrite import side_table_path
 from clipforge.config import ConfigError, check_run_config, from_dict, write_run_config
 from clipforge.data.decode import TEXT_EXTS, DecodeConfig, SkipSample, decode_image, decode_text, find_image
-from clipforge.data.keys import is_utf8, printable
 from clipforge.data.report import BadSampleReport
 from clipforge.data.shards import expand_shards, shard_name
 from clipforge.models.encode import Prepare
@@ -233,17 +232,6 @@ def write_recaptioned_shard(url: str, rows: dict[str, list[Any]], out_dir: Path)
     return ",".join(Path(p).name for p in w.shards)
 
 
-def check_shard_names(out: Path, names: list[str]) -> None:
-    """Refuse, before any work or any write, a shard name whose side table would leave OUTPUT/captions
-    (a ``pipe:`` command or a name with ``..``: :func:`side_table_path`) or that is not valid UTF-8
-    (a file name with undecodable bytes: the table's ``shard`` column could not be written, so the
-    shard would fail only after it was captioned)."""
-    for name in names:
-        if not is_utf8(name):
-            raise ConfigError(f"shard name {printable(name)!r} is not valid UTF-8: rename the file")
-        side_table_path(out, name)
-
-
 def caption_shard(
     url: str, cap: Captioner, encoder: Any, scorer: Any, cfg: CaptionRunConfig, scorer_name: str, out: Path
 ) -> dict[str, Any]:
@@ -345,7 +333,8 @@ def run_captions(
     names = [shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ConfigError("two shards share a file name: their side tables would collide")
-    check_shard_names(Path(cfg.output), names)
+    for name in names:  # refused before any work or write (side_table_path: inside OUTPUT, UTF-8)
+        side_table_path(cfg.output, name)
     cap = Captioner.load(cfg.captioner)
     out = prepare_output_dir(cfg.output, overwrite=overwrite, resume=resume)
     if resume:

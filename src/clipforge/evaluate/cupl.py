@@ -48,13 +48,14 @@ def generate_descriptions(
 ) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """({class: [sentences]}, stats): ``per_prompt`` sampled answers to each prompt, filtered."""
     from clipforge.caption.decoding import DecodeOptions
+    from clipforge.caption.rewrite import one_line
 
     opts = DecodeOptions(method="sample", temperature=0.8, top_p=0.95, top_k=0, min_len=3, max_len=48,
                          no_repeat_ngram=3, seed=seed, batch_size=batch_size, num_candidates=per_prompt)  # fmt: skip
     names = list(dict.fromkeys(classnames))  # a class listed twice is asked once
     pairs = [(c, p) for c in names for p in PROMPTS]
-    msgs = [  # the name on one line: a newline could open a fake turn in a plain transcript
-        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p.format(c=" ".join(c.split()))}]
+    msgs = [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p.format(c=one_line(c))}]
         for c, p in pairs
     ]
     t0 = time.perf_counter()

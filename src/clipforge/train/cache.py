@@ -117,6 +117,12 @@ class CachedData:
         return {k: _to_compute(v[rows]) for k, v in self.text.items()}
 
 
+def caption_offsets(captions: list[list[str]]) -> torch.Tensor:
+    """[N + 1] start of each sample's captions in the flattened text rows (the last entry: their total)."""
+    counts = torch.tensor([len(c) for c in captions], dtype=torch.long)
+    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+
 def _to_compute(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
@@ -236,7 +242,7 @@ def reuse_shard(
         return None
     n = len(scan["keys"])
     flat = [c for caps in scan["captions"] for c in caps]
-    offsets = torch.tensor([0, *torch.tensor([len(c) for c in scan["captions"]]).cumsum(0).tolist()])
+    offsets = caption_offsets(scan["captions"])
     image: dict[str, torch.Tensor] = {}
     text: dict[str, torch.Tensor] = {}
     have = torch.zeros(len(flat), dtype=torch.bool)  # text rows copied from a source
@@ -372,12 +378,10 @@ def compute_shards(
         feats = _encode_texts(model, flat, batch_size, device, progress)
         pos = 0
         for url in urls:
-            counts = [len(c) for c in out[url]["captions"]]
-            n = sum(counts)
+            offsets = caption_offsets(out[url]["captions"])
+            n = int(offsets[-1])
             out[url]["text"] = {k: v[pos : pos + n] for k, v in feats.items()}
-            out[url]["text_offsets"] = torch.tensor(
-                [0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.long
-            )
+            out[url]["text_offsets"] = offsets
             pos += n
     return out
 
@@ -421,12 +425,14 @@ def load_or_build_cache(
     clean_stale_tmp(root)
     missing = [u for u in urls if not _shard_file(root, u).exists()]
     log.info("feature cache %s: %d/%d shards cached", root, len(urls) - len(missing), len(urls))
-    index = digest_index(root) if missing else {}
+    index: dict[str, tuple[Path, int]] | None = None  # read once, on the first shard that could use it
     digests: dict[str, dict[str, str | None]] = {}  # of the shards left to compute: key -> image digest
     reused = 0
     for url in list(missing):  # one shard scanned at a time (its captions are not kept past its turn)
         scan = scan_shard(url)
-        sh = reuse_shard(scan, index, model, cache_text=cache_text, batch_size=batch_size,
+        if scan["clean"] and index is None:
+            index = digest_index(root)
+        sh = reuse_shard(scan, index or {}, model, cache_text=cache_text, batch_size=batch_size,
                          device=device, progress=progress)  # fmt: skip
         if sh is not None:
             _save_shard(_shard_file(root, url), sh)
@@ -477,8 +483,7 @@ def _merge(shards: list[dict[str, Any]]) -> CachedData:
     text = offsets = None
     if shards[0]["text"] is not None:
         text = {k: cat_padded([s["text"][k] for s in shards]) for k in shards[0]["text"]}
-        counts = torch.tensor([len(c) for c in captions], dtype=torch.long)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        offsets = caption_offsets(captions)
     names = [s["shard"] for s in shards for _ in s["keys"]]
     return CachedData(keys, captions, image, text, offsets, shards=names)
 
